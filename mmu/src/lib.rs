@@ -1,0 +1,179 @@
+//! # mmu — a userspace secondary MMU with O(1) teardown
+//!
+//! The mmu tracks which guest-physical pages are mapped to which host pages
+//! (*translations*), keeps every secondary MMU that caches them (*mirrors*:
+//! KVM's side of guest memory, an RNIC's ODP page table) coherent, and
+//! makes tearing down any amount of mapped memory cost O(1).
+//!
+//! ## Objects
+//!
+//! * **Region** — a guest-physical range backed by a host-virtual range, like
+//!   a KVM memslot. Regions never overlap.
+//! * **Translation** — one guest page (4 KiB, or 2 MiB) → one host page.
+//!   Stored in a per-region radix table: a directory of 2 MiB slots, each
+//!   empty or holding one *leaf* (512 4 KiB entries, or one 2 MiB entry).
+//!   A leaf is the analogue of a KVM shadow page.
+//! * **Mirror** — a secondary MMU subscribed to invalidations
+//!   ([`Mirror`]). `Cache` mirrors cache translations of memory they do not
+//!   own (an RNIC); `Backing` mirrors own the host memory and release it
+//!   when they invalidate (KVM's side: `MADV_DONTNEED` zaps the shadow
+//!   entries and frees the pages).
+//! * **Ticket** — what `read_begin` returns: a range and the sequence
+//!   number seen.
+//!
+//! ## The lock
+//!
+//! One lock, the *mmu lock*, protects the region list, every table, the
+//! sequence number, the in-flight and recently-ended invalidations, the
+//! mirror list pointer, and the leaf free/obsolete lists. It is a
+//! **spinlock** ([`LockPolicy::Spin`]; [`LockPolicy::Mutex`] exists for
+//! comparison) and every hold is short and bounded:
+//!
+//! | hold                          | work under the lock, at most                          |
+//! |-------------------------------|-------------------------------------------------------|
+//! | `read_begin`, `read_retry`, `translate` | region lookup, ≤ 128 range compares       |
+//! | `install`                     | the staleness check, ≤ `install_batch` entry writes    |
+//! | invalidation start / end      | take or drop one in-flight slot (≤ 64), log it         |
+//! | invalidation zap              | ≤ `zap_batch` entries examined                         |
+//! | teardown                      | one generation bump per region (≤ 64 regions)          |
+//! | reclaim                       | ≤ `reclaim_batch` leaves detached, ≤ `reclaim_scan` slots examined |
+//!
+//! **Never under the lock:** calling a mirror, calling a resolver, sleeping,
+//! waiting for anything, allocating or freeing memory (leaves are allocated
+//! with the lock dropped and pushed onto an intrusive free list; mirror
+//! lists are built outside and swapped in). The one exception is
+//! [`Mmu::teardown_all_by_walk`], the O(n) baseline kept for benchmarks.
+//!
+//! **May sleep** (so never call them holding a spinlock of your own):
+//! `read_begin` (waits for colliding invalidations), `fault_in` (and the
+//! resolver it runs), `invalidate`, `teardown_*`, `remove_region` (mirror
+//! callbacks), `unregister_mirror` (waits for invalidations that may still
+//! call the mirror), and every [`Mirror`] callback.
+//!
+//! **Lock order:** a mirror's own *update lock* (the lock its invalidate
+//! callback takes and under which it programs its table) may be held while
+//! calling `read_retry`/`translate`, which take the mmu lock. The mmu lock
+//! is never held while calling a mirror. So: mirror lock → mmu lock, never
+//! the reverse.
+//!
+//! ## Sequence numbers
+//!
+//! `seq` counts invalidations started. Each range invalidation and each
+//! teardown takes the next value as its *id* when it starts, under the
+//! lock, and is *in flight* until it ends. A range is **odd** while an
+//! in-flight invalidation overlaps it and **even** otherwise (Linux keeps
+//! one odd/even counter per interval subscription; here the ranges are
+//! arbitrary, so the in-flight set is kept instead of a parity bit).
+//!
+//! A ticket `T = read_begin(range)` waits until the range is even and
+//! records `T.seq = seq`. An invalidation `I` **collides** with `T` when
+//! `I.id > T.seq` and `I`'s range overlaps `T`'s. `read_retry(T)` is true
+//! iff a colliding invalidation exists, in flight or ended. Ended
+//! invalidations are remembered in a log of the last 64; if a ticket is
+//! older than everything the log forgot, `read_retry` answers true (a
+//! spurious retry, never a missed one).
+//!
+//! | state of `T`'s range                           | `read_begin` | `read_retry(T)` / `install(T)` |
+//! |------------------------------------------------|--------------|--------------------------------|
+//! | even, nothing started since `T`                | returns      | false / installs               |
+//! | an overlapping invalidation started after `T`  | —            | true / `Err(Stale)`            |
+//! | odd (overlapping invalidation in flight)       | sleeps       | true / `Err(Stale)` (it started after `T`, since `read_begin` waited) |
+//! | only non-overlapping invalidations since `T`   | returns      | false / installs               |
+//!
+//! The interleaving that forces a retry:
+//!
+//! ```text
+//!   fault thread                          invalidating thread
+//!   T = read_begin(r)       (r even)
+//!   resolve: populate pages (may sleep)
+//!                                         lock; id = ++seq; in-flight += r; unlock   (r odd)
+//!                                         mirrors: start all, wait all (may sleep)
+//!   lock; read_retry(T): id > T.seq and overlaps → stale; unlock
+//!   retry: read_begin(r) sleeps ...
+//!                                         zap r's entries, ≤ zap_batch per hold
+//!                                         lock; in-flight -= r; log += r; unlock; wake   (r even)
+//!   ... wakes; T' = read_begin(r); resolve; install(T') succeeds
+//! ```
+//!
+//! If instead `install(T)` takes the lock before the invalidation starts,
+//! its entries are in the table when the invalidation's zap runs (the zap
+//! takes the lock after the start), and every mirror is told before that:
+//! either way no translation survives that predates the invalidation.
+//!
+//! ## Generations: O(1) teardown
+//!
+//! Each region has a current generation (`valid_gen`, as in KVM's
+//! `mmu_valid_gen`). A leaf records the generation current when it was
+//! filled; its entries are visible only while that is still the region's
+//! generation. A teardown takes a sequence number (so it collides with
+//! every ticket in its scope: faults in flight retry) and sets a new
+//! generation for its regions in the same lock hold: every old translation
+//! is invisible at once, however many there are. Each mirror then gets one
+//! [`InvalidationKind::Generation`] notice — O(1) for a mirror that stamps
+//! its own entries with generations — through the same two passes.
+//!
+//! The **reclaimer** (a background thread, or [`Mmu::reclaim_step`]) then
+//! frees obsolete leaves: per lock hold it detaches at most `reclaim_batch`
+//! of them (KVM's `BATCH_ZAP_PAGES` is 10) and examines at most
+//! `reclaim_scan` directory slots, then drops the lock, reports the freed
+//! translations to the mirrors (`Mirror::reclaimed`, e.g. so the backing
+//! can give the old host memory back) and frees the leaves. A fault that
+//! finds an obsolete leaf in its slot moves it to the obsolete list in
+//! O(1). Because the set of obsolete leaves is fixed when the generation
+//! moves, the reclaimer always finishes, however fast faults create new
+//! leaves (the livelock KVM's fast zap was reintroduced to avoid).
+//!
+//! ## Fan-out: two passes
+//!
+//! `invalidate` and `teardown_*` call `invalidate_start` on every `Cache`
+//! mirror, then `invalidate_wait` on each (slow devices flush in parallel,
+//! not in series), then the same two passes over `Backing` mirrors — only
+//! after every device has confirmed it stopped using the memory may the
+//! memory be released. Mirror callbacks run outside the lock and may sleep.
+//! The mirror list is copied when an invalidation starts; registering or
+//! unregistering never waits for an invalidation (unregistering waits, after
+//! the swap, for the invalidations that may still call the mirror).
+//!
+//! ## Guarantees
+//!
+//! 1. **No stale install.** `install(T, …)` writes only in lock holds where
+//!    no invalidation colliding with `T` exists; anything it wrote is
+//!    removed by every invalidation that starts later.
+//! 2. After `invalidate(r)` returns, no translation in `r` that existed
+//!    when it was called is visible in the table, and every mirror's
+//!    `invalidate_wait` for it has returned.
+//! 3. After `teardown_*` returns, no translation of the old generation is
+//!    visible, and every mirror's `invalidate_wait` for the notice has
+//!    returned. Its cost does not depend on how much memory is mapped.
+//! 4. Overlapping and nested invalidations may run concurrently; a range is
+//!    even only when all of them have ended.
+//! 5. Bad input (misaligned, empty or overflowing ranges, ranges outside
+//!    the regions, overlapping regions) returns an [`Error`]; nothing
+//!    panics.
+
+mod clock;
+mod error;
+pub mod hist;
+mod lock;
+mod mirror;
+mod stats;
+mod sync;
+mod table;
+mod tracker;
+mod types;
+
+pub use clock::{ticks, ticks_to_ns};
+pub use error::Error;
+pub use lock::LockPolicy;
+pub use mirror::{FaultResolver, Mirror, MirrorId, MirrorRole};
+pub use stats::{Stats, StatsSnapshot};
+pub use table::Extent;
+pub use tracker::{
+    Config, DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, MAX_REGIONS,
+};
+pub use types::*;
+
+#[cfg(all(test, loom))]
+mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod tests;

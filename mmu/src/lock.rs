@@ -1,0 +1,214 @@
+//! The mmu lock: a spinlock by default, a sleeping mutex on request.
+//!
+//! Both policies share one type so the same protocol code runs under either
+//! and benchmarks compare the conversion honestly. Every hold is timed into
+//! the histogram its caller names.
+
+use crate::clock;
+use crate::hist::Histogram;
+use crate::sync::{spin_hint, yield_now, AtomicBool, MutPtr, Ordering, UnsafeCell};
+use std::ops::{Deref, DerefMut};
+
+/// Which primitive protects the translation table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LockPolicy {
+    /// Test-and-test-and-set spinlock; waiters never sleep. The default:
+    /// critical sections are bounded and short.
+    #[default]
+    Spin,
+    /// `parking_lot::Mutex` semantics (spin briefly, then sleep in the
+    /// kernel). For comparison.
+    Mutex,
+}
+
+impl LockPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockPolicy::Spin => "spin",
+            LockPolicy::Mutex => "mutex",
+        }
+    }
+}
+
+impl std::str::FromStr for LockPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "spin" | "spinlock" => Ok(LockPolicy::Spin),
+            "mutex" => Ok(LockPolicy::Mutex),
+            other => Err(format!(
+                "unknown lock policy {other:?} (expected spin or mutex)"
+            )),
+        }
+    }
+}
+
+enum Raw {
+    Spin(AtomicBool),
+    #[cfg(not(loom))]
+    Mutex(parking_lot::RawMutex),
+}
+
+/// Spins this many times before yielding the CPU: the holder of a
+/// short section is either about to release or has been preempted.
+const SPINS_BEFORE_YIELD: u32 = 128;
+
+impl Raw {
+    fn new(policy: LockPolicy) -> Self {
+        match policy {
+            LockPolicy::Spin => Raw::Spin(AtomicBool::new(false)),
+            #[cfg(not(loom))]
+            LockPolicy::Mutex => {
+                Raw::Mutex(<parking_lot::RawMutex as parking_lot::lock_api::RawMutex>::INIT)
+            }
+            // loom models neither parking_lot nor time; a spinlock is an
+            // equally valid mutual-exclusion model there.
+            #[cfg(loom)]
+            LockPolicy::Mutex => Raw::Spin(AtomicBool::new(false)),
+        }
+    }
+
+    fn lock(&self) {
+        match self {
+            Raw::Spin(locked) => {
+                let mut spins = 0u32;
+                loop {
+                    if locked
+                        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+                    {
+                        return;
+                    }
+                    while locked.load(Ordering::Relaxed) {
+                        spins += 1;
+                        if spins.is_multiple_of(SPINS_BEFORE_YIELD) {
+                            yield_now();
+                        } else {
+                            spin_hint();
+                        }
+                    }
+                }
+            }
+            #[cfg(not(loom))]
+            Raw::Mutex(m) => parking_lot::lock_api::RawMutex::lock(m),
+        }
+    }
+
+    fn unlock(&self) {
+        match self {
+            Raw::Spin(locked) => locked.store(false, Ordering::Release),
+            #[cfg(not(loom))]
+            // SAFETY: only called by `Guard::drop`, i.e. by the holder.
+            Raw::Mutex(m) => unsafe { parking_lot::lock_api::RawMutex::unlock(m) },
+        }
+    }
+}
+
+/// Data protected by the mmu lock.
+pub(crate) struct MmuLock<T> {
+    raw: Raw,
+    policy: LockPolicy,
+    data: UnsafeCell<T>,
+}
+
+// SAFETY: the lock hands out access to `data` to one thread at a time.
+unsafe impl<T: Send> Sync for MmuLock<T> {}
+// SAFETY: moving the lock moves the data; `T: Send` suffices.
+unsafe impl<T: Send> Send for MmuLock<T> {}
+
+pub(crate) struct Guard<'a, T> {
+    lock: &'a MmuLock<T>,
+    ptr: MutPtr<T>,
+    start: u64,
+    hists: [&'a Histogram; 2],
+}
+
+impl<T> MmuLock<T> {
+    pub(crate) fn new(policy: LockPolicy, data: T) -> Self {
+        Self {
+            raw: Raw::new(policy),
+            policy,
+            data: UnsafeCell::new(data),
+        }
+    }
+
+    pub(crate) fn policy(&self) -> LockPolicy {
+        self.policy
+    }
+
+    /// Take the lock; the hold time is recorded into both histograms
+    /// (the overall one and the caller's) when the guard drops.
+    pub(crate) fn lock<'a>(&'a self, all: &'a Histogram, kind: &'a Histogram) -> Guard<'a, T> {
+        self.raw.lock();
+        Guard {
+            lock: self,
+            ptr: self.data.get_mut(),
+            start: clock::ticks(),
+            hists: [all, kind],
+        }
+    }
+}
+
+impl<T> Deref for Guard<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the guard exists only while the lock is held.
+        unsafe { self.ptr.deref() }
+    }
+}
+
+impl<T> DerefMut for Guard<'_, T> {
+    fn deref_mut(&mut self) -> &mut T {
+        // SAFETY: the guard exists only while the lock is held, and `&mut
+        // self` makes this the only live reference.
+        unsafe { self.ptr.deref() }
+    }
+}
+
+impl<T> Drop for Guard<'_, T> {
+    fn drop(&mut self) {
+        let held = clock::ticks().wrapping_sub(self.start);
+        self.lock.raw.unlock();
+        let ns = clock::ticks_to_ns(held);
+        self.hists[0].record(ns);
+        self.hists[1].record(ns);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn both_policies_exclude() {
+        for policy in [LockPolicy::Spin, LockPolicy::Mutex] {
+            let lock = Arc::new(MmuLock::new(policy, 0u64));
+            let h = Arc::new(Histogram::new());
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let (lock, h) = (lock.clone(), h.clone());
+                    std::thread::spawn(move || {
+                        for _ in 0..20_000 {
+                            let mut g = lock.lock(&h, &h);
+                            let v = *g;
+                            *g = v + 1;
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            assert_eq!(*lock.lock(&h, &h), 80_000, "{policy:?}");
+            assert_eq!(h.count(), 2 * 80_001);
+        }
+    }
+
+    #[test]
+    fn policy_parses() {
+        assert_eq!("spin".parse::<LockPolicy>(), Ok(LockPolicy::Spin));
+        assert_eq!("mutex".parse::<LockPolicy>(), Ok(LockPolicy::Mutex));
+        assert!("rwlock".parse::<LockPolicy>().is_err());
+    }
+}

@@ -1,0 +1,71 @@
+//! The synchronisation facade: std types normally, loom's under `--cfg loom`,
+//! so the protocol code is model-checked exactly as it ships.
+//!
+//! Statistics use `std` atomics directly (not this facade): they never decide
+//! anything, and keeping them out of loom keeps the explored state space small.
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::{Condvar, Mutex};
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::{Condvar, Mutex};
+
+/// Called by a spinning waiter. Under loom it must yield so the model can
+/// schedule the lock holder; natively it is the CPU's pause hint.
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+}
+
+/// Give the CPU away after spinning for a while (the holder may be preempted).
+#[inline]
+pub(crate) fn yield_now() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::thread::yield_now();
+}
+
+#[cfg(loom)]
+pub(crate) use loom::cell::{MutPtr, UnsafeCell};
+
+#[cfg(not(loom))]
+pub(crate) use native_cell::{MutPtr, UnsafeCell};
+
+#[cfg(not(loom))]
+mod native_cell {
+    /// `std::cell::UnsafeCell` with loom's pointer-returning API.
+    #[derive(Debug)]
+    pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(std::cell::UnsafeCell::new(value))
+        }
+
+        pub(crate) fn get_mut(&self) -> MutPtr<T> {
+            MutPtr(self.0.get())
+        }
+    }
+
+    pub(crate) struct MutPtr<T>(*mut T);
+
+    impl<T> MutPtr<T> {
+        /// # Safety
+        /// The caller must have exclusive access to the cell for as long as
+        /// the returned reference lives.
+        #[allow(clippy::mut_from_ref)]
+        pub(crate) unsafe fn deref(&self) -> &mut T {
+            // SAFETY: exclusivity is the caller's obligation (see above); the
+            // pointer came from a live `UnsafeCell`.
+            unsafe { &mut *self.0 }
+        }
+    }
+}

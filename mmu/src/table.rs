@@ -1,0 +1,289 @@
+//! The translation table: per region, a directory of 2 MiB slots; a slot is
+//! empty, one huge (2 MiB) entry, or a leaf of 512 4 KiB entries.
+//!
+//! A leaf is the analogue of a KVM shadow page: it records the generation of
+//! its region when it was created and is obsolete, together with all its
+//! entries, as soon as the region's generation moves on. No per-page heap
+//! allocation: one 4 KiB leaf per 2 MiB of mapped guest memory.
+
+use crate::types::{PageSize, RegionId, Translation, HUGE_PAGE_SIZE, PAGE_SIZE};
+
+pub(crate) const ENTRIES_PER_LEAF: usize = (HUGE_PAGE_SIZE / PAGE_SIZE) as usize;
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const ADDR_MASK: u64 = !(PAGE_SIZE - 1);
+
+/// A packed table entry: host page address | flags. Zero means not present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Entry(u64);
+
+impl Entry {
+    pub(crate) const EMPTY: Entry = Entry(0);
+
+    pub(crate) fn new(hva: u64, writable: bool) -> Self {
+        debug_assert_eq!(hva & !ADDR_MASK, 0);
+        Entry(hva | PRESENT | if writable { WRITABLE } else { 0 })
+    }
+
+    pub(crate) fn present(self) -> bool {
+        self.0 & PRESENT != 0
+    }
+
+    pub(crate) fn hva(self) -> u64 {
+        self.0 & ADDR_MASK
+    }
+
+    pub(crate) fn writable(self) -> bool {
+        self.0 & WRITABLE != 0
+    }
+}
+
+pub(crate) struct Leaf {
+    /// Generation of the region when this leaf was (re)filled.
+    pub(crate) gen: u64,
+    pub(crate) region: RegionId,
+    /// Guest-physical address of `entries[0]`.
+    pub(crate) gpa: u64,
+    pub(crate) present: u32,
+    /// One 2 MiB entry in `entries[0]` instead of 512 4 KiB entries.
+    pub(crate) huge: bool,
+    /// Link for the obsolete and free lists (intrusive: pushing never
+    /// allocates, so it can happen under the spinlock).
+    next: Option<Box<Leaf>>,
+    pub(crate) entries: [Entry; ENTRIES_PER_LEAF],
+}
+
+impl Leaf {
+    pub(crate) fn boxed() -> Box<Leaf> {
+        Box::new(Leaf {
+            gen: 0,
+            region: RegionId(0),
+            gpa: 0,
+            present: 0,
+            huge: false,
+            next: None,
+            entries: [Entry::EMPTY; ENTRIES_PER_LEAF],
+        })
+    }
+
+    pub(crate) fn reset(&mut self, region: RegionId, gpa: u64, gen: u64) {
+        if self.present != 0 {
+            self.entries.fill(Entry::EMPTY);
+        }
+        self.present = 0;
+        self.huge = false;
+        self.region = region;
+        self.gpa = gpa;
+        self.gen = gen;
+    }
+
+    pub(crate) fn set(&mut self, i: usize, e: Entry) {
+        let was = self.entries[i].present();
+        self.entries[i] = e;
+        match (was, e.present()) {
+            (false, true) => self.present += 1,
+            (true, false) => self.present -= 1,
+            _ => {}
+        }
+    }
+
+    /// Append the present entries as coalesced extents (host- and
+    /// guest-contiguous runs) to `out`. Returns the number of entries.
+    pub(crate) fn extents(&self, out: &mut Vec<Extent>) -> u64 {
+        if self.huge {
+            if self.entries[0].present() {
+                push_extent(
+                    out,
+                    self.region,
+                    self.gpa,
+                    self.entries[0].hva(),
+                    HUGE_PAGE_SIZE,
+                );
+                return ENTRIES_PER_LEAF as u64;
+            }
+            return 0;
+        }
+        let mut n = 0;
+        for (i, e) in self.entries.iter().enumerate() {
+            if !e.present() {
+                continue;
+            }
+            n += 1;
+            let gpa = self.gpa + i as u64 * PAGE_SIZE;
+            push_extent(out, self.region, gpa, e.hva(), PAGE_SIZE);
+        }
+        n
+    }
+}
+
+/// A guest-physical run mapped to a host-contiguous run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub region: RegionId,
+    pub gpa: u64,
+    pub hva: u64,
+    pub len: u64,
+}
+
+pub(crate) fn push_extent(out: &mut Vec<Extent>, region: RegionId, gpa: u64, hva: u64, len: u64) {
+    if let Some(last) = out.last_mut() {
+        if last.region == region && last.gpa + last.len == gpa && last.hva + last.len == hva {
+            last.len += len;
+            return;
+        }
+    }
+    out.push(Extent {
+        region,
+        gpa,
+        hva,
+        len,
+    });
+}
+
+/// An intrusive singly-linked list of leaves.
+#[derive(Default)]
+pub(crate) struct LeafList {
+    head: Option<Box<Leaf>>,
+    len: usize,
+}
+
+impl LeafList {
+    pub(crate) fn push(&mut self, mut leaf: Box<Leaf>) {
+        leaf.next = self.head.take();
+        self.head = Some(leaf);
+        self.len += 1;
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Box<Leaf>> {
+        let mut leaf = self.head.take()?;
+        self.head = leaf.next.take();
+        self.len -= 1;
+        Some(leaf)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for LeafList {
+    fn drop(&mut self) {
+        // Iteratively: a recursive drop of a long chain overflows the stack.
+        while self.pop().is_some() {}
+    }
+}
+
+/// A directory slot: no leaf, or a leaf (huge or 4 KiB entries).
+pub(crate) type Slot = Option<Box<Leaf>>;
+
+/// One region's bookkeeping, protected by the mmu lock.
+pub(crate) struct RegionTable {
+    pub(crate) id: RegionId,
+    pub(crate) name: std::sync::Arc<str>,
+    pub(crate) gpa: u64,
+    pub(crate) size: u64,
+    pub(crate) hva: u64,
+    pub(crate) valid_gen: u64,
+    /// 4 KiB pages with a current translation.
+    pub(crate) live: u64,
+    /// Guest-physical address of slot 0 (the region start rounded down to
+    /// 2 MiB).
+    pub(crate) dir_base: u64,
+    pub(crate) dir: Vec<Slot>,
+    /// Removed regions stay (invisible) until the reclaimer has emptied
+    /// their directory.
+    pub(crate) removed: bool,
+    /// Next directory slot the reclaimer will examine; `dir.len()` = done.
+    pub(crate) reclaim_cursor: usize,
+    /// The oldest generation whose leaves may still be in `dir`.
+    pub(crate) reclaimed_below: u64,
+}
+
+impl RegionTable {
+    pub(crate) fn new(
+        id: RegionId,
+        name: std::sync::Arc<str>,
+        gpa: u64,
+        size: u64,
+        hva: u64,
+        gen: u64,
+    ) -> Self {
+        let dir_base = gpa & !(HUGE_PAGE_SIZE - 1);
+        let dir_end = (gpa + size).next_multiple_of(HUGE_PAGE_SIZE);
+        let slots = ((dir_end - dir_base) / HUGE_PAGE_SIZE) as usize;
+        let mut dir = Vec::with_capacity(slots);
+        dir.resize_with(slots, || None);
+        RegionTable {
+            id,
+            name,
+            gpa,
+            size,
+            hva,
+            valid_gen: gen,
+            live: 0,
+            dir_base,
+            dir,
+            removed: false,
+            reclaim_cursor: slots,
+            reclaimed_below: gen,
+        }
+    }
+
+    pub(crate) fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+
+    pub(crate) fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa >= self.gpa && gpa + len <= self.end()
+    }
+
+    pub(crate) fn slot_index(&self, gpa: u64) -> usize {
+        ((gpa - self.dir_base) / HUGE_PAGE_SIZE) as usize
+    }
+
+    pub(crate) fn slot_gpa(&self, index: usize) -> u64 {
+        self.dir_base + index as u64 * HUGE_PAGE_SIZE
+    }
+
+    /// The current translation of the page containing `gpa`, if any.
+    pub(crate) fn lookup(&self, gpa: u64) -> Option<Translation> {
+        let leaf = self.dir[self.slot_index(gpa)].as_ref()?;
+        if leaf.gen != self.valid_gen {
+            return None;
+        }
+        if leaf.huge {
+            let e = leaf.entries[0];
+            return e.present().then(|| Translation {
+                gpa: leaf.gpa,
+                hva: e.hva(),
+                size: PageSize::Huge,
+                writable: e.writable(),
+            });
+        }
+        let e = leaf.entries[leaf_index(gpa)];
+        e.present().then(|| Translation {
+            gpa: gpa & !(PAGE_SIZE - 1),
+            hva: e.hva(),
+            size: PageSize::Small,
+            writable: e.writable(),
+        })
+    }
+
+    /// Whether slot `i` holds state of an obsolete generation.
+    pub(crate) fn slot_obsolete(&self, i: usize) -> bool {
+        match &self.dir[i] {
+            None => false,
+            Some(leaf) => leaf.gen != self.valid_gen || self.removed,
+        }
+    }
+}
+
+/// Index of the 4 KiB entry for `gpa` within its leaf.
+pub(crate) fn leaf_index(gpa: u64) -> usize {
+    ((gpa / PAGE_SIZE) % ENTRIES_PER_LEAF as u64) as usize
+}

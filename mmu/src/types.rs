@@ -1,0 +1,173 @@
+//! Plain data shared by the protocol's users.
+
+use std::fmt;
+
+/// The base page size; every address and length handed to the mmu is a
+/// multiple of it.
+pub const PAGE_SIZE: u64 = 4096;
+/// The huge page size tracked as one entry.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Names a region for its whole life; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionId(pub u64);
+
+impl fmt::Display for RegionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// What to register: a guest-physical range backed by a host-virtual range
+/// (a KVM memslot, in effect).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionSpec {
+    pub name: String,
+    pub gpa: u64,
+    pub size: u64,
+    /// Host virtual address of `gpa`. The mmu stores and reports it but
+    /// never dereferences it.
+    pub hva: u64,
+}
+
+/// A registered region as seen from outside.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionInfo {
+    pub id: RegionId,
+    pub name: String,
+    pub gpa: u64,
+    pub size: u64,
+    pub hva: u64,
+    /// The region's current generation.
+    pub generation: u64,
+    /// Bytes of guest memory with a current translation.
+    pub mapped_bytes: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageSize {
+    /// 4 KiB.
+    Small,
+    /// 2 MiB.
+    Huge,
+}
+
+impl PageSize {
+    pub fn bytes(self) -> u64 {
+        match self {
+            PageSize::Small => PAGE_SIZE,
+            PageSize::Huge => HUGE_PAGE_SIZE,
+        }
+    }
+}
+
+/// One guest page mapped to one host page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    pub gpa: u64,
+    pub hva: u64,
+    pub size: PageSize,
+    pub writable: bool,
+}
+
+impl Translation {
+    pub fn small(gpa: u64, hva: u64) -> Self {
+        Translation {
+            gpa,
+            hva,
+            size: PageSize::Small,
+            writable: true,
+        }
+    }
+
+    pub fn huge(gpa: u64, hva: u64) -> Self {
+        Translation {
+            gpa,
+            hva,
+            size: PageSize::Huge,
+            writable: true,
+        }
+    }
+}
+
+/// Proof of a `read_begin`: the range it covers and the sequence number it
+/// saw. Valid for `install`/`translate`/`read_retry` until an invalidation
+/// overlapping the range starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    pub(crate) seq: u64,
+    pub gpa: u64,
+    pub len: u64,
+    pub region: RegionId,
+    /// The region's guest-physical and host base when the ticket was taken.
+    pub region_gpa: u64,
+    pub region_hva: u64,
+}
+
+impl Ticket {
+    /// The sequence number this ticket observed.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Host address of `gpa` under the region's host base at ticket time.
+    pub fn host_addr(&self, gpa: u64) -> u64 {
+        self.region_hva + (gpa - self.region_gpa)
+    }
+
+    pub fn end(&self) -> u64 {
+        self.gpa + self.len
+    }
+}
+
+/// Which translations a generation notice retires.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every region.
+    All,
+    /// One region.
+    Region(RegionId),
+}
+
+/// What a mirror is told to drop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InvalidationKind {
+    /// Every translation in `[gpa, gpa + len)`.
+    Range { gpa: u64, len: u64 },
+    /// Every translation in `scope` older than `generation`; O(1) for a
+    /// mirror that stamps its entries with generations. `removed` means the
+    /// region is going away, not just being emptied.
+    Generation {
+        scope: Scope,
+        generation: u64,
+        removed: bool,
+    },
+}
+
+/// One invalidation as passed to every mirror (both passes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    /// Unique, increasing: the sequence number this invalidation took.
+    pub id: u64,
+    pub kind: InvalidationKind,
+}
+
+impl Invalidation {
+    /// The guest-physical range affected (`[0, u64::MAX)` for `Scope::All`).
+    pub fn range(&self, regions: &[RegionInfo]) -> (u64, u64) {
+        match &self.kind {
+            InvalidationKind::Range { gpa, len } => (*gpa, gpa + len),
+            InvalidationKind::Generation {
+                scope: Scope::All, ..
+            } => (0, u64::MAX),
+            InvalidationKind::Generation {
+                scope: Scope::Region(id),
+                ..
+            } => regions
+                .iter()
+                .find(|r| r.id == *id)
+                .map(|r| (r.gpa, r.gpa + r.size))
+                .unwrap_or((0, 0)),
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! odpvm: a microVM whose guest memory is tracked by a userspace secondary
+//! MMU ([`mmu`]) and mirrored into RDMA on-demand-paging memory regions.
+//!
+//! This crate only re-exports the member crates; it owns the cross-crate
+//! tests (`tests/`) and benchmarks (`benches/`).
+
+pub use mmu;
