@@ -212,7 +212,7 @@ fn stamped_pages_are_never_used_stale() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                if n % 200 == 0 {
+                if n.is_multiple_of(200) {
                     m.teardown_all().unwrap();
                 } else {
                     let page = rng.next() % PAGES;
