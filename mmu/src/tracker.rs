@@ -64,6 +64,7 @@ struct Span {
     id: u64,
     gpa: u64,
     end: u64,
+    teardown: bool,
 }
 
 impl Span {
@@ -145,10 +146,15 @@ impl State {
         self.active.iter().any(newer) || self.log.iter().any(newer)
     }
 
-    fn begin_span(&mut self, gpa: u64, end: u64) -> u64 {
+    fn begin_span(&mut self, gpa: u64, end: u64, teardown: bool) -> u64 {
         self.seq += 1;
         let id = self.seq;
-        self.active.push(Span { id, gpa, end });
+        self.active.push(Span {
+            id,
+            gpa,
+            end,
+            teardown,
+        });
         id
     }
 
@@ -642,11 +648,10 @@ impl Mmu {
         let st = self.lock(Hold::Fault);
         let ri = st.region_index(gpa, len)?;
         if let Some(s) = st.active.iter().find(|s| s.overlaps(gpa, end)) {
-            let r = &st.regions[ri];
             return Err(Error::Busy {
                 gpa: s.gpa,
                 end: s.end,
-                teardown: s.gpa <= r.gpa && s.end >= r.end(),
+                teardown: s.teardown,
             });
         }
         let r = &st.regions[ri];
@@ -779,6 +784,7 @@ impl Mmu {
         kind: Hold,
         gpa: u64,
         end: u64,
+        teardown: bool,
         mut prepare: impl FnMut(&mut State) -> Result<T, Error>,
     ) -> Result<(u64, MirrorList, T), Error> {
         loop {
@@ -786,7 +792,7 @@ impl Mmu {
                 let mut st = self.lock(kind);
                 if st.active.len() < MAX_ACTIVE {
                     let t = prepare(&mut st)?;
-                    let id = st.begin_span(gpa, end);
+                    let id = st.begin_span(gpa, end, teardown);
                     return Ok((id, st.mirrors.clone(), t));
                 }
             }
@@ -822,7 +828,7 @@ impl Mmu {
     pub fn invalidate(&self, gpa: u64, len: u64) -> Result<u64, Error> {
         let end = check_range(gpa, len)?;
         let start = clock::ticks();
-        let (id, mirrors, ()) = self.begin(Hold::Invalidate, gpa, end, |st| {
+        let (id, mirrors, ()) = self.begin(Hold::Invalidate, gpa, end, false, |st| {
             if st.covered(gpa, end) {
                 Ok(())
             } else {
@@ -876,7 +882,7 @@ impl Mmu {
             let r = &st.regions[st.region_by_id(id)?];
             (gpa, end) = (r.gpa, r.end());
         }
-        let (id, mirrors, generation) = self.begin(Hold::Teardown, gpa, end, |st| {
+        let (id, mirrors, generation) = self.begin(Hold::Teardown, gpa, end, true, |st| {
             let generation = st.next_gen + 1;
             let mut hit = false;
             for r in st.regions.iter_mut().filter(|r| !r.removed) {
@@ -919,7 +925,7 @@ impl Mmu {
     pub fn teardown_all_by_walk(&self) -> Result<TeardownReport, Error> {
         let start = clock::ticks();
         let (id, mirrors, (zapped, generation, dead)) =
-            self.begin(Hold::Teardown, 0, u64::MAX, |st| {
+            self.begin(Hold::Teardown, 0, u64::MAX, true, |st| {
                 let mut zapped = 0;
                 let mut dead = LeafList::default();
                 for r in st.regions.iter_mut().filter(|r| !r.removed) {

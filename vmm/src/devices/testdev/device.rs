@@ -1,0 +1,230 @@
+//! Test-device state: per-vCPU argument buffers, results and the barrier.
+
+use super::*;
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// What a vCPU reported when it finished.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuReport {
+    pub passed: bool,
+    pub args: Vec<u32>,
+}
+
+/// What the vCPU loop should do after an I/O exit to the device.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Continue,
+    Finished(VcpuReport),
+}
+
+#[derive(Default)]
+struct BarrierState {
+    /// vCPUs currently waiting.
+    waiting: usize,
+    /// Incremented by every release.
+    epoch: u64,
+    /// Phase announced by the last arrival.
+    phase: u32,
+    stopped: bool,
+}
+
+/// Payload barriers: vCPUs wait until the host releases them.
+#[derive(Default)]
+pub struct Barrier {
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+impl Barrier {
+    fn wait(&self, phase: u32) {
+        let mut s = self.state.lock();
+        if s.stopped {
+            return;
+        }
+        s.waiting += 1;
+        s.phase = phase;
+        let epoch = s.epoch;
+        self.cv.notify_all();
+        while s.epoch == epoch && !s.stopped {
+            self.cv.wait(&mut s);
+        }
+        s.waiting -= 1;
+    }
+
+    /// vCPUs waiting now, and the phase they announced.
+    pub fn waiting(&self) -> (usize, u32) {
+        let s = self.state.lock();
+        (s.waiting, s.phase)
+    }
+
+    /// Wait until `n` vCPUs are at the barrier (or `timeout`).
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
+        let mut s = self.state.lock();
+        let deadline = std::time::Instant::now() + timeout;
+        while s.waiting < n && !s.stopped {
+            if self.cv.wait_until(&mut s, deadline).timed_out() {
+                break;
+            }
+        }
+        s.waiting >= n
+    }
+
+    /// Let every waiting vCPU go on.
+    pub fn release(&self) {
+        let mut s = self.state.lock();
+        s.epoch += 1;
+        self.cv.notify_all();
+    }
+
+    fn stop(&self) {
+        self.state.lock().stopped = true;
+        self.cv.notify_all();
+    }
+
+    fn sleep(&self, d: Duration) {
+        let mut s = self.state.lock();
+        if !s.stopped {
+            self.cv.wait_for(&mut s, d);
+        }
+    }
+}
+
+pub struct TestDevice {
+    args: Vec<Mutex<Vec<u32>>>,
+    pub barrier: Barrier,
+    protocol_errors: AtomicU64,
+}
+
+impl TestDevice {
+    pub fn new(vcpus: usize) -> Self {
+        TestDevice {
+            args: (0..vcpus)
+                .map(|_| Mutex::new(Vec::with_capacity(MAX_ARGS)))
+                .collect(),
+            barrier: Barrier::default(),
+            protocol_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// A guest write at `offset` in the device's page. Guest input is not
+    /// trusted: bad sizes and offsets, too many arguments and unknown
+    /// commands are counted and ignored.
+    pub fn write(&self, vcpu: usize, offset: u64, data: &[u8]) -> Outcome {
+        let Ok(bytes) = <[u8; 4]>::try_from(data) else {
+            self.protocol_error(vcpu, "access that is not 32 bits wide");
+            return Outcome::Continue;
+        };
+        let value = u32::from_le_bytes(bytes);
+        let mut args = self.args[vcpu].lock();
+        match offset {
+            ARG if args.len() < MAX_ARGS => args.push(value),
+            ARG => {
+                drop(args);
+                self.protocol_error(vcpu, "more than 16 arguments");
+            }
+            CMD => match value {
+                CMD_PASS | CMD_FAIL => {
+                    return Outcome::Finished(VcpuReport {
+                        passed: value == CMD_PASS,
+                        args: std::mem::take(&mut *args),
+                    })
+                }
+                CMD_BARRIER => {
+                    let phase = args.first().copied().unwrap_or(0);
+                    args.clear();
+                    drop(args);
+                    self.barrier.wait(phase);
+                }
+                CMD_IDLE => {
+                    args.clear();
+                    drop(args);
+                    self.barrier.sleep(Duration::from_millis(10));
+                }
+                other => {
+                    args.clear();
+                    drop(args);
+                    self.protocol_error(vcpu, &format!("unknown command {other:#x}"));
+                }
+            },
+            other => {
+                drop(args);
+                self.protocol_error(vcpu, &format!("write to unknown offset {other:#x}"));
+            }
+        }
+        Outcome::Continue
+    }
+
+    fn protocol_error(&self, vcpu: usize, what: &str) {
+        let n = self.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        if n < 10 {
+            log::warn!("test device: vCPU {vcpu}: {what}");
+        }
+    }
+
+    pub fn protocol_errors(&self) -> u64 {
+        self.protocol_errors.load(Ordering::Relaxed)
+    }
+
+    /// Wake every vCPU blocked in the device (VM stopping).
+    pub fn stop(&self) {
+        self.barrier.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn args_then_command_make_a_report() {
+        let d = TestDevice::new(2);
+        assert_eq!(d.write(1, ARG, &7u32.to_le_bytes()), Outcome::Continue);
+        assert_eq!(d.write(1, ARG, &9u32.to_le_bytes()), Outcome::Continue);
+        assert_eq!(
+            d.write(1, CMD, &CMD_PASS.to_le_bytes()),
+            Outcome::Finished(VcpuReport {
+                passed: true,
+                args: vec![7, 9]
+            })
+        );
+        // vCPU 0's buffer is separate and empty.
+        assert_eq!(
+            d.write(0, CMD, &CMD_FAIL.to_le_bytes()),
+            Outcome::Finished(VcpuReport {
+                passed: false,
+                args: vec![]
+            })
+        );
+    }
+
+    #[test]
+    fn garbage_is_counted_not_fatal() {
+        let d = TestDevice::new(1);
+        assert_eq!(d.write(0, CMD, &[1]), Outcome::Continue);
+        assert_eq!(d.write(0, CMD, &0xdeadu32.to_le_bytes()), Outcome::Continue);
+        assert_eq!(d.write(0, 0x800, &1u32.to_le_bytes()), Outcome::Continue);
+        for _ in 0..20 {
+            d.write(0, ARG, &1u32.to_le_bytes());
+        }
+        assert_eq!(d.protocol_errors(), 3 + 4);
+    }
+
+    #[test]
+    fn barrier_holds_until_released() {
+        let d = Arc::new(TestDevice::new(1));
+        let t = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                d.write(0, ARG, &5u32.to_le_bytes());
+                d.write(0, CMD, &CMD_BARRIER.to_le_bytes())
+            })
+        };
+        assert!(d.barrier.wait_for(1, Duration::from_secs(10)));
+        assert_eq!(d.barrier.waiting(), (1, 5));
+        d.barrier.release();
+        assert_eq!(t.join().unwrap(), Outcome::Continue);
+    }
+}

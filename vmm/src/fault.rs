@@ -1,0 +1,336 @@
+//! The fault-handling thread: every missing-page fault on guest RAM (from a
+//! vCPU, from KVM on its behalf, or from a VMM thread) is resolved through
+//! the mmu protocol:
+//!
+//! ```text
+//!   T = try_read_begin(page)  → populate with DONTWAKE (zero page, or the
+//!   boot image's page) → install(T) → UFFDIO_WAKE
+//! ```
+//!
+//! so the faulting thread never runs on a page the mmu does not track, and
+//! an invalidation racing with the fault makes it start over.
+//!
+//! This thread must never block on an invalidation: the invalidation's
+//! `MADV_DONTNEED` waits until this thread has read the REMOVE event it
+//! generates. So a fault colliding with a range invalidation is deferred
+//! and retried, never waited for. A fault colliding with a teardown that
+//! is replacing the faulting mapping is served without tracking: the page
+//! dies with the retired mapping, and the vCPU must not stay blocked in
+//! the kernel while the teardown pauses vCPUs.
+
+use crate::memory::{GuestRam, HvaHit};
+use crate::uffd::{Fill, Userfault};
+use mmu::{Error as MmuError, Mmu, PageSize, Translation};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use userfaultfd::Event;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Counters of the fault thread.
+#[derive(Debug, Default)]
+pub struct FaultStats {
+    /// Faults resolved and installed in the mmu.
+    pub faults: AtomicU64,
+    /// Pages those faults installed.
+    pub pages: AtomicU64,
+    /// Installs that raced with an invalidation and started over.
+    pub retries: AtomicU64,
+    /// Faults deferred because an invalidation of their page was running.
+    pub deferred: AtomicU64,
+    /// Faults on mappings being retired by a teardown, served untracked.
+    pub untracked: AtomicU64,
+    /// REMOVE events (our own MADV_DONTNEED/REMOVE on guest RAM).
+    pub removes: AtomicU64,
+    /// Faults that could not be resolved properly (logged; the faulting
+    /// thread was woken anyway).
+    pub errors: AtomicU64,
+    /// Installed faults per RAM region (index order).
+    pub per_region: Vec<AtomicU64>,
+}
+
+impl FaultStats {
+    fn new(regions: usize) -> Self {
+        FaultStats {
+            per_region: (0..regions).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+struct Handler {
+    uffd: Arc<Userfault>,
+    ram: Arc<GuestRam>,
+    mmu: Arc<Mmu>,
+    stats: Arc<FaultStats>,
+    page_size: u64,
+    zeros: Vec<u8>,
+    /// Faulting page addresses to retry.
+    pending: Vec<u64>,
+}
+
+/// How many times a single fault may race before it is deferred.
+const INLINE_RETRIES: u32 = 8;
+
+enum Step {
+    Done,
+    Defer,
+}
+
+impl Handler {
+    fn handle(&mut self, addr: u64) -> Step {
+        let page = addr & !(self.page_size - 1);
+        for _ in 0..INLINE_RETRIES {
+            match self.ram.find_hva(page) {
+                None => {
+                    self.error(&format!("fault at {addr:#x} outside guest RAM"));
+                    self.uffd.wake(page, self.page_size);
+                    return Step::Done;
+                }
+                Some(HvaHit::Retired) => {
+                    self.untracked(None, page);
+                    return Step::Done;
+                }
+                Some(HvaHit::Current {
+                    index,
+                    gpa,
+                    retiring,
+                }) => match self.mmu.try_read_begin(gpa, self.page_size) {
+                    Err(MmuError::Busy { teardown: true, .. }) if retiring => {
+                        self.untracked(Some((index, gpa)), page);
+                        return Step::Done;
+                    }
+                    Err(MmuError::Busy { .. }) => return Step::Defer,
+                    Err(e) => {
+                        self.error(&format!("fault at gpa {gpa:#x}: {e}"));
+                        self.fill(Some((index, gpa)), page);
+                        self.uffd.wake(page, self.page_size);
+                        return Step::Done;
+                    }
+                    Ok(t) => {
+                        if t.host_addr(gpa) != page {
+                            continue; // the mapping moved under us: look again
+                        }
+                        match self.fill(Some((index, gpa)), page) {
+                            Fill::Done | Fill::Exists => {}
+                            Fill::Again => return Step::Defer,
+                            Fill::Failed(errno) => {
+                                self.error(&format!(
+                                    "populating gpa {gpa:#x}: {}",
+                                    std::io::Error::from_raw_os_error(errno)
+                                ));
+                                self.uffd.wake(page, self.page_size);
+                                return Step::Done;
+                            }
+                        }
+                        let tr = Translation {
+                            gpa,
+                            hva: page,
+                            size: if self.page_size == crate::layout::HUGE {
+                                PageSize::Huge
+                            } else {
+                                PageSize::Small
+                            },
+                            writable: true,
+                        };
+                        match self.mmu.install(&t, &[tr]) {
+                            Ok(_) => {
+                                self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                                self.stats.pages.fetch_add(
+                                    self.page_size / crate::layout::PAGE,
+                                    Ordering::Relaxed,
+                                );
+                                self.stats.per_region[index].fetch_add(1, Ordering::Relaxed);
+                                self.uffd.wake(page, self.page_size);
+                                return Step::Done;
+                            }
+                            Err(MmuError::Stale) => {
+                                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                self.error(&format!("installing gpa {gpa:#x}: {e}"));
+                                self.uffd.wake(page, self.page_size);
+                                return Step::Done;
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        Step::Defer
+    }
+
+    /// Populate `page` with its initial content (without waking).
+    fn fill(&self, at: Option<(usize, u64)>, page: u64) -> Fill {
+        let len = self.page_size;
+        if let Some((index, gpa)) = at {
+            if let Some(img) = self.ram.content(index, gpa) {
+                if len == crate::layout::PAGE {
+                    return self
+                        .uffd
+                        .copy(page, img.page(gpa).expect("content checked"));
+                }
+                let mut buf = vec![0u8; len as usize];
+                for off in (0..len).step_by(crate::layout::PAGE as usize) {
+                    if let Some(p) = img.page(gpa + off) {
+                        buf[off as usize..(off + crate::layout::PAGE) as usize].copy_from_slice(p);
+                    }
+                }
+                return self.uffd.copy(page, &buf);
+            }
+        }
+        if self.zeros.is_empty() {
+            self.uffd.zero(page, len)
+        } else {
+            // hugetlbfs has no UFFDIO_ZEROPAGE.
+            self.uffd.copy(page, &self.zeros)
+        }
+    }
+
+    fn untracked(&self, at: Option<(usize, u64)>, page: u64) {
+        self.stats.untracked.fetch_add(1, Ordering::Relaxed);
+        match self.fill(at, page) {
+            Fill::Done | Fill::Exists | Fill::Again => {}
+            Fill::Failed(errno) => self.error(&format!(
+                "populating a retiring page: {}",
+                std::io::Error::from_raw_os_error(errno)
+            )),
+        }
+        self.uffd.wake(page, self.page_size);
+    }
+
+    fn error(&self, what: &str) {
+        if self.stats.errors.fetch_add(1, Ordering::Relaxed) < 10 {
+            log::error!("fault handler: {what}");
+        }
+    }
+
+    fn drain(&mut self) -> Result<(), crate::uffd::UffdError> {
+        while let Some(ev) = self.uffd.read_event()? {
+            match ev {
+                Event::Pagefault { addr, .. } => {
+                    if let Step::Defer = self.handle(addr as u64) {
+                        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        self.pending.push(addr as u64);
+                    }
+                }
+                Event::Remove { .. } => {
+                    self.stats.removes.fetch_add(1, Ordering::Relaxed);
+                }
+                other => log::debug!("userfaultfd event ignored: {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn retry_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for addr in pending {
+            if let Step::Defer = self.handle(addr) {
+                self.pending.push(addr);
+            }
+        }
+    }
+
+    fn run(mut self, stop: EventFd) {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.uffd.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // Deferred faults wait for an invalidation to end; look again soon.
+        let retry_after = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000,
+        };
+        loop {
+            let timeout = if self.pending.is_empty() {
+                std::ptr::null()
+            } else {
+                &retry_after as *const libc::timespec
+            };
+            // SAFETY: `fds` outlives the call; a null timeout means block.
+            let n = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, timeout, std::ptr::null()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("fault handler: poll: {e}");
+                return;
+            }
+            if fds[1].revents != 0 {
+                return;
+            }
+            if let Err(e) = self.drain() {
+                log::error!("fault handler: {e}");
+                return;
+            }
+            if !self.pending.is_empty() {
+                self.retry_pending();
+            }
+        }
+    }
+}
+
+/// The running fault thread.
+pub struct FaultThread {
+    stop: EventFd,
+    handle: Option<JoinHandle<()>>,
+    pub stats: Arc<FaultStats>,
+}
+
+impl FaultThread {
+    pub fn spawn(
+        uffd: Arc<Userfault>,
+        ram: Arc<GuestRam>,
+        mmu: Arc<Mmu>,
+    ) -> std::io::Result<FaultThread> {
+        let page_size = ram.backing().page_size();
+        let stats = Arc::new(FaultStats::new(ram.regions().len()));
+        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
+        let handler = Handler {
+            uffd,
+            zeros: if page_size == crate::layout::HUGE {
+                vec![0; page_size as usize]
+            } else {
+                Vec::new()
+            },
+            ram,
+            mmu,
+            stats: stats.clone(),
+            page_size,
+            pending: Vec::new(),
+        };
+        let stop_rx = stop.try_clone()?;
+        let handle = std::thread::Builder::new()
+            .name("odpvm-fault".into())
+            .spawn(move || handler.run(stop_rx))?;
+        Ok(FaultThread {
+            stop,
+            handle: Some(handle),
+            stats,
+        })
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

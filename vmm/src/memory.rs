@@ -1,0 +1,407 @@
+//! Guest RAM: vm-memory mappings registered with userfaultfd, one per
+//! region, never populated up front.
+//!
+//! Each region has a *current* mapping (what KVM's memslot points at) and
+//! possibly *retired* ones: a teardown gives the region a fresh mapping in
+//! O(1) (KVM's memslot is moved to it) and the old one is released later,
+//! in batches, by the mmu's reclaimer (`release_retired`, then
+//! `drop_retired` once every page of it is gone).
+
+use crate::payload::BootImage;
+use crate::uffd::{UffdError, Userfault};
+use parking_lot::RwLock;
+use std::sync::Arc;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("mapping {size:#x} bytes of guest memory: {source}")]
+    Map {
+        size: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("creating a memfd for guest memory: {0}")]
+    Memfd(std::io::Error),
+    #[error("sizing the guest memory file to {size:#x} bytes: {source} (for hugetlbfs: are enough 2 MiB huge pages reserved in /proc/sys/vm/nr_hugepages?)")]
+    Truncate { size: u64, source: std::io::Error },
+    #[error("building the guest memory map: {0}")]
+    Regions(String),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+}
+
+/// What backs guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Private anonymous memory (the default).
+    #[default]
+    Anonymous,
+    /// A shared memfd (shmem).
+    Memfd,
+    /// 2 MiB huge pages (a hugetlbfs memfd); faults resolve 2 MiB at a time.
+    Hugetlbfs,
+}
+
+impl std::str::FromStr for Backing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "anon" | "anonymous" => Ok(Backing::Anonymous),
+            "memfd" | "shmem" => Ok(Backing::Memfd),
+            "hugetlbfs" | "hugetlb" | "huge" => Ok(Backing::Hugetlbfs),
+            _ => Err(format!(
+                "unknown memory backing {s:?} (anonymous, memfd or hugetlbfs)"
+            )),
+        }
+    }
+}
+
+impl Backing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backing::Anonymous => "anonymous",
+            Backing::Memfd => "memfd",
+            Backing::Hugetlbfs => "hugetlbfs",
+        }
+    }
+
+    /// The size a fault must resolve at once.
+    pub fn page_size(self) -> u64 {
+        match self {
+            Backing::Hugetlbfs => crate::layout::HUGE,
+            _ => crate::layout::PAGE,
+        }
+    }
+}
+
+/// What a region reads as before it is written.
+#[derive(Clone)]
+pub enum Content {
+    Zero,
+    /// A boot image's pages (zero elsewhere).
+    Image(Arc<BootImage>),
+}
+
+/// A region as the rest of the VMM sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegionDesc {
+    pub name: String,
+    pub gpa: u64,
+    pub size: u64,
+    /// Host address of the current mapping.
+    pub hva: u64,
+}
+
+struct Retired {
+    mapping: Arc<MmapRegion>,
+    /// The generation that retired it; dropped once the mmu has reclaimed
+    /// every generation below this one.
+    generation: u64,
+}
+
+struct Region {
+    name: String,
+    gpa: u64,
+    size: u64,
+    content: Content,
+    current: Arc<MmapRegion>,
+    retired: Vec<Retired>,
+    /// A teardown is about to retire `current`: faults on it may be served
+    /// without tracking (their pages die with the mapping).
+    retiring: bool,
+}
+
+impl Region {
+    fn hva(&self) -> u64 {
+        self.current.as_ptr() as u64
+    }
+}
+
+/// Where a faulting host address lies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HvaHit {
+    /// In region `index`'s current mapping, at `gpa`; `retiring` while a
+    /// teardown is replacing that mapping.
+    Current {
+        index: usize,
+        gpa: u64,
+        retiring: bool,
+    },
+    /// In a retired mapping (a fault still in flight from before a teardown).
+    Retired,
+}
+
+pub struct GuestRam {
+    backing: Backing,
+    uffd: Arc<Userfault>,
+    regions: RwLock<Vec<Region>>,
+    memory: RwLock<Arc<GuestMemoryMmap>>,
+}
+
+fn map(backing: Backing, name: &str, size: u64) -> Result<Arc<MmapRegion>, MemoryError> {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let region = match backing {
+        Backing::Anonymous => MmapRegion::build(
+            None,
+            size as usize,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        ),
+        Backing::Memfd | Backing::Hugetlbfs => {
+            let mut flags = libc::MFD_CLOEXEC;
+            if backing == Backing::Hugetlbfs {
+                flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+            }
+            let cname = std::ffi::CString::new(format!("odpvm-{name}")).expect("no NUL in names");
+            // SAFETY: memfd_create with a valid C string; the fd is owned
+            // by the File below.
+            let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
+            if fd < 0 {
+                return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+            }
+            // SAFETY: fd was just created and is not owned elsewhere.
+            let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            file.set_len(size)
+                .map_err(|source| MemoryError::Truncate { size, source })?;
+            MmapRegion::build(
+                Some(FileOffset::new(file, 0)),
+                size as usize,
+                prot,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+        }
+    };
+    region
+        .map(Arc::new)
+        .map_err(|source| MemoryError::Map { size, source })
+}
+
+impl GuestRam {
+    /// Map and register every region. Nothing is populated.
+    pub fn new(
+        backing: Backing,
+        uffd: Arc<Userfault>,
+        layout: Vec<(String, u64, u64, Content)>,
+    ) -> Result<Self, MemoryError> {
+        let mut regions = Vec::new();
+        for (name, gpa, size, content) in layout {
+            let current = map(backing, &name, size)?;
+            uffd.register(current.as_ptr() as u64, size)?;
+            regions.push(Region {
+                name,
+                gpa,
+                size,
+                content,
+                current,
+                retired: Vec::new(),
+                retiring: false,
+            });
+        }
+        let memory = Arc::new(Self::memory_map(&regions)?);
+        Ok(GuestRam {
+            backing,
+            uffd,
+            regions: RwLock::new(regions),
+            memory: RwLock::new(memory),
+        })
+    }
+
+    fn memory_map(regions: &[Region]) -> Result<GuestMemoryMmap, MemoryError> {
+        let list = regions
+            .iter()
+            .map(|r| {
+                GuestRegionMmap::with_arc(r.current.clone(), GuestAddress(r.gpa))
+                    .ok_or_else(|| MemoryError::Regions(format!("region {} overflows", r.name)))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestMemoryMmap::from_regions(list).map_err(|e| MemoryError::Regions(e.to_string()))
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    pub fn regions(&self) -> Vec<RegionDesc> {
+        self.regions
+            .read()
+            .iter()
+            .map(|r| RegionDesc {
+                name: r.name.clone(),
+                gpa: r.gpa,
+                size: r.size,
+                hva: r.hva(),
+            })
+            .collect()
+    }
+
+    /// The current guest memory map (vm-memory), for loaders and tools.
+    pub fn memory(&self) -> Arc<GuestMemoryMmap> {
+        self.memory.read().clone()
+    }
+
+    /// Which mapping a faulting host address belongs to.
+    pub fn find_hva(&self, hva: u64) -> Option<HvaHit> {
+        let regions = self.regions.read();
+        for (index, r) in regions.iter().enumerate() {
+            let base = r.hva();
+            if hva >= base && hva < base + r.size {
+                return Some(HvaHit::Current {
+                    index,
+                    gpa: r.gpa + (hva - base),
+                    retiring: r.retiring,
+                });
+            }
+            if r.retired.iter().any(|m| {
+                let b = m.mapping.as_ptr() as u64;
+                hva >= b && hva < b + r.size
+            }) {
+                return Some(HvaHit::Retired);
+            }
+        }
+        None
+    }
+
+    /// The initial content of the page at `gpa` in region `index`: None for
+    /// zero.
+    pub fn content(&self, index: usize, gpa: u64) -> Option<Arc<BootImage>> {
+        let regions = self.regions.read();
+        match &regions.get(index)?.content {
+            Content::Zero => None,
+            Content::Image(img) => img.page(gpa).map(|_| img.clone()),
+        }
+    }
+
+    /// Host address of `gpa` in the current mapping.
+    pub fn hva(&self, gpa: u64) -> Option<u64> {
+        self.regions
+            .read()
+            .iter()
+            .find(|r| gpa >= r.gpa && gpa < r.gpa + r.size)
+            .map(|r| r.hva() + (gpa - r.gpa))
+    }
+
+    /// Release the host pages behind `[gpa, gpa + len)` in the current
+    /// mappings (`MADV_DONTNEED`: the kernel zaps KVM's shadow entries for
+    /// them before returning; the next guest access faults through
+    /// userfaultfd and sees fresh memory). Returns bytes released.
+    pub fn discard(&self, gpa: u64, len: u64) -> u64 {
+        let regions = self.regions.read();
+        let end = gpa + len;
+        let mut done = 0;
+        for r in regions.iter() {
+            let (s, e) = (gpa.max(r.gpa), end.min(r.gpa + r.size));
+            if s >= e {
+                continue;
+            }
+            let hva = r.hva() + (s - r.gpa);
+            madvise_dontneed(hva, e - s, self.backing);
+            done += e - s;
+        }
+        done
+    }
+
+    /// Mark the current mappings of `indices` as about to be retired (or
+    /// not any more).
+    pub fn set_retiring(&self, indices: &[usize], retiring: bool) {
+        let mut regions = self.regions.write();
+        for &i in indices {
+            regions[i].retiring = retiring;
+        }
+    }
+
+    /// Index of the region containing `gpa`.
+    pub fn index_of(&self, gpa: u64) -> Option<usize> {
+        self.regions
+            .read()
+            .iter()
+            .position(|r| gpa >= r.gpa && gpa < r.gpa + r.size)
+    }
+
+    /// Give region `index` a fresh, registered mapping (O(1) in how much of
+    /// the old one is populated); the old one is retired at `generation`.
+    /// Returns (gpa, size, new hva). The caller moves the KVM memslot and
+    /// the mmu region to the new mapping while vCPUs are paused.
+    pub fn swap(&self, index: usize, generation: u64) -> Result<(u64, u64, u64), MemoryError> {
+        let (name, size) = {
+            let r = &self.regions.read()[index];
+            (r.name.clone(), r.size)
+        };
+        let fresh = map(self.backing, &name, size)?;
+        self.uffd.register(fresh.as_ptr() as u64, size)?;
+        let mut regions = self.regions.write();
+        let r = &mut regions[index];
+        let old = std::mem::replace(&mut r.current, fresh);
+        // Nothing may fault on the old mapping any more; unregistering
+        // also keeps reclaim's MADV_DONTNEED from queueing REMOVE events.
+        self.uffd.unregister(old.as_ptr() as u64, size);
+        r.retired.push(Retired {
+            mapping: old,
+            generation,
+        });
+        let out = (r.gpa, r.size, r.hva());
+        let map = Self::memory_map(&regions)?;
+        *self.memory.write() = Arc::new(map);
+        Ok(out)
+    }
+
+    /// Release host pages of retired mappings (extents from the mmu's
+    /// reclaimer). Extents in a current mapping are ignored: they belong to
+    /// a live generation.
+    pub fn release_retired(&self, extents: &[mmu::Extent]) -> u64 {
+        let regions = self.regions.read();
+        let mut released = 0;
+        for e in extents {
+            for r in regions.iter() {
+                if r.retired.iter().any(|m| {
+                    let b = m.mapping.as_ptr() as u64;
+                    e.hva >= b && e.hva + e.len <= b + r.size
+                }) {
+                    madvise_dontneed(e.hva, e.len, self.backing);
+                    released += e.len;
+                }
+            }
+        }
+        released
+    }
+
+    /// Unmap the retired mappings of the region at `gpa` whose generation
+    /// is at most `below`. Returns how many were unmapped.
+    pub fn drop_retired(&self, gpa: u64, below: u64) -> usize {
+        let dropped: Vec<Retired> = {
+            let mut regions = self.regions.write();
+            let Some(r) = regions.iter_mut().find(|r| r.gpa == gpa) else {
+                return 0;
+            };
+            let (keep, drop): (Vec<_>, Vec<_>) =
+                r.retired.drain(..).partition(|m| m.generation > below);
+            r.retired = keep;
+            drop
+        };
+        // munmap outside the lock; the pages are mostly released already.
+        dropped.len()
+    }
+
+    /// Retired mappings not yet unmapped (all regions).
+    pub fn retired_count(&self) -> usize {
+        self.regions.read().iter().map(|r| r.retired.len()).sum()
+    }
+}
+
+fn madvise_dontneed(hva: u64, len: u64, backing: Backing) {
+    // Shared memory keeps its pages in the file after DONTNEED; punching
+    // them out is what makes them fresh (and gives the memory back).
+    let advice = match backing {
+        Backing::Anonymous => libc::MADV_DONTNEED,
+        Backing::Memfd | Backing::Hugetlbfs => libc::MADV_REMOVE,
+    };
+    // SAFETY: the range lies in a mapping this module owns; discarding its
+    // pages is the intent, and nothing in the VMM holds references into it
+    // (devices only use translations the mmu has invalidated by now).
+    let rc = unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, advice) };
+    if rc != 0 {
+        log::warn!(
+            "madvise({hva:#x}, {len:#x}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}

@@ -1,0 +1,366 @@
+//! The payload programs. Each vCPU starts in ring 3 (no I/O privilege: it reports through MMIO) with `rdi` = its index,
+//! `rsi` = the vCPU count, `rdx` = the parameter block, `rsp` = its stack.
+//! Every program splits `work_pages` of RAM evenly between the vCPUs and
+//! ends with a PASS or FAIL command to the test device.
+
+use super::params;
+use crate::devices::testdev::{ARG, CMD, CMD_BARRIER, CMD_FAIL, CMD_IDLE, CMD_PASS};
+use crate::layout::TESTDEV_MMIO_GPA;
+use iced_x86::code_asm::*;
+use std::fmt;
+
+/// The built-in guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Guest {
+    /// Write a pattern to every page of its share, read it back, report
+    /// pages and mismatches.
+    Touch,
+    /// Spin on the idle command until the VM is stopped.
+    Idle,
+    /// Write a pattern, wait at a barrier (the host invalidates some pages
+    /// meanwhile), then classify every page: pattern kept, zero, or neither.
+    Rewrite,
+    /// `rounds` passes; each checks every page holds zero or its previous
+    /// stamp, writes a new stamp and reads it back (zero allowed: a
+    /// teardown may land in between). Any other value is a stale page.
+    Churn,
+}
+
+impl Guest {
+    pub const ALL: [Guest; 4] = [Guest::Touch, Guest::Idle, Guest::Rewrite, Guest::Churn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Guest::Touch => "touch",
+            Guest::Idle => "idle",
+            Guest::Rewrite => "rewrite",
+            Guest::Churn => "churn",
+        }
+    }
+
+    /// Argument names of its PASS/FAIL report, in order.
+    pub fn report_fields(self) -> &'static [&'static str] {
+        match self {
+            Guest::Touch => &["pages", "bad", "first_bad"],
+            Guest::Idle => &[],
+            Guest::Rewrite => &["pages", "kept", "zeroed", "bad"],
+            Guest::Churn => &["pages", "stale", "zero_reads"],
+        }
+    }
+}
+
+impl fmt::Display for Guest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Guest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Guest::ALL
+            .iter()
+            .copied()
+            .find(|g| g.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Guest::ALL.iter().map(|g| g.name()).collect();
+                format!("unknown guest {s:?} (built-in: {})", names.join(", "))
+            })
+    }
+}
+
+/// Golden-ratio multiplier for page patterns.
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+type Asm = CodeAssembler;
+type R = Result<(), IcedError>;
+
+/// r15 = params, r14 = vCPU index, r13 = vCPU count, rbx = RAM base VA,
+/// r10 = seed, r9 = MIX, r12..r11 = this vCPU's page range.
+fn prologue(a: &mut Asm) -> R {
+    a.mov(r15, rdx)?;
+    a.mov(r14, rdi)?;
+    a.mov(r13, rsi)?;
+    a.mov(rbx, qword_ptr(r15 + params::RAM_VA))?;
+    a.mov(r10, qword_ptr(r15 + params::SEED))?;
+    a.mov(r9, MIX)?;
+    // start = work_pages * index / vcpus
+    a.mov(rax, qword_ptr(r15 + params::WORK_PAGES))?;
+    a.mul(r14)?;
+    a.div(r13)?;
+    a.mov(r12, rax)?;
+    // end = work_pages * (index + 1) / vcpus
+    a.mov(rax, qword_ptr(r15 + params::WORK_PAGES))?;
+    a.lea(rcx, qword_ptr(r14 + 1))?;
+    a.mul(rcx)?;
+    a.div(r13)?;
+    a.mov(r11, rax)?;
+    Ok(())
+}
+
+/// rax = pattern(rcx), rdi = address of page rcx.
+fn pattern_and_addr(a: &mut Asm) -> R {
+    a.mov(rax, rcx)?;
+    a.imul_2(rax, r9)?;
+    a.xor(rax, r10)?;
+    a.mov(rdi, rcx)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, rbx)?;
+    Ok(())
+}
+
+fn push_arg(a: &mut Asm, reg: AsmRegister64) -> R {
+    a.mov(rax, reg)?;
+    a.mov(rdx, TESTDEV_MMIO_GPA)?;
+    a.mov(dword_ptr(rdx + ARG), eax)?;
+    Ok(())
+}
+
+fn command(a: &mut Asm, cmd: u32) -> R {
+    a.mov(eax, cmd)?;
+    a.mov(rdx, TESTDEV_MMIO_GPA)?;
+    a.mov(dword_ptr(rdx + CMD), eax)?;
+    Ok(())
+}
+
+/// PASS if `reg` is zero, else FAIL; then never return.
+fn finish(a: &mut Asm, reg: AsmRegister64) -> R {
+    let mut fail = a.create_label();
+    let mut spin = a.create_label();
+    a.test(reg, reg)?;
+    a.jnz(fail)?;
+    command(a, CMD_PASS)?;
+    a.jmp(spin)?;
+    a.set_label(&mut fail)?;
+    command(a, CMD_FAIL)?;
+    // The VMM never resumes a finished vCPU; spin just in case.
+    a.set_label(&mut spin)?;
+    a.pause()?;
+    a.jmp(spin)?;
+    Ok(())
+}
+
+/// Write pattern(p) to the first and last qword of every page in r12..r11.
+fn write_pass(a: &mut Asm) -> R {
+    let mut top = a.create_label();
+    let mut done = a.create_label();
+    a.mov(rcx, r12)?;
+    a.set_label(&mut top)?;
+    a.cmp(rcx, r11)?;
+    a.jae(done)?;
+    pattern_and_addr(a)?;
+    a.mov(qword_ptr(rdi), rax)?;
+    a.mov(qword_ptr(rdi + 4088), rax)?;
+    a.inc(rcx)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    Ok(())
+}
+
+fn touch(a: &mut Asm) -> R {
+    prologue(a)?;
+    write_pass(a)?;
+    // Verify: r8 = bad pages, rsi = first bad page (or all ones).
+    let (mut top, mut done, mut bad, mut next) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    a.xor(r8, r8)?;
+    a.mov(rsi, -1i64)?;
+    a.mov(rcx, r12)?;
+    a.set_label(&mut top)?;
+    a.cmp(rcx, r11)?;
+    a.jae(done)?;
+    pattern_and_addr(a)?;
+    a.cmp(qword_ptr(rdi), rax)?;
+    a.jne(bad)?;
+    a.cmp(qword_ptr(rdi + 4088), rax)?;
+    a.jne(bad)?;
+    a.set_label(&mut next)?;
+    a.inc(rcx)?;
+    a.jmp(top)?;
+    a.set_label(&mut bad)?;
+    a.inc(r8)?;
+    a.cmp(rsi, -1)?;
+    a.jne(next)?;
+    a.mov(rsi, rcx)?;
+    a.jmp(next)?;
+    a.set_label(&mut done)?;
+    a.mov(rcx, r11)?;
+    a.sub(rcx, r12)?;
+    push_arg(a, rcx)?;
+    push_arg(a, r8)?;
+    push_arg(a, rsi)?;
+    finish(a, r8)
+}
+
+fn idle(a: &mut Asm) -> R {
+    let mut top = a.create_label();
+    a.set_label(&mut top)?;
+    command(a, CMD_IDLE)?;
+    a.jmp(top)?;
+    Ok(())
+}
+
+fn rewrite(a: &mut Asm) -> R {
+    prologue(a)?;
+    write_pass(a)?;
+    a.mov(rcx, 1u64)?;
+    push_arg(a, rcx)?;
+    command(a, CMD_BARRIER)?;
+    // r8 = kept, rsi = zeroed, rbp = bad
+    let (mut top, mut done, mut not_kept, mut next) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    let mut bad = a.create_label();
+    a.xor(r8, r8)?;
+    a.xor(rsi, rsi)?;
+    a.xor(rbp, rbp)?;
+    a.mov(rcx, r12)?;
+    a.set_label(&mut top)?;
+    a.cmp(rcx, r11)?;
+    a.jae(done)?;
+    pattern_and_addr(a)?;
+    a.cmp(qword_ptr(rdi), rax)?;
+    a.jne(not_kept)?;
+    a.cmp(qword_ptr(rdi + 4088), rax)?;
+    a.jne(bad)?;
+    a.inc(r8)?;
+    a.jmp(next)?;
+    a.set_label(&mut not_kept)?;
+    a.cmp(qword_ptr(rdi), 0)?;
+    a.jne(bad)?;
+    a.cmp(qword_ptr(rdi + 4088), 0)?;
+    a.jne(bad)?;
+    a.inc(rsi)?;
+    a.jmp(next)?;
+    a.set_label(&mut bad)?;
+    a.inc(rbp)?;
+    a.set_label(&mut next)?;
+    a.inc(rcx)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    a.mov(rcx, r11)?;
+    a.sub(rcx, r12)?;
+    push_arg(a, rcx)?;
+    push_arg(a, r8)?;
+    push_arg(a, rsi)?;
+    push_arg(a, rbp)?;
+    finish(a, rbp)
+}
+
+/// stamp(round, page) = 1 << 63 | round << 32 | page, in rax (rcx = page,
+/// r8 = round). Never zero.
+fn stamp(a: &mut Asm, round: AsmRegister64) -> R {
+    a.mov(rax, round)?;
+    a.shl(rax, 32)?;
+    a.or(rax, rcx)?;
+    a.bts(rax, 63)?;
+    Ok(())
+}
+
+fn churn(a: &mut Asm) -> R {
+    prologue(a)?;
+    // r8 = round (1..=rounds), rsi = stale, rbp = zero reads, rdx spare
+    let (mut round_top, mut round_done, mut top, mut page_done) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    let (mut prev_ok, mut after_ok, mut stale1, mut stale2) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    let mut after_zero = a.create_label();
+    a.xor(rsi, rsi)?;
+    a.xor(rbp, rbp)?;
+    a.mov(r8, 1u64)?;
+    a.set_label(&mut round_top)?;
+    a.cmp(r8, qword_ptr(r15 + params::ROUNDS))?;
+    a.ja(round_done)?;
+    a.mov(rcx, r12)?;
+    a.set_label(&mut top)?;
+    a.cmp(rcx, r11)?;
+    a.jae(page_done)?;
+    a.mov(rdi, rcx)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, rbx)?;
+    // The page must hold zero or the previous round's stamp.
+    a.mov(rdx, qword_ptr(rdi))?;
+    a.test(rdx, rdx)?;
+    a.jz(prev_ok)?;
+    a.lea(rax, qword_ptr(r8 - 1))?;
+    stamp(a, rax)?;
+    a.cmp(rdx, rax)?;
+    a.jne(stale1)?;
+    a.set_label(&mut prev_ok)?;
+    stamp(a, r8)?;
+    a.mov(qword_ptr(rdi), rax)?;
+    a.mov(rdx, qword_ptr(rdi))?;
+    a.cmp(rdx, rax)?;
+    a.je(after_ok)?;
+    a.test(rdx, rdx)?;
+    a.jnz(stale2)?;
+    a.set_label(&mut after_zero)?;
+    a.inc(rbp)?;
+    a.set_label(&mut after_ok)?;
+    a.inc(rcx)?;
+    a.jmp(top)?;
+    a.set_label(&mut stale1)?;
+    a.inc(rsi)?;
+    a.jmp(prev_ok)?;
+    a.set_label(&mut stale2)?;
+    a.inc(rsi)?;
+    a.jmp(after_ok)?;
+    a.set_label(&mut page_done)?;
+    a.inc(r8)?;
+    a.jmp(round_top)?;
+    a.set_label(&mut round_done)?;
+    // pages touched = (end - start) * rounds
+    a.mov(rax, r11)?;
+    a.sub(rax, r12)?;
+    a.imul_2(rax, qword_ptr(r15 + params::ROUNDS))?;
+    a.mov(rcx, rax)?;
+    push_arg(a, rcx)?;
+    push_arg(a, rsi)?;
+    push_arg(a, rbp)?;
+    finish(a, rsi)
+}
+
+/// Machine code for `guest`, to be loaded at `ip`.
+pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
+    let build = || -> Result<Vec<u8>, IcedError> {
+        let mut a = CodeAssembler::new(64)?;
+        match guest {
+            Guest::Touch => touch(&mut a)?,
+            Guest::Idle => idle(&mut a)?,
+            Guest::Rewrite => rewrite(&mut a)?,
+            Guest::Churn => churn(&mut a)?,
+        }
+        a.assemble(ip)
+    };
+    build().map_err(|e| format!("assembling {guest}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_guest_assembles() {
+        for g in Guest::ALL {
+            let code = assemble(g, 0x10_0000).unwrap();
+            assert!(!code.is_empty(), "{g}");
+            assert_eq!(g.name().parse::<Guest>().unwrap(), g);
+        }
+        assert!("nope".parse::<Guest>().unwrap_err().contains("touch"));
+    }
+}

@@ -1,0 +1,635 @@
+//! Assembling and running a microVM: configuration, construction (KVM,
+//! guest RAM, mmu, fault thread, KVM mirror, devices, vCPUs), the vCPU
+//! threads, control (invalidate, teardown, pause, resume, shutdown) and the
+//! final report.
+
+use crate::devices::serial::{SerialPort, Sink, COM1_IRQ};
+use crate::devices::testdev::{Barrier, TestDevice, VcpuReport};
+use crate::devices::Devices;
+use crate::fault::{FaultStats, FaultThread};
+use crate::kvm_mirror::{KvmMirror, Slot};
+use crate::layout::*;
+use crate::memory::{Backing, Content, GuestRam, MemoryError};
+use crate::payload::{self, Guest, PayloadParams};
+use crate::uffd::{UffdError, Userfault};
+use crate::vstate::gate::{install_kick_handler, RunGate};
+use crate::vstate::vcpu::{BootState, Vcpu, VcpuEnd, VcpuError};
+use crate::vstate::vm::{KvmVm, VmError};
+use crate::{arch, linux};
+use mmu::{LockPolicy, MirrorId, Mmu};
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Everything that can go wrong building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("mmu: {0}")]
+    Mmu(#[from] mmu::Error),
+    #[error(transparent)]
+    Linux(#[from] linux::LinuxError),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What runs in the VM.
+#[derive(Clone, Debug)]
+pub enum GuestConfig {
+    Builtin(Guest),
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+#[derive(Clone)]
+pub struct VmConfig {
+    pub memory: u64,
+    pub vcpus: usize,
+    pub guest: GuestConfig,
+    pub backing: Backing,
+    pub lock: LockPolicy,
+    /// Payload pattern seed.
+    pub seed: u64,
+    /// Passes for looping payloads.
+    pub rounds: u64,
+    /// Pages payloads work on (default: all of RAM).
+    pub work_pages: Option<u64>,
+    /// Guest console output.
+    pub console: Sink,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            memory: 256 << 20,
+            vcpus: 2,
+            guest: GuestConfig::Builtin(Guest::Touch),
+            backing: Backing::Anonymous,
+            lock: LockPolicy::Spin,
+            seed: 0x5eed,
+            rounds: 1,
+            work_pages: None,
+            console: Sink::Stdout,
+        }
+    }
+}
+
+impl VmConfig {
+    fn validate(&self, max_vcpus: usize) -> Result<(), Error> {
+        let max = max_vcpus.min(MAX_VCPUS);
+        if self.vcpus == 0 || self.vcpus > max {
+            return Err(Error::Config(format!(
+                "--vcpus {} is out of range: this host allows 1 to {max}",
+                self.vcpus
+            )));
+        }
+        if self.memory < HUGE || !self.memory.is_multiple_of(HUGE) {
+            return Err(Error::Config(format!(
+                "--memory {} must be a positive multiple of 2 MiB",
+                self.memory
+            )));
+        }
+        if let GuestConfig::Builtin(_) = self.guest {
+            if self.memory > MAX_PAYLOAD_RAM - GIB {
+                return Err(Error::Config(format!(
+                    "built-in payloads support at most {} GiB of memory",
+                    MAX_PAYLOAD_RAM / GIB - 1
+                )));
+            }
+            if let Some(w) = self.work_pages {
+                if w > self.memory / PAGE {
+                    return Err(Error::Config(format!(
+                        "--pages {w} is more than the {} pages of RAM",
+                        self.memory / PAGE
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shared by the VM's threads and its controllers.
+pub struct Core {
+    pub mmu: Arc<Mmu>,
+    pub ram: Arc<GuestRam>,
+    pub kvm: Arc<KvmVm>,
+    pub gate: Arc<RunGate>,
+    pub devices: Arc<Devices>,
+    pub mirror: Arc<KvmMirror>,
+    pub faults: Arc<FaultStats>,
+    pub config: VmConfig,
+    ends: Mutex<Vec<Option<VcpuEnd>>>,
+    done: Condvar,
+    stop_reason: Mutex<Option<String>>,
+    started: Instant,
+}
+
+/// A cheap handle to control a running VM (tests, the API, the demo).
+#[derive(Clone)]
+pub struct VmHandle(pub Arc<Core>);
+
+pub struct Vm {
+    core: Arc<Core>,
+    vcpus: Vec<Vcpu>,
+    threads: Vec<JoinHandle<()>>,
+    fault_thread: Option<FaultThread>,
+    mirror_id: MirrorId,
+    boot_ms: f64,
+}
+
+impl Vm {
+    pub fn new(config: VmConfig) -> Result<Vm, Error> {
+        let t0 = Instant::now();
+        install_kick_handler().map_err(|e| Error::Io {
+            what: "installing the vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+        let kvm = Arc::new(KvmVm::new()?);
+        config.validate(kvm.max_vcpus())?;
+
+        // Guest-physical layout and what each region reads as initially.
+        let mut layout = Vec::new();
+        let mut boot = Vec::new();
+        match &config.guest {
+            GuestConfig::Builtin(guest) => {
+                let ram = ram_ranges(PAYLOAD_RAM_GPA, config.memory);
+                let params = PayloadParams {
+                    vcpus: config.vcpus as u64,
+                    seed: config.seed,
+                    rounds: config.rounds.max(1),
+                    work_pages: config.work_pages.unwrap_or(config.memory / PAGE),
+                };
+                let image =
+                    Arc::new(payload::build_image(*guest, &params, &ram).map_err(Error::Config)?);
+                layout.push((
+                    "boot".to_string(),
+                    0,
+                    BOOT_REGION_SIZE,
+                    Content::Image(image.clone()),
+                ));
+                for (i, (gpa, size)) in ram.iter().enumerate() {
+                    layout.push((format!("ram{i}"), *gpa, *size, Content::Zero));
+                }
+                for i in 0..config.vcpus {
+                    boot.push(BootState {
+                        rip: image.entry,
+                        rsp: payload::stack_top(i),
+                        rdi: i as u64,
+                        rsi: config.vcpus as u64,
+                        rdx: PARAMS_GPA,
+                        rflags: arch::RFLAGS_PAYLOAD,
+                        cr3: PML4_GPA,
+                        gdt: GDT_GPA,
+                        tss: TSS_GPA,
+                        user: true,
+                        runnable: true,
+                    });
+                }
+            }
+            GuestConfig::Linux { .. } => {
+                for (i, (gpa, size)) in ram_ranges(0, config.memory).iter().enumerate() {
+                    layout.push((format!("ram{i}"), *gpa, *size, Content::Zero));
+                }
+            }
+        }
+
+        let uffd = Arc::new(Userfault::new()?);
+        let ram = Arc::new(GuestRam::new(config.backing, uffd.clone(), layout)?);
+        let mmu = Mmu::new(mmu::Config {
+            lock: config.lock,
+            ..mmu::Config::default()
+        });
+        let mut slots = Vec::new();
+        for (i, r) in ram.regions().iter().enumerate() {
+            let id = mmu.add_region(mmu::RegionSpec {
+                name: r.name.clone(),
+                gpa: r.gpa,
+                size: r.size,
+                hva: r.hva,
+            })?;
+            kvm.set_slot(i as u32, r.gpa, r.size, r.hva)?;
+            slots.push(Slot {
+                slot: i as u32,
+                region: id,
+                ram_index: i,
+            });
+        }
+        let fault_thread =
+            FaultThread::spawn(uffd, ram.clone(), mmu.clone()).map_err(|source| Error::Io {
+                what: "starting the fault thread",
+                source,
+            })?;
+        let gate = Arc::new(RunGate::default());
+        let mirror = Arc::new(KvmMirror::new(
+            ram.clone(),
+            kvm.clone(),
+            gate.clone(),
+            slots,
+            Arc::downgrade(&mmu),
+        ));
+        let mirror_id = mmu.register_mirror(mirror.clone());
+
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
+            what: "creating the serial interrupt eventfd",
+            source,
+        })?;
+        if kvm.irqchip {
+            kvm.fd
+                .register_irqfd(&serial_irq, COM1_IRQ)
+                .map_err(|source| VmError::Setup {
+                    what: "the serial irqfd",
+                    source,
+                })?;
+        }
+        let devices = Arc::new(Devices {
+            testdev: Arc::new(TestDevice::new(config.vcpus)),
+            serial: Some(Arc::new(SerialPort::new(
+                serial_irq,
+                config.console.clone(),
+            ))),
+        });
+
+        if let GuestConfig::Linux {
+            kernel,
+            initrd,
+            cmdline,
+        } = &config.guest
+        {
+            let entry = linux::load(
+                &ram.memory(),
+                kernel,
+                initrd.as_deref(),
+                cmdline,
+                config.memory,
+            )?;
+            for i in 0..config.vcpus {
+                boot.push(BootState {
+                    runnable: i == 0,
+                    ..entry.clone()
+                });
+            }
+        }
+        let vcpus = boot
+            .iter()
+            .enumerate()
+            .map(|(i, b)| Vcpu::new(&kvm.kvm, &kvm.fd, i, b))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let core = Arc::new(Core {
+            faults: fault_thread.stats.clone(),
+            mmu,
+            ram,
+            kvm,
+            gate,
+            devices,
+            mirror,
+            ends: Mutex::new(vec![None; config.vcpus]),
+            done: Condvar::new(),
+            stop_reason: Mutex::new(None),
+            config,
+            started: Instant::now(),
+        });
+        Ok(Vm {
+            core,
+            vcpus,
+            threads: Vec::new(),
+            fault_thread: Some(fault_thread),
+            mirror_id,
+            boot_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    pub fn handle(&self) -> VmHandle {
+        VmHandle(self.core.clone())
+    }
+
+    /// Start every vCPU on its own thread.
+    pub fn start(&mut self) -> Result<(), Error> {
+        for vcpu in self.vcpus.drain(..) {
+            let core = self.core.clone();
+            let index = vcpu.index;
+            let t = std::thread::Builder::new()
+                .name(format!("odpvm-vcpu{index}"))
+                .spawn(move || {
+                    let end = vcpu.run(&core.gate, &core.devices);
+                    core.vcpu_ended(index, end);
+                })
+                .map_err(|source| Error::Io {
+                    what: "starting a vCPU thread",
+                    source,
+                })?;
+            self.threads.push(t);
+        }
+        Ok(())
+    }
+
+    /// Wait until every vCPU has ended (or `timeout`, then stop the VM),
+    /// tear the VM down and report.
+    pub fn wait(mut self, timeout: Option<Duration>) -> RunReport {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        {
+            let mut ends = self.core.ends.lock();
+            while ends.iter().any(|e| e.is_none()) {
+                match deadline {
+                    Some(d) => {
+                        if self.core.done.wait_until(&mut ends, d).timed_out() {
+                            drop(ends);
+                            self.core.stop(format!(
+                                "timeout after {:.1}s",
+                                timeout.unwrap_or_default().as_secs_f64()
+                            ));
+                            ends = self.core.ends.lock();
+                            while ends.iter().any(|e| e.is_none()) {
+                                self.core.done.wait(&mut ends);
+                            }
+                            break;
+                        }
+                    }
+                    None => self.core.done.wait(&mut ends),
+                }
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.core.gate.stop();
+        self.core.devices.testdev.stop();
+        let report = RunReport::new(&self.core, self.boot_ms);
+        let _ = self.core.mmu.unregister_mirror(self.mirror_id);
+        self.fault_thread.take();
+        report
+    }
+}
+
+impl Core {
+    fn vcpu_ended(&self, index: usize, end: VcpuEnd) {
+        let reason = match &end {
+            VcpuEnd::Finished(_) | VcpuEnd::Stopped => None,
+            VcpuEnd::Halted => Some("hlt".to_string()),
+            VcpuEnd::Reset => Some("reset".to_string()),
+            VcpuEnd::Shutdown(s) => Some(format!("vcpu{index}: shutdown (triple fault?): {s}")),
+            VcpuEnd::Error(s) => Some(format!("vcpu{index}: error: {s}")),
+        };
+        if let Some(r) = reason {
+            log::warn!("{r}");
+            self.stop(r);
+        }
+        let mut ends = self.ends.lock();
+        ends[index] = Some(end);
+        self.done.notify_all();
+    }
+
+    /// Stop the VM: no vCPU runs again; blocked ones are woken.
+    pub fn stop(&self, reason: String) {
+        self.stop_reason.lock().get_or_insert(reason);
+        self.gate.stop();
+        self.devices.testdev.stop();
+    }
+}
+
+impl VmHandle {
+    pub fn mmu(&self) -> &Arc<Mmu> {
+        &self.0.mmu
+    }
+
+    pub fn barrier(&self) -> &Barrier {
+        &self.0.devices.testdev.barrier
+    }
+
+    /// Invalidate guest-physical `[gpa, gpa + len)`: the mmu, then every
+    /// mirror (KVM discards the pages). Returns translations zapped.
+    pub fn invalidate(&self, gpa: u64, len: u64) -> Result<u64, mmu::Error> {
+        self.0.mmu.invalidate(gpa, len)
+    }
+
+    /// O(1) teardown of every translation; returns its latency in ns.
+    pub fn teardown(&self) -> Result<u64, mmu::Error> {
+        self.0.mmu.teardown_all().map(|r| r.ns)
+    }
+
+    pub fn pause(&self) {
+        self.0.gate.pause();
+    }
+
+    /// Undo a `pause`, and let vCPUs waiting at a payload barrier go on.
+    pub fn resume(&self) {
+        if self.0.gate.paused() {
+            self.0.gate.resume();
+        }
+        self.0.devices.testdev.barrier.release();
+    }
+
+    pub fn shutdown(&self) {
+        self.0.stop("shutdown requested".into());
+    }
+
+    pub fn running(&self) -> bool {
+        !self.0.gate.stopped()
+    }
+
+    pub fn stats(&self) -> LiveStats {
+        LiveStats::new(&self.0)
+    }
+}
+
+/// Counters while the VM runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct LiveStats {
+    pub uptime_ms: f64,
+    pub faults_tracked: u64,
+    pub pages_tracked: u64,
+    pub fault_retries: u64,
+    pub faults_deferred: u64,
+    pub faults_untracked: u64,
+    pub fault_errors: u64,
+    pub remove_events: u64,
+    pub invalidations: u64,
+    pub teardowns: u64,
+    pub mapped_bytes: u64,
+    pub entries_reclaimed: u64,
+    pub kvm_invalidations: u64,
+    pub kvm_bytes_discarded: u64,
+    pub kvm_slot_moves: u64,
+    pub kvm_bytes_released: u64,
+    pub kvm_mappings_unmapped: u64,
+    pub retired_mappings: usize,
+    pub teardown_pause_ns_max: u64,
+    pub lock_hold_ns_p999: u64,
+    pub lock_hold_ns_max: u64,
+    pub barrier_waiting: usize,
+    pub paused: bool,
+    pub protocol_errors: u64,
+}
+
+impl LiveStats {
+    fn new(c: &Core) -> Self {
+        let get = FaultStats::get;
+        let m = c.mmu.stats().snapshot();
+        let k = &c.mirror.stats;
+        LiveStats {
+            uptime_ms: c.started.elapsed().as_secs_f64() * 1e3,
+            faults_tracked: get(&c.faults.faults),
+            pages_tracked: get(&c.faults.pages),
+            fault_retries: get(&c.faults.retries),
+            faults_deferred: get(&c.faults.deferred),
+            faults_untracked: get(&c.faults.untracked),
+            fault_errors: get(&c.faults.errors),
+            remove_events: get(&c.faults.removes),
+            invalidations: m.invalidations,
+            teardowns: m.teardowns,
+            mapped_bytes: c.mmu.mapped_bytes(),
+            entries_reclaimed: m.entries_reclaimed,
+            kvm_invalidations: k.invalidations.load(Ordering::Relaxed),
+            kvm_bytes_discarded: k.bytes_discarded.load(Ordering::Relaxed),
+            kvm_slot_moves: k.slot_moves.load(Ordering::Relaxed),
+            kvm_bytes_released: k.bytes_released.load(Ordering::Relaxed),
+            kvm_mappings_unmapped: k.mappings_unmapped.load(Ordering::Relaxed),
+            retired_mappings: c.ram.retired_count(),
+            teardown_pause_ns_max: k.pause_ns.summary().max,
+            lock_hold_ns_p999: m.lock_hold_ns.p999,
+            lock_hold_ns_max: m.lock_hold_ns.max,
+            barrier_waiting: c.devices.testdev.barrier.waiting().0,
+            paused: c.gate.paused(),
+            protocol_errors: c.devices.testdev.protocol_errors(),
+        }
+    }
+}
+
+/// What `odpvm run --json` prints last.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunReport {
+    /// "pass", "fail" or "n/a" (guests that report nothing).
+    pub guest_result: String,
+    pub guest: String,
+    /// Pages the payload says it touched (summed over vCPUs).
+    pub pages_touched: u64,
+    pub faults_tracked: u64,
+    pub pages_tracked: u64,
+    /// Faults on the payload's own pages (code, page tables, stacks).
+    pub payload_pages: u64,
+    /// Faults on RAM.
+    pub ram_faults: u64,
+    pub fault_retries: u64,
+    pub invalidations: u64,
+    pub teardowns: u64,
+    /// Why the VM stopped.
+    pub exit: String,
+    pub vcpus: usize,
+    pub memory_bytes: u64,
+    pub backing: String,
+    pub lock: String,
+    /// Construction time (KVM, memory, threads, vCPUs).
+    pub boot_ms: f64,
+    pub run_ms: f64,
+    /// Each vCPU's end and report arguments, by name where known.
+    pub vcpu_reports: Vec<serde_json::Value>,
+    pub stats: LiveStats,
+}
+
+impl RunReport {
+    fn new(c: &Core, boot_ms: f64) -> Self {
+        let ends = c.ends.lock().clone();
+        let guest = match &c.config.guest {
+            GuestConfig::Builtin(g) => Some(*g),
+            GuestConfig::Linux { .. } => None,
+        };
+        let fields = guest.map(|g| g.report_fields()).unwrap_or(&[]);
+        let reports: Vec<Option<&VcpuReport>> = ends
+            .iter()
+            .map(|e| match e {
+                Some(VcpuEnd::Finished(r)) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let guest_result = if guest.is_none() || fields.is_empty() {
+            "n/a"
+        } else if reports.iter().all(|r| r.is_some_and(|r| r.passed)) {
+            "pass"
+        } else {
+            "fail"
+        };
+        let pages_touched = if fields.first() == Some(&"pages") {
+            reports
+                .iter()
+                .flatten()
+                .map(|r| u64::from(r.args.first().copied().unwrap_or(0)))
+                .sum()
+        } else {
+            0
+        };
+        let vcpu_reports = ends
+            .iter()
+            .map(|e| match e {
+                Some(VcpuEnd::Finished(r)) => {
+                    let mut o = serde_json::Map::new();
+                    o.insert("passed".into(), r.passed.into());
+                    for (i, v) in r.args.iter().enumerate() {
+                        let key = fields
+                            .get(i)
+                            .map(|s| s.to_string())
+                            .unwrap_or(format!("arg{i}"));
+                        o.insert(key, (*v).into());
+                    }
+                    serde_json::Value::Object(o)
+                }
+                Some(other) => serde_json::json!({ "end": format!("{other:?}") }),
+                None => serde_json::json!({ "end": "running" }),
+            })
+            .collect();
+        let stats = LiveStats::new(c);
+        let per_region = |i: usize| FaultStats::get(&c.faults.per_region[i]);
+        let payload_pages = if guest.is_some() { per_region(0) } else { 0 };
+        let exit = c.stop_reason.lock().clone().unwrap_or_else(|| {
+            if guest.is_some() {
+                "guest-done".into()
+            } else {
+                "stopped".into()
+            }
+        });
+        RunReport {
+            guest_result: guest_result.into(),
+            guest: match &c.config.guest {
+                GuestConfig::Builtin(g) => g.name().into(),
+                GuestConfig::Linux { kernel, .. } => format!("linux:{}", kernel.display()),
+            },
+            pages_touched,
+            faults_tracked: stats.faults_tracked,
+            pages_tracked: stats.pages_tracked,
+            payload_pages,
+            ram_faults: stats.faults_tracked - payload_pages,
+            fault_retries: stats.fault_retries,
+            invalidations: stats.invalidations,
+            teardowns: stats.teardowns,
+            exit,
+            vcpus: c.config.vcpus,
+            memory_bytes: c.config.memory,
+            backing: c.config.backing.as_str().into(),
+            lock: c.config.lock.as_str().into(),
+            boot_ms,
+            run_ms: c.started.elapsed().as_secs_f64() * 1e3,
+            vcpu_reports,
+            stats,
+        }
+    }
+}
