@@ -23,7 +23,7 @@ pub enum Error {
         other_gpa: u64,
         other_end: u64,
     },
-    #[error("guest-physical range [{gpa:#x}, {end:#x}) is not inside one region")]
+    #[error("guest-physical range [{gpa:#x}, {end:#x}) is not inside registered memory (or spans regions where it may not)")]
     OutsideRegions { gpa: u64, end: u64 },
     #[error("no region {0}")]
     NoSuchRegion(RegionId),

@@ -2,7 +2,9 @@
 //! through the [`mmu`] protocol (userfaultfd → `read_begin` → populate →
 //! `install`), with KVM's side of guest memory as an mmu mirror.
 
+pub mod api;
 pub mod arch;
+pub mod cli;
 pub mod devices;
 pub mod fault;
 pub mod kvm_mirror;

@@ -400,6 +400,11 @@ impl Core {
         self.done.notify_all();
     }
 
+    /// Whether every vCPU thread has ended.
+    pub fn all_ended(&self) -> bool {
+        self.ends.lock().iter().all(|e| e.is_some())
+    }
+
     /// Stop the VM: no vCPU runs again; blocked ones are woken.
     pub fn stop(&self, reason: String) {
         self.stop_reason.lock().get_or_insert(reason);
@@ -442,6 +447,16 @@ impl VmHandle {
 
     pub fn shutdown(&self) {
         self.0.stop("shutdown requested".into());
+    }
+
+    /// Stop with a reason of the caller's (signal, timeout).
+    pub fn stop(&self, reason: &str) {
+        self.0.stop(reason.into());
+    }
+
+    /// Whether every vCPU has ended.
+    pub fn finished(&self) -> bool {
+        self.0.all_ended()
     }
 
     pub fn running(&self) -> bool {

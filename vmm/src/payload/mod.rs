@@ -165,9 +165,10 @@ mod tests {
         let pd = img.page(PD_RAM_GPA).unwrap();
         let e0 = u64::from_le_bytes(pd[0..8].try_into().unwrap());
         assert_eq!(e0 & !0xfff, PAYLOAD_RAM_GPA);
-        // Chunk 1535 is the last below the hole; 1536 the first above it.
-        let pd2 = img.page(PD_RAM_GPA + 3 * PAGE).unwrap();
-        let e = u64::from_le_bytes(pd2[0..8].try_into().unwrap());
+        // RAM below the hole is [2 MiB, 3 GiB): chunks 0..1535; chunk 1535
+        // (PD page 2, entry 511) is the first above the hole.
+        let pd2 = img.page(PD_RAM_GPA + 2 * PAGE).unwrap();
+        let e = u64::from_le_bytes(pd2[511 * 8..512 * 8].try_into().unwrap());
         assert_eq!(e & !0xfff, MMIO_HOLE_END);
         assert!(img.page(CODE_GPA).is_some());
         assert!(img.page(PARAMS_GPA).is_some());

@@ -1,0 +1,326 @@
+//! The `odpvm` command line.
+
+use crate::api::{self, ApiServer};
+use crate::devices::serial::Sink;
+use crate::memory::Backing;
+use crate::payload::Guest;
+use crate::vm::{GuestConfig, RunReport, Vm, VmConfig};
+use clap::{Args, Parser, Subcommand};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use mmu::LockPolicy;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "odpvm",
+    version,
+    about = "A microVM whose guest memory is tracked by a userspace secondary MMU and mirrored into RDMA ODP memory regions"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Boot a microVM and run a built-in guest or a Linux kernel.
+    Run(RunArgs),
+    /// Send one request to a running VM's control socket.
+    Ctl(CtlArgs),
+}
+
+/// A size with an optional K/M/G/T suffix (powers of two).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..digits]
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 256M, 4G, 1048576)"))?;
+    let shift = match t[digits..].to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown size suffix {other:?} (use K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct VmArgs {
+    /// Guest RAM (K/M/G suffixes; a multiple of 2M).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// What backs guest RAM: anonymous, memfd or hugetlbfs.
+    #[arg(long, default_value = "anonymous")]
+    pub backing: Backing,
+    /// The mmu lock: spin or mutex.
+    #[arg(long, default_value = "spin")]
+    pub lock: LockPolicy,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Built-in guest: touch, idle, rewrite or churn.
+    #[arg(long, conflicts_with = "kernel")]
+    pub guest: Option<Guest>,
+    /// A Linux bzImage to boot instead of a built-in guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initrd for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line for --kernel.
+    #[arg(long, requires = "kernel", default_value = crate::linux::DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Pages a built-in guest works on (default: all of RAM).
+    #[arg(long)]
+    pub pages: Option<u64>,
+    /// Passes for looping guests (churn).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u64,
+    /// Pattern seed for built-in guests.
+    #[arg(long, default_value_t = 0x5eed)]
+    pub seed: u64,
+    /// Serve the control socket at this path.
+    #[arg(long)]
+    pub api_sock: Option<PathBuf>,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Print the final report as one JSON object (the last stdout line).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CtlArgs {
+    /// The VM's control socket.
+    #[arg(long)]
+    pub api_sock: PathBuf,
+    #[command(subcommand)]
+    pub request: CtlRequest,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CtlRequest {
+    /// Counters of the running VM.
+    Stats,
+    /// Invalidate a guest-physical range (page aligned; decimal or 0x-hex).
+    Invalidate {
+        #[arg(value_parser = api::parse_u64)]
+        gpa: u64,
+        #[arg(value_parser = api::parse_u64)]
+        len: u64,
+    },
+    /// O(1) teardown of every translation.
+    Teardown,
+    /// Hold every vCPU outside the guest.
+    Pause,
+    /// Undo pause; release vCPUs waiting at a payload barrier.
+    Resume,
+    /// Stop the VM.
+    Shutdown,
+    /// Send a raw JSON request.
+    Send { json: String },
+}
+
+/// Set by SIGINT/SIGTERM; the main loop turns it into a clean stop.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+fn install_signal_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+impl RunArgs {
+    pub fn config(&self) -> Result<VmConfig, String> {
+        let guest = match (&self.kernel, self.guest) {
+            (Some(k), _) => {
+                if !k.is_file() {
+                    return Err(format!("--kernel {}: no such file", k.display()));
+                }
+                if let Some(i) = &self.initrd {
+                    if !i.is_file() {
+                        return Err(format!("--initrd {}: no such file", i.display()));
+                    }
+                }
+                GuestConfig::Linux {
+                    kernel: k.clone(),
+                    initrd: self.initrd.clone(),
+                    cmdline: self.cmdline.clone(),
+                }
+            }
+            (None, Some(g)) => GuestConfig::Builtin(g),
+            (None, None) => {
+                return Err(
+                    "give --guest NAME (touch, idle, rewrite, churn) or --kernel PATH".into(),
+                )
+            }
+        };
+        Ok(VmConfig {
+            memory: self.vm.memory,
+            vcpus: self.vm.vcpus,
+            guest,
+            backing: self.vm.backing,
+            lock: self.vm.lock,
+            seed: self.seed,
+            rounds: self.rounds,
+            work_pages: self.pages,
+            console: Sink::Stdout,
+        })
+    }
+}
+
+/// Run a VM to completion, serving the control socket meanwhile.
+pub fn run_vm(
+    config: VmConfig,
+    api_sock: Option<&std::path::Path>,
+    timeout: Option<Duration>,
+) -> Result<RunReport, String> {
+    let mut vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let handle = vm.handle();
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| format!("creating the event loop: {e:?}"))?;
+    if let Some(path) = api_sock {
+        let server = ApiServer::bind(path, handle.clone())
+            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+        em.add_subscriber(Arc::new(Mutex::new(server)));
+    }
+    install_signal_handlers();
+    vm.start().map_err(|e| e.to_string())?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    while !handle.finished() {
+        if let Err(e) = em.run_with_timeout(50) {
+            log::warn!("event loop: {e:?}");
+        }
+        match SIGNAL.swap(0, Ordering::SeqCst) {
+            0 => {}
+            libc::SIGINT => handle.stop("signal SIGINT"),
+            _ => handle.stop("signal SIGTERM"),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            handle.stop(&format!(
+                "timeout after {:.1}s",
+                timeout.unwrap_or_default().as_secs_f64()
+            ));
+        }
+    }
+    Ok(vm.wait(None))
+}
+
+fn print_human(r: &RunReport) {
+    println!(
+        "guest {}: {} ({}), {} vCPUs, {} MiB {} RAM",
+        r.guest,
+        r.guest_result,
+        r.exit,
+        r.vcpus,
+        r.memory_bytes >> 20,
+        r.backing
+    );
+    println!(
+        "pages touched {}, faults tracked {} ({} payload, {} RAM), retries {}, invalidations {}, teardowns {}",
+        r.pages_touched,
+        r.faults_tracked,
+        r.payload_pages,
+        r.ram_faults,
+        r.fault_retries,
+        r.invalidations,
+        r.teardowns
+    );
+    println!("boot {:.1} ms, run {:.1} ms", r.boot_ms, r.run_ms);
+}
+
+/// `odpvm run`; returns the process exit code.
+pub fn run(args: RunArgs) -> Result<i32, String> {
+    let config = args.config()?;
+    let timeout = match args.timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            return Err(format!(
+                "--timeout {t}: must be a positive number of seconds"
+            ))
+        }
+        t => t.map(Duration::from_secs_f64),
+    };
+    let report = run_vm(config, args.api_sock.as_deref(), timeout)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).expect("report serialises")
+        );
+    } else {
+        print_human(&report);
+    }
+    let clean = matches!(report.guest_result.as_str(), "pass" | "n/a")
+        && !report.exit.contains("error")
+        && !report.exit.contains("shutdown (triple");
+    Ok(if clean { 0 } else { 1 })
+}
+
+/// `odpvm ctl`; returns the process exit code.
+pub fn ctl(args: CtlArgs) -> Result<i32, String> {
+    let req = match &args.request {
+        CtlRequest::Stats => json!({"op": "stats"}),
+        CtlRequest::Invalidate { gpa, len } => json!({"op": "invalidate", "gpa": gpa, "len": len}),
+        CtlRequest::Teardown => json!({"op": "teardown"}),
+        CtlRequest::Pause => json!({"op": "pause"}),
+        CtlRequest::Resume => json!({"op": "resume"}),
+        CtlRequest::Shutdown => json!({"op": "shutdown"}),
+        CtlRequest::Send { json } => {
+            serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?
+        }
+    };
+    let answer = api::request(&args.api_sock, &req)?;
+    println!("{answer}");
+    Ok(
+        if answer.get("ok") == Some(&serde_json::Value::Bool(true)) {
+            0
+        } else {
+            1
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_suffixes_and_fail_clearly() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").unwrap_err().contains("suffix"));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("1.5G").unwrap_err().contains("suffix"));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+    }
+}
