@@ -31,6 +31,32 @@ pub enum Command {
     Run(RunArgs),
     /// Send one request to a running VM's control socket.
     Ctl(CtlArgs),
+    /// Benchmarks (one JSON object per line with --json).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub which: BenchKind,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchKind {
+    /// Guest first-touch fault cost: mmu-tracked vs raw userfaultfd vs no
+    /// userfaultfd; start-up time and VMM RSS.
+    Faults {
+        /// Guest RAM the touch payload covers.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        memory: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: usize,
+        /// Repetitions per mode (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A size with an optional K/M/G/T suffix (powers of two).
@@ -192,6 +218,7 @@ impl RunArgs {
             rounds: self.rounds,
             work_pages: self.pages,
             console: Sink::Stdout,
+            tracking: Default::default(),
         })
     }
 }
@@ -280,6 +307,19 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         && !report.exit.contains("error")
         && !report.exit.contains("shutdown (triple");
     Ok(if clean { 0 } else { 1 })
+}
+
+/// `odpvm bench`.
+pub fn bench(args: BenchArgs) -> Result<i32, String> {
+    match args.which {
+        BenchKind::Faults {
+            memory,
+            vcpus,
+            reps,
+            json,
+        } => crate::bench::faults(memory, vcpus, reps, json)?,
+    }
+    Ok(0)
 }
 
 /// `odpvm ctl`; returns the process exit code.

@@ -63,7 +63,44 @@ impl FaultStats {
     }
 }
 
+/// How faults are resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Tracking {
+    /// Through the mmu protocol (the product).
+    #[default]
+    Mmu,
+    /// Populate and wake with no mmu at all: the benchmark baseline for
+    /// what tracking costs.
+    RawUffd,
+    /// No userfaultfd: the kernel fills pages on first touch. Nothing is
+    /// tracked and invalidation cannot work; benchmarks only.
+    None,
+}
+
+impl std::str::FromStr for Tracking {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmu" | "tracked" => Ok(Tracking::Mmu),
+            "raw-uffd" | "raw" => Ok(Tracking::RawUffd),
+            "none" | "no-uffd" => Ok(Tracking::None),
+            _ => Err(format!("unknown tracking {s:?} (mmu, raw-uffd, none)")),
+        }
+    }
+}
+
+impl Tracking {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tracking::Mmu => "mmu",
+            Tracking::RawUffd => "raw-uffd",
+            Tracking::None => "none",
+        }
+    }
+}
+
 struct Handler {
+    tracking: Tracking,
     uffd: Arc<Userfault>,
     ram: Arc<GuestRam>,
     mmu: Arc<Mmu>,
@@ -85,6 +122,26 @@ enum Step {
 impl Handler {
     fn handle(&mut self, addr: u64) -> Step {
         let page = addr & !(self.page_size - 1);
+        if self.tracking == Tracking::RawUffd {
+            let at = match self.ram.find_hva(page) {
+                Some(HvaHit::Current { index, gpa, .. }) => Some((index, gpa)),
+                _ => None,
+            };
+            return match self.fill(at, page) {
+                Fill::Again => Step::Defer,
+                _ => {
+                    self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .pages
+                        .fetch_add(self.page_size / crate::layout::PAGE, Ordering::Relaxed);
+                    if let Some((index, _)) = at {
+                        self.stats.per_region[index].fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.uffd.wake(page, self.page_size);
+                    Step::Done
+                }
+            };
+        }
         for _ in 0..INLINE_RETRIES {
             match self.ram.find_hva(page) {
                 None => {
@@ -293,7 +350,15 @@ pub struct FaultThread {
 }
 
 impl FaultThread {
+    /// Counters for a VM with no fault thread (`Tracking::None`).
+    pub fn idle_stats(regions: usize) -> Arc<FaultStats> {
+        Arc::new(FaultStats::new(regions))
+    }
+}
+
+impl FaultThread {
     pub fn spawn(
+        tracking: Tracking,
         uffd: Arc<Userfault>,
         ram: Arc<GuestRam>,
         mmu: Arc<Mmu>,
@@ -302,6 +367,7 @@ impl FaultThread {
         let stats = Arc::new(FaultStats::new(ram.regions().len()));
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
         let handler = Handler {
+            tracking,
             uffd,
             zeros: if page_size == crate::layout::HUGE {
                 vec![0; page_size as usize]

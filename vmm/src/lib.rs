@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod bench;
 pub mod cli;
 pub mod devices;
 pub mod fault;

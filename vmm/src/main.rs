@@ -9,6 +9,7 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => cli::run(args),
         Command::Ctl(args) => cli::ctl(args),
+        Command::Bench(args) => cli::bench(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -133,7 +133,9 @@ pub enum HvaHit {
 
 pub struct GuestRam {
     backing: Backing,
-    uffd: Arc<Userfault>,
+    /// None: memory is not registered (the kernel fills it on first touch;
+    /// a benchmark baseline with no fault tracking at all).
+    uffd: Option<Arc<Userfault>>,
     regions: RwLock<Vec<Region>>,
     memory: RwLock<Arc<GuestMemoryMmap>>,
 }
@@ -180,13 +182,31 @@ impl GuestRam {
     /// Map and register every region. Nothing is populated.
     pub fn new(
         backing: Backing,
-        uffd: Arc<Userfault>,
+        uffd: Option<Arc<Userfault>>,
         layout: Vec<(String, u64, u64, Content)>,
     ) -> Result<Self, MemoryError> {
         let mut regions = Vec::new();
         for (name, gpa, size, content) in layout {
             let current = map(backing, &name, size)?;
-            uffd.register(current.as_ptr() as u64, size)?;
+            match &uffd {
+                Some(u) => u.register(current.as_ptr() as u64, size)?,
+                None => {
+                    // Nobody serves faults: write initial content now.
+                    if let Content::Image(img) = &content {
+                        for (page, bytes) in img.pages() {
+                            // SAFETY: the page lies inside the fresh mapping
+                            // of this region (the image fits its region).
+                            unsafe {
+                                std::ptr::copy_nonoverlapping(
+                                    bytes.as_ptr(),
+                                    current.as_ptr().add((page - gpa) as usize),
+                                    bytes.len(),
+                                )
+                            };
+                        }
+                    }
+                }
+            }
             regions.push(Region {
                 name,
                 gpa,
@@ -327,13 +347,17 @@ impl GuestRam {
             (r.name.clone(), r.size)
         };
         let fresh = map(self.backing, &name, size)?;
-        self.uffd.register(fresh.as_ptr() as u64, size)?;
+        if let Some(u) = &self.uffd {
+            u.register(fresh.as_ptr() as u64, size)?;
+        }
         let mut regions = self.regions.write();
         let r = &mut regions[index];
         let old = std::mem::replace(&mut r.current, fresh);
         // Nothing may fault on the old mapping any more; unregistering
         // also keeps reclaim's MADV_DONTNEED from queueing REMOVE events.
-        self.uffd.unregister(old.as_ptr() as u64, size);
+        if let Some(u) = &self.uffd {
+            u.unregister(old.as_ptr() as u64, size);
+        }
         r.retired.push(Retired {
             mapping: old,
             generation,

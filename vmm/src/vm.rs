@@ -6,7 +6,7 @@
 use crate::devices::serial::{SerialPort, Sink, COM1_IRQ};
 use crate::devices::testdev::{Barrier, TestDevice, VcpuReport};
 use crate::devices::Devices;
-use crate::fault::{FaultStats, FaultThread};
+use crate::fault::{FaultStats, FaultThread, Tracking};
 use crate::kvm_mirror::{KvmMirror, Slot};
 use crate::layout::*;
 use crate::memory::{Backing, Content, GuestRam, MemoryError};
@@ -76,6 +76,8 @@ pub struct VmConfig {
     pub work_pages: Option<u64>,
     /// Guest console output.
     pub console: Sink,
+    /// How faults are resolved (anything but `Mmu` is a benchmark baseline).
+    pub tracking: Tracking,
 }
 
 impl Default for VmConfig {
@@ -90,6 +92,7 @@ impl Default for VmConfig {
             rounds: 1,
             work_pages: None,
             console: Sink::Stdout,
+            tracking: Tracking::Mmu,
         }
     }
 }
@@ -142,6 +145,8 @@ pub struct Core {
     ends: Mutex<Vec<Option<VcpuEnd>>>,
     done: Condvar,
     stop_reason: Mutex<Option<String>>,
+    /// When `Vm::new` was called.
+    created: Instant,
     started: Instant,
 }
 
@@ -214,7 +219,10 @@ impl Vm {
             }
         }
 
-        let uffd = Arc::new(Userfault::new()?);
+        let uffd = match config.tracking {
+            Tracking::None => None,
+            _ => Some(Arc::new(Userfault::new()?)),
+        };
         let ram = Arc::new(GuestRam::new(config.backing, uffd.clone(), layout)?);
         let mmu = Mmu::new(mmu::Config {
             lock: config.lock,
@@ -235,12 +243,19 @@ impl Vm {
                 ram_index: i,
             });
         }
-        let fault_thread =
-            FaultThread::spawn(uffd, ram.clone(), mmu.clone()).map_err(|source| Error::Io {
-                what: "starting the fault thread",
-                source,
-            })?;
+        let fault_thread = match uffd {
+            Some(uffd) => Some(
+                FaultThread::spawn(config.tracking, uffd, ram.clone(), mmu.clone()).map_err(
+                    |source| Error::Io {
+                        what: "starting the fault thread",
+                        source,
+                    },
+                )?,
+            ),
+            None => None,
+        };
         let gate = Arc::new(RunGate::default());
+        let slots_len = slots.len();
         let mirror = Arc::new(KvmMirror::new(
             ram.clone(),
             kvm.clone(),
@@ -297,7 +312,10 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
 
         let core = Arc::new(Core {
-            faults: fault_thread.stats.clone(),
+            faults: fault_thread
+                .as_ref()
+                .map(|f| f.stats.clone())
+                .unwrap_or_else(|| FaultThread::idle_stats(slots_len)),
             mmu,
             ram,
             kvm,
@@ -308,13 +326,14 @@ impl Vm {
             done: Condvar::new(),
             stop_reason: Mutex::new(None),
             config,
+            created: t0,
             started: Instant::now(),
         });
         Ok(Vm {
             core,
             vcpus,
             threads: Vec::new(),
-            fault_thread: Some(fault_thread),
+            fault_thread,
             mirror_id,
             boot_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
@@ -457,6 +476,15 @@ impl VmHandle {
     /// Whether every vCPU has ended.
     pub fn finished(&self) -> bool {
         self.0.all_ended()
+    }
+
+    /// Time from `Vm::new` to the guest's first device command.
+    pub fn ready_after(&self) -> Option<Duration> {
+        self.0
+            .devices
+            .testdev
+            .first_command()
+            .map(|t| t.duration_since(self.0.created))
     }
 
     pub fn running(&self) -> bool {

@@ -68,6 +68,11 @@ impl BootImage {
         self.pages.get(&gpa).map(|b| &**b)
     }
 
+    /// Every page with content, in address order.
+    pub fn pages(&self) -> impl Iterator<Item = (u64, &[u8; PAGE as usize])> {
+        self.pages.iter().map(|(k, v)| (*k, &**v))
+    }
+
     /// Pages with non-zero content.
     pub fn len(&self) -> usize {
         self.pages.len()

@@ -92,6 +92,8 @@ impl Barrier {
 }
 
 pub struct TestDevice {
+    /// When the first command arrived (the guest is running its code).
+    first_command: std::sync::OnceLock<std::time::Instant>,
     args: Vec<Mutex<Vec<u32>>>,
     pub barrier: Barrier,
     protocol_errors: AtomicU64,
@@ -100,6 +102,7 @@ pub struct TestDevice {
 impl TestDevice {
     pub fn new(vcpus: usize) -> Self {
         TestDevice {
+            first_command: std::sync::OnceLock::new(),
             args: (0..vcpus)
                 .map(|_| Mutex::new(Vec::with_capacity(MAX_ARGS)))
                 .collect(),
@@ -117,6 +120,9 @@ impl TestDevice {
             return Outcome::Continue;
         };
         let value = u32::from_le_bytes(bytes);
+        if offset == CMD {
+            self.first_command.get_or_init(std::time::Instant::now);
+        }
         let mut args = self.args[vcpu].lock();
         match offset {
             ARG if args.len() < MAX_ARGS => args.push(value),
@@ -161,6 +167,11 @@ impl TestDevice {
         if n < 10 {
             log::warn!("test device: vCPU {vcpu}: {what}");
         }
+    }
+
+    /// When the guest first reached the device, if it has.
+    pub fn first_command(&self) -> Option<std::time::Instant> {
+        self.first_command.get().copied()
     }
 
     pub fn protocol_errors(&self) -> u64 {
