@@ -486,3 +486,43 @@ fn direct_resolver_installs_the_region_mapping() {
         .unwrap();
     assert_eq!(m.lookup(MIB + PAGE_SIZE).unwrap().hva, 0x5010_1000);
 }
+
+#[test]
+fn translate_range_stops_at_the_first_hole() {
+    let m = mmu();
+    region(&m, 0, 4 * MIB, 0x1000_0000);
+    fault(&m, 0, 3);
+    let t = m.read_begin(0, 8 * PAGE_SIZE).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(
+        m.translate_range(&t, 0, 8 * PAGE_SIZE, &mut out),
+        Ok(Some(3 * PAGE_SIZE))
+    );
+    assert_eq!(
+        out,
+        vec![(0, 0x1000_0000), (4096, 0x1000_1000), (8192, 0x1000_2000)]
+    );
+    m.invalidate(0, PAGE_SIZE).unwrap();
+    assert_eq!(
+        m.translate_range(&t, 0, PAGE_SIZE, &mut out),
+        Err(Error::Stale)
+    );
+    // A teardown flags readers of its range as such.
+    let (etx, erx) = mpsc::sync_channel(1);
+    let (rtx, rrx) = mpsc::channel();
+    m.register_mirror(Arc::new(Gate {
+        entered: etx,
+        release: Mutex::new(rrx),
+    }));
+    let td = {
+        let m = m.clone();
+        std::thread::spawn(move || m.teardown_all().unwrap())
+    };
+    erx.recv().unwrap();
+    assert!(matches!(
+        m.try_read_begin(0, PAGE_SIZE),
+        Err(Error::Busy { teardown: true, .. })
+    ));
+    rtx.send(()).unwrap();
+    td.join().unwrap();
+}

@@ -691,6 +691,42 @@ impl Mmu {
         Ok(st.regions[ri].lookup(gpa))
     }
 
+    /// The current translations of `[gpa, end)` (inside the ticket's range)
+    /// in one lock hold, appended to `out` as (page, host address) pairs
+    /// until the first page with no translation, whose address is
+    /// returned (None: all present). `Err(Stale)` if the ticket is stale.
+    /// At most `install_batch` pages per call.
+    pub fn translate_range(
+        &self,
+        t: &Ticket,
+        gpa: u64,
+        end: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> Result<Option<u64>, Error> {
+        if gpa < t.gpa || end > t.end() || gpa > end {
+            return Err(Error::OutsideTicket {
+                gpa,
+                start: t.gpa,
+                end: t.end(),
+            });
+        }
+        let end = end.min(gpa + self.config.install_batch as u64 * PAGE_SIZE);
+        let st = self.lock(Hold::Fault);
+        if st.collides(t) {
+            return Err(Error::Stale);
+        }
+        let ri = st.region_by_id(t.region).map_err(|_| Error::Stale)?;
+        let mut page = gpa & !(PAGE_SIZE - 1);
+        while page < end {
+            match st.regions[ri].lookup(page) {
+                Some(tr) => out.push((page, tr.hva + (page - tr.gpa))),
+                None => return Ok(Some(page)),
+            }
+            page += PAGE_SIZE;
+        }
+        Ok(None)
+    }
+
     /// Record translations resolved under ticket `t`. Fails with
     /// `Err(Stale)` — installing nothing more — as soon as an overlapping
     /// invalidation has started since `t` was taken; what was written in

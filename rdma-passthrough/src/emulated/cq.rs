@@ -1,0 +1,109 @@
+//! Completion queues.
+
+use crate::verbs::Wc;
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) struct CqState {
+    q: Mutex<VecDeque<Wc>>,
+    depth: usize,
+    /// Completions dropped because the CQ was full (a CQ overrun).
+    pub(crate) overruns: AtomicU64,
+    waiters: AtomicUsize,
+    cv: Condvar,
+}
+
+impl CqState {
+    pub(crate) fn push(&self, wc: Wc) {
+        {
+            let mut q = self.q.lock();
+            if q.len() >= self.depth {
+                self.overruns.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            q.push_back(wc);
+        }
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.q.lock();
+            self.cv.notify_all();
+        }
+    }
+}
+
+/// A completion queue handle.
+#[derive(Clone)]
+pub struct Cq(Arc<CqState>);
+
+impl Cq {
+    pub(crate) fn new(depth: usize) -> Cq {
+        Cq(Arc::new(CqState {
+            q: Mutex::new(VecDeque::with_capacity(depth.min(1 << 16))),
+            depth: depth.max(1),
+            overruns: AtomicU64::new(0),
+            waiters: AtomicUsize::new(0),
+            cv: Condvar::new(),
+        }))
+    }
+
+    pub(crate) fn state(&self) -> Arc<CqState> {
+        self.0.clone()
+    }
+
+    /// `ibv_poll_cq`: move up to `out.len()` completions into `out`.
+    pub fn poll(&self, out: &mut [Wc]) -> usize {
+        let mut q = self.0.q.lock();
+        let n = out.len().min(q.len());
+        for slot in out.iter_mut().take(n) {
+            *slot = q.pop_front().expect("length checked");
+        }
+        n
+    }
+
+    /// Wait for `n` completions (poll for `spin`, then sleep), at most
+    /// until `timeout`. Returns what arrived.
+    pub fn wait(&self, n: usize, spin: Duration, timeout: Duration) -> Vec<Wc> {
+        let start = Instant::now();
+        let mut out = Vec::with_capacity(n);
+        loop {
+            {
+                let mut q = self.0.q.lock();
+                while out.len() < n {
+                    match q.pop_front() {
+                        Some(wc) => out.push(wc),
+                        None => break,
+                    }
+                }
+            }
+            if out.len() >= n {
+                return out;
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                return out;
+            }
+            if elapsed < spin {
+                std::hint::spin_loop();
+                continue;
+            }
+            self.0.waiters.fetch_add(1, Ordering::SeqCst);
+            {
+                let mut q = self.0.q.lock();
+                if q.is_empty() {
+                    let left = timeout.saturating_sub(start.elapsed());
+                    self.0
+                        .cv
+                        .wait_for(&mut q, left.min(Duration::from_millis(10)));
+                }
+            }
+            self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Completions dropped because the CQ was full.
+    pub fn overruns(&self) -> u64 {
+        self.0.overruns.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,634 @@
+//! The device thread: executes commands, then WQEs a chunk at a time,
+//! round-robin over queue pairs. Because one thread does both, an
+//! invalidation command is executed only between chunks of DMA: when the
+//! device confirms it, no access through the zapped pages is in flight.
+
+use super::mr::MrState;
+use super::{Command, FaultRequest, QpState, Shared};
+use crate::verbs::*;
+use mmu::PAGE_SIZE;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A validated piece of a WQE's data: `len` bytes at `addr` in `mr`.
+struct Seg {
+    mr: Arc<MrState>,
+    addr: u64,
+    len: u64,
+}
+
+/// A WQE being executed.
+struct Active {
+    wr: SendWr,
+    /// Data flows from `src` to `dst`; both cover `total` bytes.
+    src: Vec<Seg>,
+    dst: Vec<Seg>,
+    /// Which side lives on the peer (for error codes and fault blame).
+    src_remote: bool,
+    total: u64,
+    done: u64,
+    /// SEND: the receive it consumes, and the peer.
+    recv: Option<RecvWr>,
+    peer: Option<Arc<QpState>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    None,
+    /// Stalled on a device page fault on `page` of MR `mr`.
+    Fault {
+        mr: u32,
+        page: u64,
+        remote: bool,
+    },
+    /// Receiver not ready: retry at `until`.
+    Rnr {
+        until: Instant,
+    },
+}
+
+struct QpRun {
+    qp: Arc<QpState>,
+    active: Option<Active>,
+    wait: Wait,
+    rnr_tries: u8,
+}
+
+struct Engine {
+    shared: Arc<Shared>,
+    runs: Vec<QpRun>,
+    epoch: u64,
+    /// Faults queued and not yet done: (mr, start, end).
+    inflight: Vec<(u32, u64, u64)>,
+}
+
+pub(crate) fn run(shared: Arc<Shared>) {
+    let mut e = Engine {
+        shared,
+        runs: Vec::new(),
+        epoch: u64::MAX,
+        inflight: Vec::new(),
+    };
+    let mut last_work = Instant::now();
+    loop {
+        if e.shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let seen = e.shared.doorbell();
+        e.sync_qps();
+        let mut worked = e.commands();
+        for i in 0..e.runs.len() {
+            worked |= e.step(i);
+        }
+        let now = Instant::now();
+        if worked {
+            last_work = now;
+            continue;
+        }
+        if now.duration_since(last_work) < e.shared.config.poll {
+            std::hint::spin_loop();
+            continue;
+        }
+        let timer = e
+            .runs
+            .iter()
+            .filter_map(|r| match r.wait {
+                Wait::Rnr { until } => Some(until.saturating_duration_since(now)),
+                _ => None,
+            })
+            .min();
+        if e.shared.may_sleep(seen) {
+            std::thread::park_timeout(timer.unwrap_or(Duration::from_millis(100)));
+            e.shared.woke();
+            last_work = Instant::now();
+        }
+    }
+}
+
+/// Which segment byte `done` of the data falls in, and where in it.
+fn locate(segs: &[Seg], done: u64) -> (usize, u64) {
+    let mut left = done;
+    for (i, s) in segs.iter().enumerate() {
+        if left < s.len {
+            return (i, left);
+        }
+        left -= s.len;
+    }
+    (segs.len(), 0)
+}
+
+fn wc(wr_id: u64, status: WcStatus, opcode: WcOpcode, byte_len: u64, qpn: u32) -> Wc {
+    Wc {
+        wr_id,
+        status,
+        opcode,
+        byte_len: byte_len.min(u64::from(u32::MAX)) as u32,
+        qp_num: qpn,
+    }
+}
+
+fn wc_opcode(op: &Opcode) -> WcOpcode {
+    match op {
+        Opcode::Send => WcOpcode::Send,
+        Opcode::RdmaWrite { .. } => WcOpcode::RdmaWrite,
+        Opcode::RdmaRead { .. } => WcOpcode::RdmaRead,
+    }
+}
+
+impl Engine {
+    fn sync_qps(&mut self) {
+        let epoch = self.shared.qp_epoch.load(Ordering::SeqCst);
+        if epoch == self.epoch {
+            return;
+        }
+        self.epoch = epoch;
+        let qps = self.shared.qps.read();
+        self.runs.retain(|r| qps.contains_key(&r.qp.qpn));
+        for (qpn, qp) in qps.iter() {
+            if !self.runs.iter().any(|r| r.qp.qpn == *qpn) {
+                self.runs.push(QpRun {
+                    qp: qp.clone(),
+                    active: None,
+                    wait: Wait::None,
+                    rnr_tries: 0,
+                });
+            }
+        }
+    }
+
+    fn commands(&mut self) -> bool {
+        let batch: Vec<Command> = self.shared.commands.lock().drain(..).collect();
+        let worked = !batch.is_empty();
+        for cmd in batch {
+            match cmd {
+                Command::Invalidate {
+                    mr,
+                    start,
+                    end,
+                    done,
+                } => {
+                    if self.shared.ignore_invalidations.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    mr.zap(start, end);
+                    self.shared
+                        .stats
+                        .invalidations
+                        .fetch_add(1, Ordering::Relaxed);
+                    done.signal();
+                }
+                Command::Generation { mr, done } => {
+                    if self.shared.ignore_invalidations.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    mr.zap_all();
+                    self.shared
+                        .stats
+                        .generations
+                        .fetch_add(1, Ordering::Relaxed);
+                    done.signal();
+                }
+                Command::FaultDone { mr, start, end, ok } => self.fault_done(mr, start, end, ok),
+                Command::Dereg { mr, done } => {
+                    self.inflight.retain(|f| f.0 != mr);
+                    done.signal();
+                }
+            }
+        }
+        worked
+    }
+
+    fn fault_done(&mut self, key: u32, start: u64, end: u64, ok: bool) {
+        self.inflight.retain(|f| *f != (key, start, end));
+        for i in 0..self.runs.len() {
+            if let Wait::Fault { mr, page, remote } = self.runs[i].wait {
+                if mr == key && page >= start && page < end {
+                    self.runs[i].wait = Wait::None;
+                    if !ok {
+                        let status = if remote {
+                            WcStatus::RemAccessErr
+                        } else {
+                            WcStatus::LocProtErr
+                        };
+                        self.fail(i, status);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Look up a local SGE list in `pd`, needing `write` access.
+    fn local_segs(&self, pd: u32, sges: &[Sge], write: bool) -> Result<(Vec<Seg>, u64), ()> {
+        let mrs = self.shared.mrs.read();
+        let mut out = Vec::with_capacity(sges.len());
+        let mut total = 0u64;
+        for s in sges {
+            let len = u64::from(s.length);
+            let mr = mrs.get(&s.lkey).ok_or(())?;
+            if mr.pd != pd || !mr.live() || (write && !mr.access.contains(Access::LOCAL_WRITE)) {
+                return Err(());
+            }
+            if !mr.contains(s.addr, len) {
+                return Err(());
+            }
+            total += len;
+            if len > 0 {
+                out.push(Seg {
+                    mr: mr.clone(),
+                    addr: s.addr,
+                    len,
+                });
+            }
+        }
+        Ok((out, total))
+    }
+
+    fn remote_seg(
+        &self,
+        pd: u32,
+        addr: u64,
+        rkey: u32,
+        len: u64,
+        need: Access,
+    ) -> Result<Vec<Seg>, ()> {
+        let mrs = self.shared.mrs.read();
+        let mr = mrs.get(&rkey).ok_or(())?;
+        if mr.pd != pd || !mr.live() || !mr.access.contains(need) || !mr.contains(addr, len) {
+            return Err(());
+        }
+        Ok(if len == 0 {
+            Vec::new()
+        } else {
+            vec![Seg {
+                mr: mr.clone(),
+                addr,
+                len,
+            }]
+        })
+    }
+
+    fn peer(&self, qp: &QpState) -> Option<Arc<QpState>> {
+        let qpn = qp.remote.load(Ordering::Acquire);
+        if qpn == 0 {
+            return None;
+        }
+        self.shared
+            .qps
+            .read()
+            .get(&qpn)
+            .filter(|p| !p.destroyed.load(Ordering::Acquire))
+            .cloned()
+    }
+
+    /// Validate a new WQE into an `Active`, or the status to fail it with.
+    fn prepare(&self, qp: &QpState, wr: SendWr) -> Result<Active, (SendWr, WcStatus)> {
+        let Some(peer) = self.peer(qp) else {
+            return Err((wr, WcStatus::RetryExcErr));
+        };
+        if peer.error.load(Ordering::Acquire) {
+            return Err((wr, WcStatus::RemOpErr));
+        }
+        let read = matches!(wr.opcode, Opcode::RdmaRead { .. });
+        let (local, total) = match self.local_segs(qp.pd, &wr.sges, read) {
+            Ok(x) => x,
+            Err(()) => return Err((wr, WcStatus::LocProtErr)),
+        };
+        let (src, dst, src_remote) = match wr.opcode {
+            Opcode::RdmaWrite { remote_addr, rkey } => {
+                match self.remote_seg(peer.pd, remote_addr, rkey, total, Access::REMOTE_WRITE) {
+                    Ok(r) => (local, r, false),
+                    Err(()) => return Err((wr, WcStatus::RemAccessErr)),
+                }
+            }
+            Opcode::RdmaRead { remote_addr, rkey } => {
+                match self.remote_seg(peer.pd, remote_addr, rkey, total, Access::REMOTE_READ) {
+                    Ok(r) => (r, local, true),
+                    Err(()) => return Err((wr, WcStatus::RemAccessErr)),
+                }
+            }
+            // The destination is the peer's receive, taken when it exists.
+            Opcode::Send => (local, Vec::new(), false),
+        };
+        Ok(Active {
+            wr,
+            src,
+            dst,
+            src_remote,
+            total,
+            done: 0,
+            recv: None,
+            peer: Some(peer),
+        })
+    }
+
+    /// Complete run `i`'s active WQE (or `wr` if given) with an error; the
+    /// QP enters the error state.
+    fn fail(&mut self, i: usize, status: WcStatus) {
+        let run = &mut self.runs[i];
+        if let Some(a) = run.active.take() {
+            run.qp.send_cq.push(wc(
+                a.wr.wr_id,
+                status,
+                wc_opcode(&a.wr.opcode),
+                0,
+                run.qp.qpn,
+            ));
+            if let (Some(recv), Some(peer)) = (a.recv, a.peer) {
+                // The peer's receive was consumed: it completes with an error too.
+                peer.recv_cq.push(wc(
+                    recv.wr_id,
+                    WcStatus::WrFlushErr,
+                    WcOpcode::Recv,
+                    0,
+                    peer.qpn,
+                ));
+            }
+        }
+        run.qp.error.store(true, Ordering::Release);
+        run.wait = Wait::None;
+        self.shared.stats.wc_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Flush everything queued on an errored QP.
+    fn flush(&mut self, i: usize) -> bool {
+        let qp = self.runs[i].qp.clone();
+        let mut worked = false;
+        if self.runs[i].active.is_some() {
+            self.fail(i, WcStatus::WrFlushErr);
+            worked = true;
+        }
+        let sq: Vec<SendWr> = qp.sq.lock().drain(..).collect();
+        for wr in sq {
+            qp.send_cq.push(wc(
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                wc_opcode(&wr.opcode),
+                0,
+                qp.qpn,
+            ));
+            worked = true;
+        }
+        let rq: Vec<RecvWr> = qp.rq.lock().drain(..).collect();
+        for wr in rq {
+            qp.recv_cq.push(wc(
+                wr.wr_id,
+                WcStatus::WrFlushErr,
+                WcOpcode::Recv,
+                0,
+                qp.qpn,
+            ));
+            worked = true;
+        }
+        worked
+    }
+
+    /// Queue a device fault for `seg` at `iova` unless one covering it is
+    /// already in flight; stall run `i` on it.
+    fn fault(
+        &mut self,
+        i: usize,
+        seg_mr: &Arc<MrState>,
+        seg_end: u64,
+        iova: u64,
+        write: bool,
+        remote: bool,
+    ) {
+        let page = iova & !(PAGE_SIZE - 1);
+        let key = seg_mr.key;
+        if !self
+            .inflight
+            .iter()
+            .any(|&(k, s, e)| k == key && page >= s && page < e)
+        {
+            let limit = page + self.shared.config.max_fault_pages * PAGE_SIZE;
+            let end = seg_end
+                .next_multiple_of(PAGE_SIZE)
+                .min(limit)
+                .max(page + PAGE_SIZE);
+            self.inflight.push((key, page, end));
+            self.shared
+                .stats
+                .device_faults
+                .fetch_add(1, Ordering::Relaxed);
+            self.shared.queue_fault(FaultRequest {
+                mr: seg_mr.clone(),
+                start: page,
+                end,
+                write,
+            });
+        }
+        self.runs[i].wait = Wait::Fault {
+            mr: key,
+            page,
+            remote,
+        };
+    }
+
+    /// Advance run `i` by at most one chunk. True if anything happened.
+    fn step(&mut self, i: usize) -> bool {
+        let qp = self.runs[i].qp.clone();
+        if qp.destroyed.load(Ordering::Acquire) {
+            return false;
+        }
+        if qp.error.load(Ordering::Acquire) {
+            return self.flush(i);
+        }
+        match self.runs[i].wait {
+            Wait::Fault { .. } => return false,
+            Wait::Rnr { until } if Instant::now() < until => return false,
+            _ => self.runs[i].wait = Wait::None,
+        }
+        if self.runs[i].active.is_none() {
+            let Some(wr) = qp.sq.lock().pop_front() else {
+                return false;
+            };
+            match self.prepare(&qp, wr) {
+                Ok(a) => self.runs[i].active = Some(a),
+                Err((wr, status)) => {
+                    self.runs[i].active = Some(Active {
+                        wr,
+                        src: Vec::new(),
+                        dst: Vec::new(),
+                        src_remote: false,
+                        total: 0,
+                        done: 0,
+                        recv: None,
+                        peer: None,
+                    });
+                    self.fail(i, status);
+                    return true;
+                }
+            }
+        }
+        // SEND needs a receive at the peer.
+        let needs_recv = {
+            let a = self.runs[i].active.as_ref().expect("set above");
+            matches!(a.wr.opcode, Opcode::Send) && a.recv.is_none()
+        };
+        if needs_recv && !self.take_recv(i) {
+            return true;
+        }
+        self.move_data(i)
+    }
+
+    /// Pop the peer's next receive for run `i`'s SEND and validate it.
+    /// False if the WQE ended (error) or must wait (RNR).
+    fn take_recv(&mut self, i: usize) -> bool {
+        let (peer, total) = {
+            let a = self.runs[i].active.as_ref().expect("active");
+            (a.peer.clone().expect("SEND has a peer"), a.total)
+        };
+        let Some(recv) = peer.rq.lock().pop_front() else {
+            let rnr_retry = self.runs[i].qp.caps.rnr_retry;
+            let run = &mut self.runs[i];
+            run.rnr_tries = run.rnr_tries.saturating_add(1);
+            self.shared.stats.rnr_waits.fetch_add(1, Ordering::Relaxed);
+            if rnr_retry != 7 && run.rnr_tries > rnr_retry {
+                run.rnr_tries = 0;
+                self.fail(i, WcStatus::RnrRetryExcErr);
+            } else {
+                run.wait = Wait::Rnr {
+                    until: Instant::now() + self.shared.config.rnr_timer,
+                };
+            }
+            return false;
+        };
+        self.runs[i].rnr_tries = 0;
+        let checked = self.local_segs(peer.pd, &recv.sges, true);
+        let a = self.runs[i].active.as_mut().expect("active");
+        match checked {
+            Ok((segs, cap)) if cap >= total => {
+                a.dst = segs;
+                a.recv = Some(recv);
+                true
+            }
+            other => {
+                let (responder, requester) = match other {
+                    Ok(_) => (WcStatus::LocLenErr, WcStatus::RemInvReqErr),
+                    Err(()) => (WcStatus::LocProtErr, WcStatus::RemOpErr),
+                };
+                peer.recv_cq
+                    .push(wc(recv.wr_id, responder, WcOpcode::Recv, 0, peer.qpn));
+                peer.error.store(true, Ordering::Release);
+                self.fail(i, requester);
+                false
+            }
+        }
+    }
+
+    fn move_data(&mut self, i: usize) -> bool {
+        let chunk = self.shared.config.chunk_bytes;
+        let mut moved = 0u64;
+        let (mut si, mut so, mut di, mut doff) = {
+            let a = self.runs[i].active.as_ref().expect("active");
+            let (si, so) = locate(&a.src, a.done);
+            let (di, doff) = locate(&a.dst, a.done);
+            (si, so, di, doff)
+        };
+        loop {
+            let a = self.runs[i].active.as_ref().expect("active");
+            if a.done >= a.total || moved >= chunk {
+                break;
+            }
+            let (s, d) = (&a.src[si], &a.dst[di]);
+            let (siova, diova) = (s.addr + so, d.addr + doff);
+            let n = (s.len - so)
+                .min(d.len - doff)
+                .min(PAGE_SIZE - (siova & (PAGE_SIZE - 1)))
+                .min(PAGE_SIZE - (diova & (PAGE_SIZE - 1)))
+                .min(chunk - moved);
+            let src_remote = a.src_remote;
+            if !s.mr.live() {
+                self.fail(
+                    i,
+                    if src_remote {
+                        WcStatus::RemAccessErr
+                    } else {
+                        WcStatus::LocProtErr
+                    },
+                );
+                return true;
+            }
+            if !d.mr.live() {
+                self.fail(
+                    i,
+                    if src_remote {
+                        WcStatus::LocProtErr
+                    } else {
+                        WcStatus::RemAccessErr
+                    },
+                );
+                return true;
+            }
+            let Some(src_page) = s.mr.lookup(siova) else {
+                let (mr, end) = (s.mr.clone(), s.addr + s.len);
+                self.fault(i, &mr, end, siova, false, src_remote);
+                return moved > 0;
+            };
+            let Some(dst_page) = d.mr.lookup(diova) else {
+                let (mr, end) = (d.mr.clone(), d.addr + d.len);
+                self.fault(i, &mr, end, diova, true, !src_remote);
+                return moved > 0;
+            };
+            let src = src_page + (siova & (PAGE_SIZE - 1));
+            let dst = dst_page + (diova & (PAGE_SIZE - 1));
+            // SAFETY: both addresses come from the device page tables of
+            // MRs whose bounds, keys and rights were checked; the mmu
+            // resolved them to mapped host pages of the MR's address space,
+            // which stay mapped while translated (invalidations zap them
+            // from this thread, between chunks). `n` stays within both
+            // pages. The ranges may overlap (loopback), hence `copy`.
+            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, n as usize) };
+            moved += n;
+            so += n;
+            doff += n;
+            let a = self.runs[i].active.as_mut().expect("active");
+            a.done += n;
+            if so == a.src[si].len {
+                si += 1;
+                so = 0;
+            }
+            if doff == a.dst[di].len {
+                di += 1;
+                doff = 0;
+            }
+        }
+        self.shared
+            .stats
+            .bytes_moved
+            .fetch_add(moved, Ordering::Relaxed);
+        let done = {
+            let a = self.runs[i].active.as_ref().expect("active");
+            a.done >= a.total
+        };
+        if done {
+            self.complete(i);
+        }
+        true
+    }
+
+    fn complete(&mut self, i: usize) {
+        let run = &mut self.runs[i];
+        let a = run.active.take().expect("active");
+        if a.wr.signaled {
+            run.qp.send_cq.push(wc(
+                a.wr.wr_id,
+                WcStatus::Success,
+                wc_opcode(&a.wr.opcode),
+                a.total,
+                run.qp.qpn,
+            ));
+        }
+        if let (Some(recv), Some(peer)) = (a.recv, a.peer) {
+            peer.recv_cq.push(wc(
+                recv.wr_id,
+                WcStatus::Success,
+                WcOpcode::Recv,
+                a.total,
+                peer.qpn,
+            ));
+        }
+        self.shared.stats.wqes.fetch_add(1, Ordering::Relaxed);
+    }
+}
