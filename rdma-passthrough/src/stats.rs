@@ -47,6 +47,12 @@ pub struct RnicStatsSnapshot {
 }
 
 impl RnicStats {
+    /// Clear the histograms (counters keep counting).
+    pub fn reset_histograms(&self) {
+        self.invalidate_rtt_ns.reset();
+        self.fault_ns.reset();
+    }
+
     pub fn snapshot(&self) -> RnicStatsSnapshot {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RnicStatsSnapshot {

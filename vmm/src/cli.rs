@@ -57,6 +57,21 @@ pub enum BenchKind {
         #[arg(long)]
         json: bool,
     },
+    /// Emulated RNIC: write bandwidth vs memcpy, invalidation round trip,
+    /// KVM + RNIC fan-out, ODP vs re-registration vs bounce copies.
+    Rnic {
+        /// Bytes per bandwidth measurement.
+        #[arg(long, default_value = "2G", value_parser = parse_size)]
+        total: u64,
+        /// Memory budget of the ODP comparison (working set = 4x).
+        #[arg(long, default_value = "16M", value_parser = parse_size)]
+        budget: u64,
+        /// Message size.
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        msg: u64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A size with an optional K/M/G/T suffix (powers of two).
@@ -318,6 +333,25 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             reps,
             json,
         } => crate::bench::faults(memory, vcpus, reps, json)?,
+        BenchKind::Rnic {
+            total,
+            budget,
+            msg,
+            json,
+        } => {
+            if msg == 0 || msg > (1 << 30) || total < msg || budget < msg || budget % msg != 0 {
+                return Err(
+                    "--msg must be 1..1G and divide --budget; --total at least --msg".into(),
+                );
+            }
+            crate::bench::rnic(&crate::bench::RnicBench {
+                msg,
+                total,
+                budget,
+                json,
+                ..Default::default()
+            })?
+        }
     }
     Ok(0)
 }

@@ -46,6 +46,8 @@ pub struct FaultStats {
     /// Faults that could not be resolved properly (logged; the faulting
     /// thread was woken anyway).
     pub errors: AtomicU64,
+    /// Pages made present for devices (the RNIC's page faults/prefetches).
+    pub device_pages: AtomicU64,
     /// Installed faults per RAM region (index order).
     pub per_region: Vec<AtomicU64>,
 }
@@ -106,9 +108,139 @@ struct Handler {
     mmu: Arc<Mmu>,
     stats: Arc<FaultStats>,
     page_size: u64,
-    zeros: Vec<u8>,
     /// Faulting page addresses to retry.
     pending: Vec<u64>,
+}
+
+/// Populate `page` (a host address in region `at`'s current mapping, or a
+/// retiring one when `at` is None) with its initial content, without
+/// waking anyone.
+pub(crate) fn populate(
+    uffd: &Userfault,
+    ram: &GuestRam,
+    page_size: u64,
+    at: Option<(usize, u64)>,
+    page: u64,
+) -> Fill {
+    static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if let Some((index, gpa)) = at {
+        if let Some(img) = ram.content(index, gpa) {
+            if page_size == crate::layout::PAGE {
+                return uffd.copy(page, img.page(gpa).expect("content checked"));
+            }
+            let mut buf = vec![0u8; page_size as usize];
+            for off in (0..page_size).step_by(crate::layout::PAGE as usize) {
+                if let Some(p) = img.page(gpa + off) {
+                    buf[off as usize..(off + crate::layout::PAGE) as usize].copy_from_slice(p);
+                }
+            }
+            return uffd.copy(page, &buf);
+        }
+    }
+    if page_size == crate::layout::PAGE {
+        uffd.zero(page, page_size)
+    } else {
+        // hugetlbfs has no UFFDIO_ZEROPAGE.
+        uffd.copy(
+            page,
+            ZEROS.get_or_init(|| vec![0; crate::layout::HUGE as usize]),
+        )
+    }
+}
+
+/// Makes guest pages present and tracked on behalf of a device (the RNIC's
+/// page-fault thread): the same protocol as a vCPU fault, driven from
+/// another thread.
+pub struct GuestResolver {
+    uffd: Option<Arc<Userfault>>,
+    ram: Arc<GuestRam>,
+    mmu: std::sync::Weak<Mmu>,
+    stats: Arc<FaultStats>,
+}
+
+impl GuestResolver {
+    pub fn new(
+        uffd: Option<Arc<Userfault>>,
+        ram: Arc<GuestRam>,
+        mmu: &Arc<Mmu>,
+        stats: Arc<FaultStats>,
+    ) -> Self {
+        GuestResolver {
+            uffd,
+            ram,
+            mmu: Arc::downgrade(mmu),
+            stats,
+        }
+    }
+}
+
+impl mmu::FaultResolver for GuestResolver {
+    fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
+        let mmu = self.mmu.upgrade().ok_or(MmuError::Resolve {
+            gpa,
+            reason: "the VM is gone".into(),
+        })?;
+        let ps = self.ram.backing().page_size();
+        let start = gpa & !(ps - 1);
+        let end = (gpa + len).next_multiple_of(ps);
+        let index = self
+            .ram
+            .index_of(start)
+            .ok_or(MmuError::OutsideRegions { gpa, end })?;
+        let size = if ps == crate::layout::HUGE {
+            PageSize::Huge
+        } else {
+            PageSize::Small
+        };
+        let mut woken = Vec::new();
+        let outcome = mmu.fault_in(start, end - start, |t, out| {
+            woken.clear();
+            let mut page = t.gpa;
+            while page < t.end() {
+                let hva = t.host_addr(page);
+                if let Some(uffd) = &self.uffd {
+                    let mut tries = 0;
+                    loop {
+                        match populate(uffd, &self.ram, ps, Some((index, page)), hva) {
+                            Fill::Done | Fill::Exists => break,
+                            Fill::Again if tries < 1000 => {
+                                tries += 1;
+                                std::thread::sleep(std::time::Duration::from_micros(20));
+                            }
+                            other => {
+                                return Err(MmuError::Resolve {
+                                    gpa: page,
+                                    reason: format!("populating: {other:?}"),
+                                })
+                            }
+                        }
+                    }
+                    woken.push(hva);
+                }
+                out.push(Translation {
+                    gpa: page,
+                    hva,
+                    size,
+                    writable: true,
+                });
+                page += ps;
+            }
+            Ok(())
+        })?;
+        // vCPUs may be waiting on these pages too.
+        if let Some(uffd) = &self.uffd {
+            for hva in &woken {
+                uffd.wake(*hva, ps);
+            }
+        }
+        self.stats
+            .device_pages
+            .fetch_add((end - start) / crate::layout::PAGE, Ordering::Relaxed);
+        self.stats
+            .retries
+            .fetch_add(u64::from(outcome.retries), Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// How many times a single fault may race before it is deferred.
@@ -222,31 +354,8 @@ impl Handler {
         Step::Defer
     }
 
-    /// Populate `page` with its initial content (without waking).
     fn fill(&self, at: Option<(usize, u64)>, page: u64) -> Fill {
-        let len = self.page_size;
-        if let Some((index, gpa)) = at {
-            if let Some(img) = self.ram.content(index, gpa) {
-                if len == crate::layout::PAGE {
-                    return self
-                        .uffd
-                        .copy(page, img.page(gpa).expect("content checked"));
-                }
-                let mut buf = vec![0u8; len as usize];
-                for off in (0..len).step_by(crate::layout::PAGE as usize) {
-                    if let Some(p) = img.page(gpa + off) {
-                        buf[off as usize..(off + crate::layout::PAGE) as usize].copy_from_slice(p);
-                    }
-                }
-                return self.uffd.copy(page, &buf);
-            }
-        }
-        if self.zeros.is_empty() {
-            self.uffd.zero(page, len)
-        } else {
-            // hugetlbfs has no UFFDIO_ZEROPAGE.
-            self.uffd.copy(page, &self.zeros)
-        }
+        populate(&self.uffd, &self.ram, self.page_size, at, page)
     }
 
     fn untracked(&self, at: Option<(usize, u64)>, page: u64) {
@@ -369,11 +478,6 @@ impl FaultThread {
         let handler = Handler {
             tracking,
             uffd,
-            zeros: if page_size == crate::layout::HUGE {
-                vec![0; page_size as usize]
-            } else {
-                Vec::new()
-            },
             ram,
             mmu,
             stats: stats.clone(),

@@ -135,6 +135,7 @@ impl VmConfig {
 /// Shared by the VM's threads and its controllers.
 pub struct Core {
     pub mmu: Arc<Mmu>,
+    pub uffd: Option<Arc<Userfault>>,
     pub ram: Arc<GuestRam>,
     pub kvm: Arc<KvmVm>,
     pub gate: Arc<RunGate>,
@@ -243,7 +244,7 @@ impl Vm {
                 ram_index: i,
             });
         }
-        let fault_thread = match uffd {
+        let fault_thread = match uffd.clone() {
             Some(uffd) => Some(
                 FaultThread::spawn(config.tracking, uffd, ram.clone(), mmu.clone()).map_err(
                     |source| Error::Io {
@@ -312,6 +313,7 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
 
         let core = Arc::new(Core {
+            uffd,
             faults: fault_thread
                 .as_ref()
                 .map(|f| f.stats.clone())
@@ -476,6 +478,18 @@ impl VmHandle {
     /// Whether every vCPU has ended.
     pub fn finished(&self) -> bool {
         self.0.all_ended()
+    }
+
+    /// Guest memory as an RNIC address space: iova = guest-physical, pages
+    /// made present through the same protocol as vCPU faults.
+    pub fn address_space(&self, name: &str) -> Arc<rdma_passthrough::AddressSpace> {
+        let resolver = crate::fault::GuestResolver::new(
+            self.0.uffd.clone(),
+            self.0.ram.clone(),
+            &self.0.mmu,
+            self.0.faults.clone(),
+        );
+        rdma_passthrough::AddressSpace::new(name, self.0.mmu.clone(), Arc::new(resolver))
     }
 
     /// Time from `Vm::new` to the guest's first device command.

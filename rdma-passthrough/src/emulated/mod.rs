@@ -524,6 +524,10 @@ impl EmulatedRnic {
         self.shared.stats.snapshot()
     }
 
+    pub fn reset_histograms(&self) {
+        self.shared.stats.reset_histograms();
+    }
+
     pub fn alloc_pd(&self, space: Arc<AddressSpace>) -> Pd {
         Pd {
             id: self.shared.next_pd.fetch_add(1, Ordering::Relaxed),
