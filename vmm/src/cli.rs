@@ -138,6 +138,15 @@ pub struct RunArgs {
     /// Pattern seed for built-in guests.
     #[arg(long, default_value_t = 0x5eed)]
     pub seed: u64,
+    /// The RNIC: emulated (default), none, or assigned:<ibdev>.
+    #[arg(long, default_value = "emulated")]
+    pub rnic: crate::vm::RnicChoice,
+    /// RDMA workloads: message size (at most 512K).
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub msg: u64,
+    /// RDMA workloads: messages (iterations) per vCPU.
+    #[arg(long, default_value_t = 5000)]
+    pub iters: u64,
     /// Serve the control socket at this path.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -234,6 +243,9 @@ impl RunArgs {
             work_pages: self.pages,
             console: Sink::Stdout,
             tracking: Default::default(),
+            rnic: self.rnic.clone(),
+            msg: self.msg,
+            iters: self.iters,
         })
     }
 }
@@ -296,6 +308,10 @@ fn print_human(r: &RunReport) {
         r.teardowns
     );
     println!("boot {:.1} ms, run {:.1} ms", r.boot_ms, r.run_ms);
+    if !r.perftest.is_empty() {
+        let latency = r.guest.ends_with("-lat");
+        print!("{}", crate::perftest::table(latency, &r.perftest));
+    }
 }
 
 /// `odpvm run`; returns the process exit code.

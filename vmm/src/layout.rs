@@ -57,7 +57,8 @@ pub const TESTDEV_MMIO_SIZE: u64 = 0x1000;
 
 /// The emulated RNIC's MMIO window.
 pub const RNIC_MMIO_GPA: u64 = 0xd010_0000;
-pub const RNIC_MMIO_SIZE: u64 = 0x1000;
+/// Global registers plus one 0x100 bank per queue pair (one per vCPU).
+pub const RNIC_MMIO_SIZE: u64 = 0x100 * (1 + MAX_VCPUS as u64);
 
 /// Most vCPUs a VM may have (stacks in the boot region bound it too).
 pub const MAX_VCPUS: usize = 64;

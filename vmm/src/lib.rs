@@ -13,6 +13,7 @@ pub mod layout;
 pub mod linux;
 pub mod memory;
 pub mod payload;
+pub mod perftest;
 pub mod uffd;
 pub mod vm;
 pub mod vstate;

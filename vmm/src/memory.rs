@@ -429,3 +429,22 @@ fn madvise_dontneed(hva: u64, len: u64, backing: Backing) {
         );
     }
 }
+
+impl crate::devices::rnic::GuestMemory for GuestRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        use vm_memory::Bytes;
+        self.memory()
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| e.to_string())
+    }
+
+    fn contains(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        self.regions
+            .read()
+            .iter()
+            .any(|r| gpa >= r.gpa && end <= r.gpa + r.size)
+    }
+}

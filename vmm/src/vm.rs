@@ -3,6 +3,7 @@
 //! threads, control (invalidate, teardown, pause, resume, shutdown) and the
 //! final report.
 
+use crate::devices::rnic::{HostPeer, RnicDevice};
 use crate::devices::serial::{SerialPort, Sink, COM1_IRQ};
 use crate::devices::testdev::{Barrier, TestDevice, VcpuReport};
 use crate::devices::Devices;
@@ -50,6 +51,49 @@ pub enum Error {
     },
 }
 
+/// Which RNIC the VM gets.
+#[derive(Clone, Default)]
+pub enum RnicChoice {
+    None,
+    /// A new emulated RNIC with its own host peer.
+    #[default]
+    Emulated,
+    /// An emulated RNIC (and host peer) shared with other VMs.
+    Shared(Arc<rdma_passthrough::EmulatedRnic>, Arc<HostPeer>),
+    /// A real device by ibverbs name: guest RAM becomes one ODP MR on it.
+    Assigned(String),
+}
+
+impl std::fmt::Debug for RnicChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RnicChoice::None => f.write_str("none"),
+            RnicChoice::Emulated => f.write_str("emulated"),
+            RnicChoice::Shared(nic, _) => write!(f, "shared:{}", nic.name()),
+            RnicChoice::Assigned(d) => write!(f, "assigned:{d}"),
+        }
+    }
+}
+
+impl std::str::FromStr for RnicChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(RnicChoice::None),
+            "emulated" => Ok(RnicChoice::Emulated),
+            _ => match s.strip_prefix("assigned:") {
+                Some(dev) if !dev.is_empty() => Ok(RnicChoice::Assigned(dev.into())),
+                _ => Err(format!(
+                    "unknown --rnic {s:?} (emulated, none, or assigned:<ibdev> such as assigned:mlx5_0)"
+                )),
+            },
+        }
+    }
+}
+
+/// Host peer buffer for a VM's own emulated RNIC.
+pub const PEER_BUFFER: u64 = 64 << 20;
+
 /// What runs in the VM.
 #[derive(Clone, Debug)]
 pub enum GuestConfig {
@@ -78,6 +122,10 @@ pub struct VmConfig {
     pub console: Sink,
     /// How faults are resolved (anything but `Mmu` is a benchmark baseline).
     pub tracking: Tracking,
+    pub rnic: RnicChoice,
+    /// RDMA workloads: message size and messages (0: until stopped).
+    pub msg: u64,
+    pub iters: u64,
 }
 
 impl Default for VmConfig {
@@ -93,6 +141,9 @@ impl Default for VmConfig {
             work_pages: None,
             console: Sink::Stdout,
             tracking: Tracking::Mmu,
+            rnic: RnicChoice::Emulated,
+            msg: 64 << 10,
+            iters: 5000,
         }
     }
 }
@@ -119,6 +170,30 @@ impl VmConfig {
                     MAX_PAYLOAD_RAM / GIB - 1
                 )));
             }
+            if let GuestConfig::Builtin(g) = self.guest {
+                if g.is_rdma() {
+                    let msg = self.msg;
+                    if !(PAGE..=(512 << 10)).contains(&msg) || !msg.is_multiple_of(PAGE) {
+                        return Err(Error::Config(format!(
+                            "--msg {msg}: RDMA workloads take 4K to 512K in whole pages"
+                        )));
+                    }
+                    if self.vcpus > 8
+                        || self.memory < self.vcpus as u64 * crate::payload::rdma::REGION
+                    {
+                        return Err(Error::Config(format!(
+                            "RDMA workloads need at most 8 vCPUs and 16 MiB of RAM per vCPU ({} MiB here)",
+                            self.memory >> 20
+                        )));
+                    }
+                    if matches!(self.rnic, RnicChoice::None | RnicChoice::Assigned(_)) {
+                        return Err(Error::Config(
+                            "RDMA workloads drive the emulated RNIC's paravirtual device: use --rnic emulated"
+                                .into(),
+                        ));
+                    }
+                }
+            }
             if let Some(w) = self.work_pages {
                 if w > self.memory / PAGE {
                     return Err(Error::Config(format!(
@@ -136,6 +211,11 @@ impl VmConfig {
 pub struct Core {
     pub mmu: Arc<Mmu>,
     pub uffd: Option<Arc<Userfault>>,
+    /// The assigned RNIC and guest RAM's ODP MR on it, if any.
+    pub assigned: Option<(
+        rdma_passthrough::assigned::AssignedRnic,
+        rdma_passthrough::assigned::AssignedMr,
+    )>,
     pub ram: Arc<GuestRam>,
     pub kvm: Arc<KvmVm>,
     pub gate: Arc<RunGate>,
@@ -185,6 +265,13 @@ impl Vm {
                     seed: config.seed,
                     rounds: config.rounds.max(1),
                     work_pages: config.work_pages.unwrap_or(config.memory / PAGE),
+                    msg: config.msg,
+                    // Bandwidth payloads settle whole signaled batches.
+                    iters: if matches!(guest, Guest::RdmaWriteBw | Guest::RdmaReadBw) {
+                        config.iters.next_multiple_of(crate::payload::rdma::BATCH)
+                    } else {
+                        config.iters
+                    },
                 };
                 let image =
                     Arc::new(payload::build_image(*guest, &params, &ram).map_err(Error::Config)?);
@@ -278,12 +365,54 @@ impl Vm {
                     source,
                 })?;
         }
+        let fault_stats = fault_thread
+            .as_ref()
+            .map(|f| f.stats.clone())
+            .unwrap_or_else(|| FaultThread::idle_stats(slots_len));
+        let (rnic, assigned) = match &config.rnic {
+            RnicChoice::None => (None, None),
+            RnicChoice::Assigned(name) => {
+                let dev = rdma_passthrough::assigned::AssignedRnic::open(name)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                let regions = ram.regions();
+                let (lo, hi) = (&regions[0], &regions[regions.len() - 1]);
+                let mr = dev
+                    .reg_odp(lo.hva, hi.hva + hi.size - lo.hva)
+                    .map_err(|e| Error::Config(e.to_string()))?;
+                mmu.register_mirror(Arc::new(rdma_passthrough::assigned::AssignedMirror {
+                    stats: dev.stats.clone(),
+                }));
+                (None, Some((dev, mr)))
+            }
+            choice => {
+                let (nic, peer) = match choice {
+                    RnicChoice::Shared(nic, peer) => (nic.clone(), peer.clone()),
+                    _ => {
+                        let nic = rdma_passthrough::EmulatedRnic::new(Default::default());
+                        let peer = HostPeer::new(&nic, PEER_BUFFER).map_err(Error::Config)?;
+                        (nic, peer)
+                    }
+                };
+                let resolver = crate::fault::GuestResolver::new(
+                    uffd.clone(),
+                    ram.clone(),
+                    &mmu,
+                    fault_stats.clone(),
+                );
+                let space =
+                    rdma_passthrough::AddressSpace::new("guest", mmu.clone(), Arc::new(resolver));
+                let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus)
+                    .map_err(Error::Config)?;
+                (Some(Arc::new(dev)), None)
+            }
+        };
         let devices = Arc::new(Devices {
             testdev: Arc::new(TestDevice::new(config.vcpus)),
             serial: Some(Arc::new(SerialPort::new(
                 serial_irq,
                 config.console.clone(),
             ))),
+            rnic,
         });
 
         if let GuestConfig::Linux {
@@ -314,10 +443,8 @@ impl Vm {
 
         let core = Arc::new(Core {
             uffd,
-            faults: fault_thread
-                .as_ref()
-                .map(|f| f.stats.clone())
-                .unwrap_or_else(|| FaultThread::idle_stats(slots_len)),
+            assigned,
+            faults: fault_stats,
             mmu,
             ram,
             kvm,
@@ -601,6 +728,8 @@ pub struct RunReport {
     pub run_ms: f64,
     /// Each vCPU's end and report arguments, by name where known.
     pub vcpu_reports: Vec<serde_json::Value>,
+    /// RDMA workloads: per-vCPU perftest figures.
+    pub perftest: Vec<crate::perftest::Figures>,
     pub stats: LiveStats,
 }
 
@@ -635,7 +764,7 @@ impl RunReport {
         } else {
             0
         };
-        let vcpu_reports = ends
+        let vcpu_reports: Vec<serde_json::Value> = ends
             .iter()
             .map(|e| match e {
                 Some(VcpuEnd::Finished(r)) => {
@@ -654,6 +783,18 @@ impl RunReport {
                 None => serde_json::json!({ "end": "running" }),
             })
             .collect();
+        let perftest = match guest {
+            Some(g) if g.is_rdma() => vcpu_reports
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.get("msgs").is_some())
+                .map(|(i, v)| {
+                    let samples = reports[i].map(|r| r.samples.as_slice()).unwrap_or(&[]);
+                    crate::perftest::figures(i, v, samples)
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let stats = LiveStats::new(c);
         let per_region = |i: usize| FaultStats::get(&c.faults.per_region[i]);
         let payload_pages = if guest.is_some() { per_region(0) } else { 0 };
@@ -686,6 +827,7 @@ impl RunReport {
             boot_ms,
             run_ms: c.started.elapsed().as_secs_f64() * 1e3,
             vcpu_reports,
+            perftest,
             stats,
         }
     }

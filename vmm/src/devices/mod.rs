@@ -1,9 +1,10 @@
 //! Devices, one folder each, and the port/MMIO dispatch the vCPU loop uses.
 
+pub mod rnic;
 pub mod serial;
 pub mod testdev;
 
-use crate::layout::{TESTDEV_MMIO_GPA, TESTDEV_MMIO_SIZE};
+use crate::layout::{RNIC_MMIO_GPA, RNIC_MMIO_SIZE, TESTDEV_MMIO_GPA, TESTDEV_MMIO_SIZE};
 use std::sync::Arc;
 use testdev::{Outcome, TestDevice, VcpuReport};
 
@@ -26,6 +27,7 @@ pub enum IoAction {
 pub struct Devices {
     pub testdev: Arc<TestDevice>,
     pub serial: Option<Arc<serial::SerialPort>>,
+    pub rnic: Option<Arc<rnic::RnicDevice>>,
 }
 
 impl Devices {
@@ -36,11 +38,25 @@ impl Devices {
                 Outcome::Finished(r) => IoAction::Finished(r),
             };
         }
+        if let Some(r) = &self.rnic {
+            if (RNIC_MMIO_GPA..RNIC_MMIO_GPA + RNIC_MMIO_SIZE).contains(&addr) {
+                r.mmio_write(addr - RNIC_MMIO_GPA, data);
+            }
+        }
         IoAction::Continue
     }
 
-    pub fn mmio_read(&self, _addr: u64, data: &mut [u8]) {
-        data.fill(0xff);
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if (TESTDEV_MMIO_GPA..TESTDEV_MMIO_GPA + TESTDEV_MMIO_SIZE).contains(&addr) {
+            return self.testdev.read(addr - TESTDEV_MMIO_GPA, data);
+        }
+        if let Some(r) = &self.rnic {
+            if (RNIC_MMIO_GPA..RNIC_MMIO_GPA + RNIC_MMIO_SIZE).contains(&addr) {
+                return r.mmio_read(addr - RNIC_MMIO_GPA, data);
+            }
+        }
+        // Nothing here: reads as zero (so a missing device's ID is 0).
+        data.fill(0);
     }
 
     pub fn io_out(&self, _vcpu: usize, port: u16, data: &[u8]) -> IoAction {

@@ -8,6 +8,7 @@
 //! guest memory.
 
 mod programs;
+pub mod rdma;
 
 use crate::arch::{self, PTE_P, PTE_PS, PTE_U, PTE_W};
 use crate::layout::*;
@@ -25,6 +26,12 @@ pub mod params {
     pub const ROUNDS: u64 = 0x28;
     pub const WORK_PAGES: u64 = 0x30;
     pub const RNIC_VA: u64 = 0x38;
+    /// RDMA workloads: message size, messages, guest-physical RAM base,
+    /// messages per signaled completion.
+    pub const MSG: u64 = 0x40;
+    pub const ITERS: u64 = 0x48;
+    pub const RAM_GPA: u64 = 0x50;
+    pub const CQ_MOD: u64 = 0x58;
     pub const MAGIC_VALUE: u64 = u64::from_le_bytes(*b"ODPVMPRM");
 }
 
@@ -37,6 +44,9 @@ pub struct PayloadParams {
     pub rounds: u64,
     /// Pages the payload works on, split evenly between vCPUs.
     pub work_pages: u64,
+    /// RDMA workloads: message size and count (0: until told to stop).
+    pub msg: u64,
+    pub iters: u64,
 }
 
 /// Page contents of a boot region, sparse.
@@ -140,6 +150,10 @@ pub fn build_image(
     img.write_u64(PARAMS_GPA + params::ROUNDS, p.rounds);
     img.write_u64(PARAMS_GPA + params::WORK_PAGES, p.work_pages);
     img.write_u64(PARAMS_GPA + params::RNIC_VA, RNIC_MMIO_GPA);
+    img.write_u64(PARAMS_GPA + params::MSG, p.msg);
+    img.write_u64(PARAMS_GPA + params::ITERS, p.iters);
+    img.write_u64(PARAMS_GPA + params::RAM_GPA, ram.first().map_or(0, |r| r.0));
+    img.write_u64(PARAMS_GPA + params::CQ_MOD, 16);
 
     let code = programs::assemble(guest, CODE_GPA)?;
     if code.len() as u64 > CODE_MAX {
@@ -165,6 +179,8 @@ mod tests {
             seed: 7,
             rounds: 1,
             work_pages: 10,
+            msg: 0,
+            iters: 0,
         };
         let img = build_image(Guest::Touch, &p, &ram).unwrap();
         let pd = img.page(PD_RAM_GPA).unwrap();

@@ -24,10 +24,44 @@ pub enum Guest {
     /// stamp, writes a new stamp and reads it back (zero allowed: a
     /// teardown may land in between). Any other value is a stale page.
     Churn,
+    /// RDMA WRITE bandwidth to the host peer (stamped pages, checked by
+    /// the device).
+    RdmaWriteBw,
+    /// RDMA READ bandwidth from the host peer (the guest checks stamps).
+    RdmaReadBw,
+    /// RDMA WRITE latency, one message at a time.
+    RdmaWriteLat,
+    /// SEND latency: the host peer echoes every message back.
+    SendLat,
 }
 
 impl Guest {
-    pub const ALL: [Guest; 4] = [Guest::Touch, Guest::Idle, Guest::Rewrite, Guest::Churn];
+    pub const ALL: [Guest; 8] = [
+        Guest::Touch,
+        Guest::Idle,
+        Guest::Rewrite,
+        Guest::Churn,
+        Guest::RdmaWriteBw,
+        Guest::RdmaReadBw,
+        Guest::RdmaWriteLat,
+        Guest::SendLat,
+    ];
+
+    /// Whether it drives the RNIC.
+    pub fn is_rdma(self) -> bool {
+        self.rdma_kind().is_some()
+    }
+
+    fn rdma_kind(self) -> Option<super::rdma::Kind> {
+        use super::rdma::Kind;
+        match self {
+            Guest::RdmaWriteBw => Some(Kind::WriteBw),
+            Guest::RdmaReadBw => Some(Kind::ReadBw),
+            Guest::RdmaWriteLat => Some(Kind::WriteLat),
+            Guest::SendLat => Some(Kind::SendLat),
+            _ => None,
+        }
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -35,6 +69,10 @@ impl Guest {
             Guest::Idle => "idle",
             Guest::Rewrite => "rewrite",
             Guest::Churn => "churn",
+            Guest::RdmaWriteBw => "rdma-write-bw",
+            Guest::RdmaReadBw => "rdma-read-bw",
+            Guest::RdmaWriteLat => "rdma-write-lat",
+            Guest::SendLat => "send-lat",
         }
     }
 
@@ -45,6 +83,15 @@ impl Guest {
             Guest::Idle => &[],
             Guest::Rewrite => &["pages", "kept", "zeroed", "bad"],
             Guest::Churn => &["pages", "stale", "zero_reads"],
+            _ => &[
+                "msgs",
+                "msg_bytes",
+                "cycles_lo",
+                "cycles_hi",
+                "errors",
+                "recoveries",
+                "stale",
+            ],
         }
     }
 }
@@ -344,6 +391,7 @@ pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
             Guest::Idle => idle(&mut a)?,
             Guest::Rewrite => rewrite(&mut a)?,
             Guest::Churn => churn(&mut a)?,
+            g => super::rdma::assemble(g.rdma_kind().expect("RDMA guest"), &mut a)?,
         }
         a.assemble(ip)
     };

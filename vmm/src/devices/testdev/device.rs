@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct VcpuReport {
     pub passed: bool,
     pub args: Vec<u32>,
+    /// Latency samples (cycles) it recorded.
+    pub samples: Vec<u32>,
 }
 
 /// What the vCPU loop should do after an I/O exit to the device.
@@ -95,6 +97,8 @@ pub struct TestDevice {
     /// When the first command arrived (the guest is running its code).
     first_command: std::sync::OnceLock<std::time::Instant>,
     args: Vec<Mutex<Vec<u32>>>,
+    samples: Vec<Mutex<Vec<u32>>>,
+    stop_requested: std::sync::atomic::AtomicBool,
     pub barrier: Barrier,
     protocol_errors: AtomicU64,
 }
@@ -106,6 +110,8 @@ impl TestDevice {
             args: (0..vcpus)
                 .map(|_| Mutex::new(Vec::with_capacity(MAX_ARGS)))
                 .collect(),
+            samples: (0..vcpus).map(|_| Mutex::new(Vec::new())).collect(),
+            stop_requested: std::sync::atomic::AtomicBool::new(false),
             barrier: Barrier::default(),
             protocol_errors: AtomicU64::new(0),
         }
@@ -135,7 +141,17 @@ impl TestDevice {
                     return Outcome::Finished(VcpuReport {
                         passed: value == CMD_PASS,
                         args: std::mem::take(&mut *args),
+                        samples: std::mem::take(&mut *self.samples[vcpu].lock()),
                     })
+                }
+                CMD_SAMPLE => {
+                    let v = args.first().copied().unwrap_or(0);
+                    args.clear();
+                    drop(args);
+                    let mut s = self.samples[vcpu].lock();
+                    if s.len() < MAX_SAMPLES {
+                        s.push(v);
+                    }
                 }
                 CMD_BARRIER => {
                     let phase = args.first().copied().unwrap_or(0);
@@ -169,6 +185,26 @@ impl TestDevice {
         }
     }
 
+    /// A guest read: only STOP is readable.
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset == STOP
+            && self
+                .stop_requested
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(b) = data.first_mut() {
+                *b = 1;
+            }
+        }
+    }
+
+    /// Ask looping payloads to finish (they poll STOP).
+    pub fn request_stop(&self) {
+        self.stop_requested
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// When the guest first reached the device, if it has.
     pub fn first_command(&self) -> Option<std::time::Instant> {
         self.first_command.get().copied()
@@ -198,7 +234,8 @@ mod tests {
             d.write(1, CMD, &CMD_PASS.to_le_bytes()),
             Outcome::Finished(VcpuReport {
                 passed: true,
-                args: vec![7, 9]
+                args: vec![7, 9],
+                samples: vec![]
             })
         );
         // vCPU 0's buffer is separate and empty.
@@ -206,7 +243,8 @@ mod tests {
             d.write(0, CMD, &CMD_FAIL.to_le_bytes()),
             Outcome::Finished(VcpuReport {
                 passed: false,
-                args: vec![]
+                args: vec![],
+                samples: vec![]
             })
         );
     }

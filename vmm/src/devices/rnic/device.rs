@@ -1,0 +1,508 @@
+//! Register handling, ring fetching and WQE validation of the paravirtual
+//! RNIC. Runs on the vCPU thread that took the MMIO exit; each queue pair
+//! has its own lock.
+
+use super::peer::HostPeer;
+use super::*;
+use parking_lot::Mutex;
+use rdma_passthrough::{
+    Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge, Wc,
+    WcOpcode, WcStatus,
+};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How the device reads guest memory (its rings). The VMM's guest RAM in
+/// production; a plain buffer in the fuzzer.
+pub trait GuestMemory: Send + Sync {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// Whether `[gpa, gpa + len)` is guest RAM.
+    fn contains(&self, gpa: u64, len: u64) -> bool;
+}
+
+/// Completions the device buffers per queue pair before leaving the rest
+/// in the RNIC's CQ.
+const MAX_PENDING_CQES: usize = 4096;
+
+#[derive(Default, Debug)]
+pub struct RnicDeviceStats {
+    pub doorbells: AtomicU64,
+    pub wqes_posted: AtomicU64,
+    pub recvs_posted: AtomicU64,
+    /// WQEs the device refused (bad opcode or length).
+    pub wqes_rejected: AtomicU64,
+    /// Queue pairs put in the device error state by bad guest input.
+    pub device_errors: AtomicU64,
+    pub resets: AtomicU64,
+    pub completions: AtomicU64,
+    pub error_completions: AtomicU64,
+    /// Pages of RDMA WRITEs checked on the host peer.
+    pub pages_verified: AtomicU64,
+    /// Of those, pages the guest had discarded (zero): allowed.
+    pub pages_zero: AtomicU64,
+    /// Pages whose stamp was older than one already seen there, or from
+    /// another place: the device moved stale data.
+    pub stale_accesses: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+struct Posted {
+    wr_id: u64,
+    remote: u64,
+    len: u64,
+}
+
+struct QpCtx {
+    sq_base: u64,
+    sq_size: u32,
+    rq_base: u64,
+    rq_size: u32,
+    enabled: bool,
+    error: u32,
+    sq_ci: u32,
+    rq_ci: u32,
+    /// A WQE the device refused: later ones are flushed until reset.
+    flushing: bool,
+    qp: Option<Qp>,
+    cq: Cq,
+    cqes: VecDeque<Wc>,
+    writes: VecDeque<Posted>,
+}
+
+impl QpCtx {
+    fn new(cq: Cq) -> Self {
+        QpCtx {
+            sq_base: 0,
+            sq_size: 0,
+            rq_base: 0,
+            rq_size: 0,
+            enabled: false,
+            error: ERR_NONE,
+            sq_ci: 0,
+            rq_ci: 0,
+            flushing: false,
+            qp: None,
+            cq,
+            cqes: VecDeque::new(),
+            writes: VecDeque::new(),
+        }
+    }
+}
+
+pub struct RnicDevice {
+    rnic: Arc<EmulatedRnic>,
+    mem: Arc<dyn GuestMemory>,
+    pd: Pd,
+    mr: Mr,
+    peer: Arc<HostPeer>,
+    /// Last stamp iteration seen per host-peer page (stale detection).
+    seen: Vec<AtomicU64>,
+    qps: Vec<Mutex<QpCtx>>,
+    pub stats: RnicDeviceStats,
+}
+
+fn u32_of(data: &[u8]) -> Option<u32> {
+    <[u8; 4]>::try_from(data).ok().map(u32::from_le_bytes)
+}
+
+fn u64_of(data: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(data).ok().map(u64::from_le_bytes)
+}
+
+fn put(data: &mut [u8], v: u64) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(8);
+    data[..n].copy_from_slice(&b[..n]);
+    data[n..].fill(0);
+}
+
+fn opcode_code(op: WcOpcode) -> u32 {
+    match op {
+        WcOpcode::RdmaWrite => OP_WRITE,
+        WcOpcode::RdmaRead => OP_READ,
+        WcOpcode::Send => OP_SEND,
+        WcOpcode::Recv => OP_RECV,
+    }
+}
+
+impl RnicDevice {
+    /// A device with `qps` queue pairs for a guest whose memory is `space`
+    /// (iova = guest-physical) and readable through `mem`.
+    pub fn new(
+        rnic: Arc<EmulatedRnic>,
+        space: Arc<AddressSpace>,
+        mem: Arc<dyn GuestMemory>,
+        peer: Arc<HostPeer>,
+        qps: usize,
+    ) -> Result<RnicDevice, String> {
+        let pd = rnic.alloc_pd(space);
+        // One implicit ODP MR covers all guest RAM.
+        let mr = rnic
+            .reg_mr(&pd, 0, u64::MAX, Access::ALL_REMOTE | Access::ON_DEMAND)
+            .map_err(|e| e.to_string())?;
+        let seen = (0..peer.len / mmu::PAGE_SIZE)
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let qps = (0..qps)
+            .map(|_| Mutex::new(QpCtx::new(rnic.create_cq(MAX_PENDING_CQES * 4))))
+            .collect();
+        Ok(RnicDevice {
+            rnic,
+            mem,
+            pd,
+            mr,
+            peer,
+            seen,
+            qps,
+            stats: RnicDeviceStats::default(),
+        })
+    }
+
+    pub fn rnic(&self) -> &Arc<EmulatedRnic> {
+        &self.rnic
+    }
+
+    pub fn lkey(&self) -> u32 {
+        self.mr.lkey()
+    }
+
+    pub fn num_qps(&self) -> usize {
+        self.qps.len()
+    }
+
+    fn device_error(&self, q: &mut QpCtx, code: u32) {
+        if q.error == ERR_NONE {
+            q.error = code;
+            self.stats.device_errors.fetch_add(1, Ordering::Relaxed);
+            log::warn!("rnic device: queue pair stopped by guest input (error {code})");
+        }
+    }
+
+    fn reset(&self, q: &mut QpCtx) {
+        // Dropping the QP flushes its work; a fresh CQ drops stale completions.
+        q.qp = None;
+        *q = QpCtx::new(self.rnic.create_cq(MAX_PENDING_CQES * 4));
+        self.stats.resets.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn ring_ok(&self, base: u64, size: u32, entry: u64) -> bool {
+        size.is_power_of_two()
+            && size <= MAX_RING
+            && base.is_multiple_of(entry)
+            && self.mem.contains(base, u64::from(size) * entry)
+    }
+
+    fn enable(&self, q: &mut QpCtx) {
+        if q.error != ERR_NONE || q.enabled {
+            return;
+        }
+        if !self.ring_ok(q.sq_base, q.sq_size, WQE_SIZE)
+            || !self.ring_ok(q.rq_base, q.rq_size, RQE_SIZE)
+        {
+            return self.device_error(q, ERR_BAD_RING);
+        }
+        let caps = QpCaps {
+            max_send_wr: q.sq_size as usize,
+            max_recv_wr: q.rq_size as usize,
+            max_sge: 1,
+            rnr_retry: 7,
+        };
+        let qp = match self.rnic.create_qp(&self.pd, &q.cq, &q.cq, caps) {
+            Ok(qp) => qp,
+            Err(e) => {
+                log::error!("rnic device: creating a queue pair: {e}");
+                return self.device_error(q, ERR_BAD_RING);
+            }
+        };
+        if let Err(e) = self.peer.attach(&self.rnic, &qp) {
+            log::error!("rnic device: attaching the host peer: {e}");
+            return self.device_error(q, ERR_BAD_RING);
+        }
+        q.qp = Some(qp);
+        q.enabled = true;
+    }
+
+    /// Synthesize a completion for a WQE the device refused.
+    fn reject(&self, q: &mut QpCtx, wr_id: u64, status: WcStatus, opcode: WcOpcode) {
+        self.stats.wqes_rejected.fetch_add(1, Ordering::Relaxed);
+        q.flushing = true;
+        if q.cqes.len() < MAX_PENDING_CQES {
+            q.cqes.push_back(Wc {
+                wr_id,
+                status,
+                opcode,
+                byte_len: 0,
+                qp_num: 0,
+            });
+        }
+    }
+
+    fn send_doorbell(&self, q: &mut QpCtx, pi: u32) {
+        if !q.enabled || q.error != ERR_NONE {
+            return self.device_error(q, ERR_NOT_ENABLED);
+        }
+        let n = pi.wrapping_sub(q.sq_ci);
+        if n > q.sq_size {
+            return self.device_error(q, ERR_DOORBELL);
+        }
+        self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..n {
+            let slot = u64::from(q.sq_ci & (q.sq_size - 1));
+            let mut w = [0u8; WQE_SIZE as usize];
+            if self.mem.read(q.sq_base + slot * WQE_SIZE, &mut w).is_err() {
+                return self.device_error(q, ERR_RING_READ);
+            }
+            let wr_id = u64_of(&w[0..8]).expect("8 bytes");
+            let opcode = u32_of(&w[8..12]).expect("4 bytes");
+            let flags = u32_of(&w[12..16]).expect("4 bytes");
+            let addr = u64_of(&w[16..24]).expect("8 bytes");
+            let length = u32_of(&w[24..28]).expect("4 bytes");
+            let lkey = u32_of(&w[28..32]).expect("4 bytes");
+            let remote_addr = u64_of(&w[32..40]).expect("8 bytes");
+            let rkey = u32_of(&w[40..44]).expect("4 bytes");
+            let op = match opcode {
+                OP_WRITE => Some(Opcode::RdmaWrite { remote_addr, rkey }),
+                OP_READ => Some(Opcode::RdmaRead { remote_addr, rkey }),
+                OP_SEND => Some(Opcode::Send),
+                _ => None,
+            };
+            let wc_op = match opcode {
+                OP_READ => WcOpcode::RdmaRead,
+                OP_SEND => WcOpcode::Send,
+                _ => WcOpcode::RdmaWrite,
+            };
+            match op {
+                _ if q.flushing => self.reject(q, wr_id, WcStatus::WrFlushErr, wc_op),
+                None => self.reject(q, wr_id, WcStatus::LocQpOpErr, wc_op),
+                Some(_) if length > MAX_MSG => self.reject(q, wr_id, WcStatus::LocLenErr, wc_op),
+                Some(op) => {
+                    let wr = SendWr {
+                        wr_id,
+                        opcode: op,
+                        sges: vec![Sge { addr, length, lkey }],
+                        signaled: flags & WQE_SIGNALED != 0,
+                    };
+                    let qp = q.qp.as_ref().expect("enabled queue pairs have a QP");
+                    if qp.post_send(wr).is_err() {
+                        // Send queue full: stop here, the guest rings again.
+                        return;
+                    }
+                    if opcode == OP_WRITE {
+                        q.writes.push_back(Posted {
+                            wr_id,
+                            remote: remote_addr,
+                            len: u64::from(length),
+                        });
+                    }
+                    self.stats.wqes_posted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            q.sq_ci = q.sq_ci.wrapping_add(1);
+        }
+    }
+
+    fn recv_doorbell(&self, q: &mut QpCtx, pi: u32) {
+        if !q.enabled || q.error != ERR_NONE {
+            return self.device_error(q, ERR_NOT_ENABLED);
+        }
+        let n = pi.wrapping_sub(q.rq_ci);
+        if n > q.rq_size {
+            return self.device_error(q, ERR_DOORBELL);
+        }
+        for _ in 0..n {
+            let slot = u64::from(q.rq_ci & (q.rq_size - 1));
+            let mut e = [0u8; RQE_SIZE as usize];
+            if self.mem.read(q.rq_base + slot * RQE_SIZE, &mut e).is_err() {
+                return self.device_error(q, ERR_RING_READ);
+            }
+            let wr = RecvWr {
+                wr_id: u64_of(&e[0..8]).expect("8 bytes"),
+                sges: vec![Sge {
+                    addr: u64_of(&e[8..16]).expect("8 bytes"),
+                    length: u32_of(&e[16..20]).expect("4 bytes"),
+                    lkey: u32_of(&e[20..24]).expect("4 bytes"),
+                }],
+            };
+            let qp = q.qp.as_ref().expect("enabled queue pairs have a QP");
+            if qp.post_recv(wr).is_err() {
+                return;
+            }
+            self.stats.recvs_posted.fetch_add(1, Ordering::Relaxed);
+            q.rq_ci = q.rq_ci.wrapping_add(1);
+        }
+    }
+
+    /// Check the host-peer pages an RDMA WRITE landed in: each must be
+    /// zero (the guest discarded it) or carry the stamp of this position
+    /// with an iteration no older than the last one seen there.
+    fn verify_write(&self, p: &Posted) {
+        let base = self.peer.base;
+        let Some(off) = p.remote.checked_sub(base) else {
+            return;
+        };
+        if off.saturating_add(p.len) > self.peer.len / 2 {
+            return; // outside the write half: nothing of ours to check
+        }
+        let first = off.div_ceil(mmu::PAGE_SIZE);
+        let last = (off + p.len) / mmu::PAGE_SIZE;
+        for page in first..last {
+            // SAFETY: the page lies inside the peer's live host buffer.
+            let v =
+                unsafe { std::ptr::read_volatile((base + page * mmu::PAGE_SIZE) as *const u64) };
+            self.stats.pages_verified.fetch_add(1, Ordering::Relaxed);
+            if v == 0 {
+                self.stats.pages_zero.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let (iter, place) = (v >> 32, v & 0xffff_ffff);
+            let prev = self.seen[page as usize].fetch_max(iter, Ordering::Relaxed);
+            if place != page || iter < prev {
+                self.stats.stale_accesses.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.stats.bytes_written.fetch_add(p.len, Ordering::Relaxed);
+    }
+
+    /// Move finished completions from the RNIC into the register queue.
+    fn reap(&self, q: &mut QpCtx) {
+        let mut buf = [Wc {
+            wr_id: 0,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Send,
+            byte_len: 0,
+            qp_num: 0,
+        }; 64];
+        while q.cqes.len() < MAX_PENDING_CQES {
+            let n =
+                q.cq.poll(&mut buf[..(MAX_PENDING_CQES - q.cqes.len()).min(64)]);
+            if n == 0 {
+                break;
+            }
+            for wc in &buf[..n] {
+                self.stats.completions.fetch_add(1, Ordering::Relaxed);
+                if wc.status != WcStatus::Success {
+                    self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
+                    q.writes.clear();
+                } else if wc.opcode == WcOpcode::RdmaWrite {
+                    // RC completes in order: everything up to this WQE landed.
+                    while let Some(p) = q.writes.pop_front() {
+                        self.verify_write(&p);
+                        if p.wr_id == wc.wr_id {
+                            break;
+                        }
+                    }
+                }
+                q.cqes.push_back(*wc);
+            }
+        }
+    }
+
+    pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
+        if offset < QP_BANK {
+            let v = match offset {
+                REG_ID => u64::from(RNIC_ID),
+                REG_VERSION => u64::from(RNIC_VERSION),
+                REG_NUM_QPS => self.qps.len() as u64,
+                REG_LKEY => u64::from(self.mr.lkey()),
+                REG_PEER_ADDR => self.peer.base,
+                REG_PEER_LEN => self.peer.len,
+                REG_PEER_RKEY => u64::from(self.peer.rkey()),
+                _ => 0,
+            };
+            return put(data, v);
+        }
+        let (bank, reg) = (offset / QP_BANK - 1, offset % QP_BANK);
+        let Some(q) = self.qps.get(bank as usize) else {
+            return put(data, 0);
+        };
+        let mut q = q.lock();
+        let v = match reg {
+            QP_STATUS => {
+                let qp_err = q.flushing || q.qp.as_ref().is_some_and(|qp| qp.in_error());
+                let mut st = 0;
+                if q.enabled {
+                    st |= STATUS_ENABLED;
+                }
+                if q.error != ERR_NONE {
+                    st |= STATUS_DEVICE_ERROR;
+                }
+                if qp_err {
+                    st |= STATUS_QP_ERROR;
+                }
+                u64::from(st)
+            }
+            QP_ERROR => u64::from(q.error),
+            QP_SQ_BASE => q.sq_base,
+            QP_SQ_SIZE => u64::from(q.sq_size),
+            QP_RQ_BASE => q.rq_base,
+            QP_RQ_SIZE => u64::from(q.rq_size),
+            QP_SQ_CI => u64::from(q.sq_ci),
+            QP_RQ_CI => u64::from(q.rq_ci),
+            QP_CQ_COUNT => {
+                self.reap(&mut q);
+                q.cqes.len() as u64
+            }
+            QP_CQE_WR_ID => q.cqes.front().map_or(0, |c| c.wr_id),
+            QP_CQE_STATUS => q.cqes.front().map_or(0, |c| u64::from(c.status.code())),
+            QP_CQE_OPCODE => q
+                .cqes
+                .front()
+                .map_or(0, |c| u64::from(opcode_code(c.opcode))),
+            QP_CQE_LEN => q.cqes.front().map_or(0, |c| u64::from(c.byte_len)),
+            _ => 0,
+        };
+        put(data, v);
+    }
+
+    pub fn mmio_write(&self, offset: u64, data: &[u8]) {
+        if offset < QP_BANK {
+            return; // global registers are read-only
+        }
+        let (bank, reg) = (offset / QP_BANK - 1, offset % QP_BANK);
+        let Some(q) = self.qps.get(bank as usize) else {
+            return;
+        };
+        let mut q = q.lock();
+        let q = &mut *q;
+        let wide = matches!(reg, QP_SQ_BASE | QP_RQ_BASE);
+        let value = if wide {
+            u64_of(data)
+        } else {
+            u32_of(data).map(u64::from)
+        };
+        let Some(v) = value else {
+            return self.device_error(q, ERR_REGISTER);
+        };
+        if reg == QP_CTRL && v == u64::from(CTRL_RESET) {
+            return self.reset(q);
+        }
+        if q.error != ERR_NONE {
+            return; // stopped until reset
+        }
+        match reg {
+            QP_CTRL if v == u64::from(CTRL_ENABLE) => self.enable(q),
+            QP_SQ_BASE | QP_SQ_SIZE | QP_RQ_BASE | QP_RQ_SIZE if q.enabled => {
+                self.device_error(q, ERR_REGISTER)
+            }
+            QP_SQ_BASE => q.sq_base = v,
+            QP_SQ_SIZE => q.sq_size = v as u32,
+            QP_RQ_BASE => q.rq_base = v,
+            QP_RQ_SIZE => q.rq_size = v as u32,
+            QP_SQ_PI => self.send_doorbell(q, v as u32),
+            QP_RQ_PI => self.recv_doorbell(q, v as u32),
+            QP_CQ_POP => {
+                q.cqes.pop_front();
+            }
+            _ => self.device_error(q, ERR_REGISTER),
+        }
+    }
+
+    /// Queue pairs currently stopped by a device error.
+    pub fn errored_qps(&self) -> usize {
+        self.qps
+            .iter()
+            .filter(|q| q.lock().error != ERR_NONE)
+            .count()
+    }
+}
