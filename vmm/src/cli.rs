@@ -33,6 +33,32 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Benchmarks (one JSON object per line with --json).
     Bench(BenchArgs),
+    /// The main demo: guest RDMA through one implicit ODP MR while the host
+    /// invalidates and tears down guest memory; zero stale accesses.
+    Demo(DemoCli),
+}
+
+#[derive(Args, Debug)]
+pub struct DemoCli {
+    /// How long the workload runs.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// RDMA message size.
+    #[arg(long, default_value = "64K", value_parser = parse_size)]
+    pub msg: u64,
+    /// Mean gap between random range invalidations, in milliseconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub invalidate_ms: f64,
+    /// Gap between whole-VM teardowns, in milliseconds.
+    #[arg(long, default_value_t = 500.0)]
+    pub teardown_ms: f64,
+    /// Print the final report as one JSON object (the last stdout line).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -338,6 +364,31 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         && !report.exit.contains("error")
         && !report.exit.contains("shutdown (triple");
     Ok(if clean { 0 } else { 1 })
+}
+
+/// `odpvm demo`.
+pub fn demo(a: DemoCli) -> Result<i32, String> {
+    let ms = |v: f64, name: &str| {
+        if v > 0.0 && v.is_finite() {
+            Ok(Duration::from_secs_f64(v / 1e3))
+        } else {
+            Err(format!(
+                "--{name} {v}: must be a positive number of milliseconds"
+            ))
+        }
+    };
+    let args = crate::demo::DemoArgs {
+        seconds: a.seconds,
+        memory: a.memory,
+        vcpus: a.vcpus,
+        msg: a.msg,
+        invalidate_every: ms(a.invalidate_ms, "invalidate-ms")?,
+        teardown_every: ms(a.teardown_ms, "teardown-ms")?,
+        json: a.json,
+        ..Default::default()
+    };
+    let (report, run) = crate::demo::run(args)?;
+    Ok(crate::demo::print(&report, &run, a.json))
 }
 
 /// `odpvm bench`.

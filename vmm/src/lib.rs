@@ -6,6 +6,7 @@ pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod cli;
+pub mod demo;
 pub mod devices;
 pub mod fault;
 pub mod kvm_mirror;

@@ -10,6 +10,7 @@ fn main() {
         Command::Run(args) => cli::run(args),
         Command::Ctl(args) => cli::ctl(args),
         Command::Bench(args) => cli::bench(args),
+        Command::Demo(args) => cli::demo(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
