@@ -37,7 +37,7 @@ impl Default for DemoArgs {
             msg: 64 << 10,
             invalidate_every: Duration::from_millis(2),
             teardown_every: Duration::from_millis(500),
-            seed: 0x0dd5_eed,
+            seed: 0x00dd_5eed,
             json: false,
         }
     }
