@@ -267,7 +267,10 @@ impl Vm {
                     work_pages: config.work_pages.unwrap_or(config.memory / PAGE),
                     msg: config.msg,
                     // Bandwidth payloads settle whole signaled batches.
-                    iters: if matches!(guest, Guest::RdmaWriteBw | Guest::RdmaReadBw) {
+                    iters: if matches!(
+                        guest,
+                        Guest::RdmaWriteBw | Guest::RdmaReadBw | Guest::RnicGarbage
+                    ) {
                         config.iters.next_multiple_of(crate::payload::rdma::BATCH)
                     } else {
                         config.iters
@@ -664,6 +667,13 @@ pub struct LiveStats {
     pub barrier_waiting: usize,
     pub paused: bool,
     pub protocol_errors: u64,
+    /// The paravirtual RNIC (zero without one).
+    pub rnic_device_faults: u64,
+    pub rnic_invalidations: u64,
+    pub rnic_device_errors: u64,
+    pub rnic_wqes_rejected: u64,
+    pub rnic_stale_accesses: u64,
+    pub rnic_bytes_written: u64,
 }
 
 impl LiveStats {
@@ -671,6 +681,19 @@ impl LiveStats {
         let get = FaultStats::get;
         let m = c.mmu.stats().snapshot();
         let k = &c.mirror.stats;
+        let rnic = c
+            .devices
+            .rnic
+            .as_ref()
+            .map(|d| d.rnic().stats())
+            .unwrap_or_default();
+        let dev =
+            |f: fn(&crate::devices::rnic::RnicDeviceStats) -> &std::sync::atomic::AtomicU64| {
+                c.devices
+                    .rnic
+                    .as_ref()
+                    .map_or(0, |d| f(&d.stats).load(Ordering::Relaxed))
+            };
         LiveStats {
             uptime_ms: c.started.elapsed().as_secs_f64() * 1e3,
             faults_tracked: get(&c.faults.faults),
@@ -696,6 +719,12 @@ impl LiveStats {
             barrier_waiting: c.devices.testdev.barrier.waiting().0,
             paused: c.gate.paused(),
             protocol_errors: c.devices.testdev.protocol_errors(),
+            rnic_device_faults: rnic.device_faults,
+            rnic_invalidations: rnic.invalidations + rnic.generations,
+            rnic_device_errors: dev(|d| &d.device_errors),
+            rnic_wqes_rejected: dev(|d| &d.wqes_rejected),
+            rnic_stale_accesses: dev(|d| &d.stale_accesses),
+            rnic_bytes_written: dev(|d| &d.bytes_written),
         }
     }
 }

@@ -33,10 +33,13 @@ pub enum Guest {
     RdmaWriteLat,
     /// SEND latency: the host peer echoes every message back.
     SendLat,
+    /// Garbage to the RNIC's registers and rings, then a short
+    /// `rdma-write-bw` proving the device still works.
+    RnicGarbage,
 }
 
 impl Guest {
-    pub const ALL: [Guest; 8] = [
+    pub const ALL: [Guest; 9] = [
         Guest::Touch,
         Guest::Idle,
         Guest::Rewrite,
@@ -45,6 +48,7 @@ impl Guest {
         Guest::RdmaReadBw,
         Guest::RdmaWriteLat,
         Guest::SendLat,
+        Guest::RnicGarbage,
     ];
 
     /// Whether it drives the RNIC.
@@ -59,6 +63,7 @@ impl Guest {
             Guest::RdmaReadBw => Some(Kind::ReadBw),
             Guest::RdmaWriteLat => Some(Kind::WriteLat),
             Guest::SendLat => Some(Kind::SendLat),
+            Guest::RnicGarbage => Some(Kind::Garbage),
             _ => None,
         }
     }
@@ -73,6 +78,7 @@ impl Guest {
             Guest::RdmaReadBw => "rdma-read-bw",
             Guest::RdmaWriteLat => "rdma-write-lat",
             Guest::SendLat => "send-lat",
+            Guest::RnicGarbage => "rnic-garbage",
         }
     }
 

@@ -33,6 +33,9 @@ const DEPTH_BATCHES: u64 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// Garbage to every register, ring and doorbell first; then prove the
+    /// device still works with a short WRITE run.
+    Garbage,
     WriteBw,
     ReadBw,
     WriteLat,
@@ -106,6 +109,14 @@ pub fn assemble(kind: Kind, a: &mut Asm) -> R {
     // ---- one-time set-up -------------------------------------------------
     a.mov(r15, rdx)?;
     a.mov(r14, rdi)?;
+    if kind == Kind::Garbage {
+        garbage(a)?;
+    }
+    let kind = if kind == Kind::Garbage {
+        Kind::WriteBw
+    } else {
+        kind
+    };
     a.mov(rsi, RNIC_MMIO_GPA)?;
     a.mov(eax, dword_ptr(rsi + REG_ID))?;
     a.cmp(eax, RNIC_ID as i32)?;
@@ -188,7 +199,7 @@ pub fn assemble(kind: Kind, a: &mut Asm) -> R {
     a.set_label(&mut go_on)?;
 
     match kind {
-        Kind::WriteBw | Kind::ReadBw => {
+        Kind::WriteBw | Kind::ReadBw | Kind::Garbage => {
             // Flow control: at most DEPTH_BATCHES batches unsettled.
             let mut room = a.create_label();
             a.mov(rax, r13)?;
@@ -264,6 +275,56 @@ pub fn assemble(kind: Kind, a: &mut Asm) -> R {
     report_arg(a, rcx)?;
     report_cmd(a, CMD_FAIL)?;
     spin_forever(a)
+}
+
+/// 20000 random register accesses (any width, any offset in the window)
+/// and random stores into this vCPU's ring pages.
+fn garbage(a: &mut Asm) -> R {
+    let mut top = a.create_label();
+    let mut narrow = a.create_label();
+    let mut next = a.create_label();
+    // r8: xorshift state, r9: count, rbx: ring pages VA.
+    a.mov(r8, 0x9e37_79b9_7f4a_7c15u64)?;
+    a.add(r8, r14)?;
+    a.mov(r9, 20_000u64)?;
+    a.mov(rbx, r14)?;
+    a.shl(rbx, REGION.trailing_zeros())?;
+    a.mov(rax, PAYLOAD_RAM_VA)?;
+    a.add(rbx, rax)?;
+    a.set_label(&mut top)?;
+    for (op, sh) in [(0, 13), (1, 7), (0, 17)] {
+        a.mov(rax, r8)?;
+        if op == 0 {
+            a.shl(rax, sh)?;
+        } else {
+            a.shr(rax, sh)?;
+        }
+        a.xor(r8, rax)?;
+    }
+    // Register at RNIC + (state & 0x1ffc) (the window and beyond a bit).
+    a.mov(rsi, r8)?;
+    a.and(rsi, 0x1ffc)?;
+    a.mov(rax, RNIC_MMIO_GPA)?;
+    a.add(rsi, rax)?;
+    a.mov(rax, r8)?;
+    a.shr(rax, 20)?;
+    a.bt(r8, 40)?;
+    a.jnc(narrow)?;
+    a.and(rsi, !7i32)?;
+    a.mov(qword_ptr(rsi), rax)?;
+    a.jmp(next)?;
+    a.set_label(&mut narrow)?;
+    a.mov(dword_ptr(rsi), eax)?;
+    a.set_label(&mut next)?;
+    a.mov(ecx, dword_ptr(rsi))?;
+    // And a random store into the ring pages.
+    a.mov(rcx, r8)?;
+    a.shr(rcx, 3)?;
+    a.and(rcx, 0x1ff8)?;
+    a.mov(qword_ptr(rbx + rcx), r8)?;
+    a.dec(r9)?;
+    a.jnz(top)?;
+    Ok(())
 }
 
 /// Wait for one completion, inline (no call/ret: the stack is memory a

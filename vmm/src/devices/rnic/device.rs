@@ -65,6 +65,8 @@ struct QpCtx {
     /// A WQE the device refused: later ones are flushed until reset.
     flushing: bool,
     qp: Option<Qp>,
+    /// The host peer's QP for ours.
+    peer_qpn: Option<u32>,
     cq: Cq,
     cqes: VecDeque<Wc>,
     writes: VecDeque<Posted>,
@@ -83,6 +85,7 @@ impl QpCtx {
             rq_ci: 0,
             flushing: false,
             qp: None,
+            peer_qpn: None,
             cq,
             cqes: VecDeque::new(),
             writes: VecDeque::new(),
@@ -174,13 +177,21 @@ impl RnicDevice {
     fn device_error(&self, q: &mut QpCtx, code: u32) {
         if q.error == ERR_NONE {
             q.error = code;
-            self.stats.device_errors.fetch_add(1, Ordering::Relaxed);
-            log::warn!("rnic device: queue pair stopped by guest input (error {code})");
+            let n = self.stats.device_errors.fetch_add(1, Ordering::Relaxed);
+            if n < 5 || n.is_power_of_two() {
+                log::warn!(
+                    "rnic device: queue pair stopped by guest input (error {code}; {} so far)",
+                    n + 1
+                );
+            }
         }
     }
 
     fn reset(&self, q: &mut QpCtx) {
         // Dropping the QP flushes its work; a fresh CQ drops stale completions.
+        if let Some(qpn) = q.peer_qpn.take() {
+            self.peer.detach(qpn);
+        }
         q.qp = None;
         *q = QpCtx::new(self.rnic.create_cq(MAX_PENDING_CQES * 4));
         self.stats.resets.fetch_add(1, Ordering::Relaxed);
@@ -215,9 +226,12 @@ impl RnicDevice {
                 return self.device_error(q, ERR_BAD_RING);
             }
         };
-        if let Err(e) = self.peer.attach(&self.rnic, &qp) {
-            log::error!("rnic device: attaching the host peer: {e}");
-            return self.device_error(q, ERR_BAD_RING);
+        match self.peer.attach(&self.rnic, &qp) {
+            Ok(qpn) => q.peer_qpn = Some(qpn),
+            Err(e) => {
+                log::error!("rnic device: attaching the host peer: {e}");
+                return self.device_error(q, ERR_BAD_RING);
+            }
         }
         q.qp = Some(qp);
         q.enabled = true;
@@ -496,6 +510,17 @@ impl RnicDevice {
             }
             _ => self.device_error(q, ERR_REGISTER),
         }
+    }
+
+    /// Reset every queue pair (as a guest would, one by one).
+    pub fn reset_all(&self) {
+        for q in &self.qps {
+            self.reset(&mut q.lock());
+        }
+    }
+
+    pub fn peer(&self) -> &Arc<HostPeer> {
+        &self.peer
     }
 
     /// Queue pairs currently stopped by a device error.

@@ -53,6 +53,7 @@
 //! keys, bounds and rights are checked by the RNIC on every access.
 
 mod device;
+pub mod fuzz;
 mod peer;
 
 pub use device::{GuestMemory, RnicDevice, RnicDeviceStats};

@@ -53,6 +53,9 @@ pub struct HostPeer {
 /// Receives kept posted per peer QP, and the largest message echoed.
 const RECV_DEPTH: usize = 32;
 const RECV_SLOT: u64 = 64 << 10;
+/// Host QPs one peer serves (guests reset and re-enable freely; this
+/// bounds what that can cost).
+const MAX_PEER_QPS: usize = 256;
 
 impl HostPeer {
     /// A peer with a `len`-byte host buffer (a multiple of 2 MiB).
@@ -119,8 +122,9 @@ impl HostPeer {
         Ok(peer)
     }
 
-    /// A new host QP connected to `guest`.
-    pub fn attach(&self, rnic: &Arc<EmulatedRnic>, guest: &Qp) -> Result<(), String> {
+    /// A new host QP connected to `guest`; returns its number, for
+    /// `detach`.
+    pub fn attach(&self, rnic: &Arc<EmulatedRnic>, guest: &Qp) -> Result<u32, String> {
         let cq = rnic.create_cq(4096);
         let qp = rnic
             .create_qp(&self.pd, &cq, &cq, QpCaps::default())
@@ -135,9 +139,24 @@ impl HostPeer {
         for i in 0..RECV_DEPTH as u64 {
             self.post_recv(&pq, i).map_err(|e| e.to_string())?;
         }
-        qps.retain(|q| !q.qp.in_error());
+        if qps.len() >= MAX_PEER_QPS {
+            return Err(format!(
+                "the host peer serves at most {MAX_PEER_QPS} queue pairs"
+            ));
+        }
+        let qpn = pq.qp.qpn();
         qps.push(pq);
-        Ok(())
+        Ok(qpn)
+    }
+
+    /// Drop the host QP `qpn` (its guest side was reset).
+    pub fn detach(&self, qpn: u32) {
+        self.qps.lock().retain(|q| q.qp.qpn() != qpn);
+    }
+
+    /// Host QPs attached now.
+    pub fn attached(&self) -> usize {
+        self.qps.lock().len()
     }
 
     fn post_recv(&self, q: &PeerQp, slot: u64) -> Result<(), rdma_passthrough::VerbsError> {
