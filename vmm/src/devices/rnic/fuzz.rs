@@ -129,17 +129,12 @@ impl Harness {
                 3 => {
                     let at = (value >> 16) % (FUZZ_RAM_SIZE - 8);
                     // SAFETY: `at + 8` stays inside the harness RAM.
-                    unsafe {
-                        std::ptr::write_unaligned(
-                            (self.hva + at) as *mut u64,
-                            value ^ u64::from(off),
-                        )
-                    };
+                    unsafe { std::ptr::write_unaligned((self.hva + at) as *mut u64, value ^ off) };
                 }
                 // A well-formed set-up, so the fuzzer reaches the WQE paths.
                 4 => {
                     let bank = QP_BANK * (1 + u64::from(op >> 6) % 4);
-                    let ring = FUZZ_RAM_GPA + (u64::from(off) % 16) * 0x1000;
+                    let ring = FUZZ_RAM_GPA + (off % 16) * 0x1000;
                     self.dev.mmio_write(bank + QP_SQ_BASE, &ring.to_le_bytes());
                     self.dev.mmio_write(bank + QP_SQ_SIZE, &64u32.to_le_bytes());
                     self.dev
@@ -147,6 +142,7 @@ impl Harness {
                     self.dev.mmio_write(bank + QP_RQ_SIZE, &64u32.to_le_bytes());
                     self.dev
                         .mmio_write(bank + QP_CTRL, &CTRL_ENABLE.to_le_bytes());
+                    self.plausible_wqe(bank, ring, value);
                 }
                 // Doorbells with whatever is in the rings.
                 _ => {
@@ -172,6 +168,47 @@ impl Harness {
                 }
                 self.dev.mmio_write(bank + QP_CQ_POP, &1u32.to_le_bytes());
             }
+        }
+    }
+}
+
+impl Harness {
+    /// Write a plausible WQE at the send ring's next slot: valid opcodes
+    /// and keys most of the time, addresses near (and past) RAM; ring it
+    /// half of the time.
+    fn plausible_wqe(&self, bank: u64, ring: u64, value: u64) {
+        let mut ci = [0u8; 4];
+        self.dev.mmio_read(bank + QP_SQ_CI, &mut ci);
+        let ci = u32::from_le_bytes(ci);
+        let mut w = [0u8; WQE_SIZE as usize];
+        w[0..8].copy_from_slice(&value.to_le_bytes());
+        w[8..12].copy_from_slice(&(1 + (value as u32 % 3)).to_le_bytes());
+        w[12..16].copy_from_slice(&1u32.to_le_bytes());
+        let addr = FUZZ_RAM_GPA + (value >> 8) % (FUZZ_RAM_SIZE + 0x2000);
+        w[16..24].copy_from_slice(&addr.to_le_bytes());
+        w[24..28].copy_from_slice(&((value >> 24) as u32 % 0x20000).to_le_bytes());
+        let lkey = if value & 0x10 == 0 {
+            self.dev.lkey()
+        } else {
+            value as u32
+        };
+        w[28..32].copy_from_slice(&lkey.to_le_bytes());
+        let peer = self.dev.peer();
+        let raddr = peer.base + (value >> 12) % (peer.len + 0x2000);
+        w[32..40].copy_from_slice(&raddr.to_le_bytes());
+        let rkey = if value & 0x20 == 0 {
+            peer.rkey()
+        } else {
+            (value >> 32) as u32
+        };
+        w[40..44].copy_from_slice(&rkey.to_le_bytes());
+        let at = ring - FUZZ_RAM_GPA + u64::from(ci % 64) * WQE_SIZE;
+        // SAFETY: the ring lies inside the harness RAM (ring offsets are
+        // below 64 KiB of a 4 MiB region).
+        unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), (self.hva + at) as *mut u8, w.len()) };
+        if value & 0x40 == 0 {
+            self.dev
+                .mmio_write(bank + QP_SQ_PI, &ci.wrapping_add(1).to_le_bytes());
         }
     }
 }
