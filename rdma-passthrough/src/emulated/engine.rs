@@ -326,6 +326,8 @@ impl Engine {
     /// QP enters the error state.
     fn fail(&mut self, i: usize, status: WcStatus) {
         let run = &mut self.runs[i];
+        // The error state is visible before the completion that reports it.
+        run.qp.error.store(true, Ordering::Release);
         if let Some(a) = run.active.take() {
             run.qp.send_cq.push(wc(
                 a.wr.wr_id,
@@ -345,7 +347,6 @@ impl Engine {
                 ));
             }
         }
-        run.qp.error.store(true, Ordering::Release);
         run.wait = Wait::None;
         self.shared.stats.wc_errors.fetch_add(1, Ordering::Relaxed);
     }
@@ -508,9 +509,9 @@ impl Engine {
                     Ok(_) => (WcStatus::LocLenErr, WcStatus::RemInvReqErr),
                     Err(()) => (WcStatus::LocProtErr, WcStatus::RemOpErr),
                 };
+                peer.error.store(true, Ordering::Release);
                 peer.recv_cq
                     .push(wc(recv.wr_id, responder, WcOpcode::Recv, 0, peer.qpn));
-                peer.error.store(true, Ordering::Release);
                 self.fail(i, requester);
                 false
             }
