@@ -173,6 +173,10 @@ pub struct RunArgs {
     /// RDMA workloads: messages (iterations) per vCPU.
     #[arg(long, default_value_t = 5000)]
     pub iters: u64,
+    /// Largest fault-around window in 4 KiB pages (0: off, at most 512). The
+    /// window grows on sequential faults and shrinks to one page otherwise.
+    #[arg(long, default_value_t = crate::vm::DEFAULT_FAULT_AROUND)]
+    pub fault_around: u64,
     /// Serve the control socket at this path.
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
@@ -272,6 +276,7 @@ impl RunArgs {
             rnic: self.rnic.clone(),
             msg: self.msg,
             iters: self.iters,
+            fault_around: self.fault_around,
         })
     }
 }

@@ -48,6 +48,10 @@ pub struct FaultStats {
     pub errors: AtomicU64,
     /// Pages made present for devices (the RNIC's page faults/prefetches).
     pub device_pages: AtomicU64,
+    /// Pages fault-around resolved beyond the faulting one.
+    pub speculative: AtomicU64,
+    /// Pages resolved per fault.
+    pub pages_per_fault: mmu::hist::Histogram,
     /// Installed faults per RAM region (index order).
     pub per_region: Vec<AtomicU64>,
 }
@@ -101,6 +105,26 @@ impl Tracking {
     }
 }
 
+/// A sequential access stream seen by fault-around.
+#[derive(Clone, Copy, Default)]
+struct Stream {
+    /// Where its next fault is expected.
+    next: u64,
+    /// Its window, in pages.
+    pages: u64,
+    used: u64,
+}
+
+/// Streams tracked per region (vCPUs walking their own areas).
+const STREAMS: usize = 8;
+/// Largest fault-around window, in 4 KiB pages (2 MiB).
+pub const MAX_FAULT_AROUND: u64 = 512;
+
+fn zeros() -> &'static [u8] {
+    static Z: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    Z.get_or_init(|| vec![0; crate::layout::HUGE as usize])
+}
+
 struct Handler {
     tracking: Tracking,
     uffd: Arc<Userfault>,
@@ -108,8 +132,15 @@ struct Handler {
     mmu: Arc<Mmu>,
     stats: Arc<FaultStats>,
     page_size: u64,
-    /// Faulting page addresses to retry.
-    pending: Vec<u64>,
+    /// Faulting (address, write) pairs to retry.
+    pending: Vec<(u64, bool)>,
+    /// Largest window in pages (0 or 1: off).
+    fault_around: u64,
+    /// Per region: zero-filled (fault-around applies) and its end.
+    zero_region: Vec<bool>,
+    region_ends: Vec<u64>,
+    streams: Vec<[Stream; STREAMS]>,
+    clock: u64,
 }
 
 /// Populate `page` (a host address in region `at`'s current mapping, or a
@@ -122,7 +153,6 @@ pub(crate) fn populate(
     at: Option<(usize, u64)>,
     page: u64,
 ) -> Fill {
-    static ZEROS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     if let Some((index, gpa)) = at {
         if let Some(img) = ram.content(index, gpa) {
             if page_size == crate::layout::PAGE {
@@ -141,10 +171,7 @@ pub(crate) fn populate(
         uffd.zero(page, page_size)
     } else {
         // hugetlbfs has no UFFDIO_ZEROPAGE.
-        uffd.copy(
-            page,
-            ZEROS.get_or_init(|| vec![0; crate::layout::HUGE as usize]),
-        )
+        uffd.copy(page, zeros())
     }
 }
 
@@ -202,7 +229,7 @@ impl mmu::FaultResolver for GuestResolver {
                     let mut tries = 0;
                     loop {
                         match populate(uffd, &self.ram, ps, Some((index, page)), hva) {
-                            Fill::Done | Fill::Exists => break,
+                            Fill::Done | Fill::Filled(_) | Fill::Exists => break,
                             Fill::Again if tries < 1000 => {
                                 tries += 1;
                                 std::thread::sleep(std::time::Duration::from_micros(20));
@@ -252,7 +279,48 @@ enum Step {
 }
 
 impl Handler {
-    fn handle(&mut self, addr: u64) -> Step {
+    /// The fault-around window for a fault at `gpa` in region `index`:
+    /// sequential streams double their window up to the maximum, anything
+    /// else starts a new stream of one page.
+    fn window(&mut self, index: usize, gpa: u64, region_end: u64) -> u64 {
+        let ps = self.page_size;
+        if self.fault_around <= 1 || ps != crate::layout::PAGE || !self.zero_region[index] {
+            return ps;
+        }
+        let streams = &mut self.streams[index];
+        let pages = match streams.iter_mut().find(|s| s.next == gpa) {
+            Some(s) => {
+                s.pages = (s.pages * 2).min(self.fault_around);
+                s.used = self.clock;
+                s.pages
+            }
+            None => {
+                let lru = streams
+                    .iter_mut()
+                    .min_by_key(|s| s.used)
+                    .expect("streams are preallocated");
+                *lru = Stream {
+                    next: 0,
+                    pages: 1,
+                    used: self.clock,
+                };
+                1
+            }
+        };
+        self.clock += 1;
+        (pages * ps).min(region_end - gpa)
+    }
+
+    /// Remember where the stream that resolved `[gpa, gpa + len)` goes on.
+    fn advance(&mut self, index: usize, gpa: u64, len: u64) {
+        if let Some(s) = self.streams[index].iter_mut().max_by_key(|s| s.used) {
+            if s.next == gpa || s.next == 0 {
+                s.next = gpa + len;
+            }
+        }
+    }
+
+    fn handle(&mut self, addr: u64, write: bool) -> Step {
         let page = addr & !(self.page_size - 1);
         if self.tracking == Tracking::RawUffd {
             let at = match self.ram.find_hva(page) {
@@ -275,7 +343,7 @@ impl Handler {
             };
         }
         for _ in 0..INLINE_RETRIES {
-            match self.ram.find_hva(page) {
+            let (index, gpa, retiring) = match self.ram.find_hva(page) {
                 None => {
                     self.error(&format!("fault at {addr:#x} outside guest RAM"));
                     self.uffd.wake(page, self.page_size);
@@ -289,69 +357,98 @@ impl Handler {
                     index,
                     gpa,
                     retiring,
-                }) => match self.mmu.try_read_begin(gpa, self.page_size) {
-                    Err(MmuError::Busy { teardown: true, .. }) if retiring => {
-                        self.untracked(Some((index, gpa)), page);
-                        return Step::Done;
+                }) => (index, gpa, retiring),
+            };
+            let region_end = self.region_ends[index];
+            let len = self.window(index, gpa, region_end);
+            let t = match self.mmu.try_read_begin(gpa, len) {
+                Err(MmuError::Busy { teardown: true, .. }) if retiring => {
+                    self.untracked(Some((index, gpa)), page);
+                    return Step::Done;
+                }
+                Err(MmuError::Busy { .. }) => return Step::Defer,
+                Err(e) => {
+                    self.error(&format!("fault at gpa {gpa:#x}: {e}"));
+                    self.fill(Some((index, gpa)), page);
+                    self.uffd.wake(page, self.page_size);
+                    return Step::Done;
+                }
+                Ok(t) => t,
+            };
+            if t.host_addr(gpa) != page {
+                continue; // the mapping moved under us: look again
+            }
+            // Populate the window; the kernel stops at the first page
+            // already present, so fault-around never overwrites anything.
+            let filled = match self.fill_window(index, gpa, page, len, write) {
+                Fill::Done => len,
+                Fill::Filled(n) => n.max(self.page_size),
+                Fill::Exists => self.page_size,
+                Fill::Again => return Step::Defer,
+                Fill::Failed(errno) => {
+                    self.error(&format!(
+                        "populating gpa {gpa:#x}: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ));
+                    self.uffd.wake(page, self.page_size);
+                    return Step::Done;
+                }
+            };
+            let size = if self.page_size == crate::layout::HUGE {
+                PageSize::Huge
+            } else {
+                PageSize::Small
+            };
+            let trs: Vec<Translation> = (0..filled / self.page_size)
+                .map(|i| Translation {
+                    gpa: gpa + i * self.page_size,
+                    hva: page + i * self.page_size,
+                    size,
+                    writable: true,
+                })
+                .collect();
+            match self.mmu.install(&t, &trs) {
+                Ok(_) => {
+                    let pages = filled / crate::layout::PAGE;
+                    self.stats.faults.fetch_add(1, Ordering::Relaxed);
+                    self.stats.pages.fetch_add(pages, Ordering::Relaxed);
+                    self.stats.per_region[index].fetch_add(1, Ordering::Relaxed);
+                    self.stats.pages_per_fault.record(pages);
+                    if filled > self.page_size {
+                        let extra = (filled - self.page_size) / crate::layout::PAGE;
+                        self.stats.speculative.fetch_add(extra, Ordering::Relaxed);
+                        self.ram
+                            .mark_speculative(index, gpa + self.page_size, extra);
                     }
-                    Err(MmuError::Busy { .. }) => return Step::Defer,
-                    Err(e) => {
-                        self.error(&format!("fault at gpa {gpa:#x}: {e}"));
-                        self.fill(Some((index, gpa)), page);
-                        self.uffd.wake(page, self.page_size);
-                        return Step::Done;
-                    }
-                    Ok(t) => {
-                        if t.host_addr(gpa) != page {
-                            continue; // the mapping moved under us: look again
-                        }
-                        match self.fill(Some((index, gpa)), page) {
-                            Fill::Done | Fill::Exists => {}
-                            Fill::Again => return Step::Defer,
-                            Fill::Failed(errno) => {
-                                self.error(&format!(
-                                    "populating gpa {gpa:#x}: {}",
-                                    std::io::Error::from_raw_os_error(errno)
-                                ));
-                                self.uffd.wake(page, self.page_size);
-                                return Step::Done;
-                            }
-                        }
-                        let tr = Translation {
-                            gpa,
-                            hva: page,
-                            size: if self.page_size == crate::layout::HUGE {
-                                PageSize::Huge
-                            } else {
-                                PageSize::Small
-                            },
-                            writable: true,
-                        };
-                        match self.mmu.install(&t, &[tr]) {
-                            Ok(_) => {
-                                self.stats.faults.fetch_add(1, Ordering::Relaxed);
-                                self.stats.pages.fetch_add(
-                                    self.page_size / crate::layout::PAGE,
-                                    Ordering::Relaxed,
-                                );
-                                self.stats.per_region[index].fetch_add(1, Ordering::Relaxed);
-                                self.uffd.wake(page, self.page_size);
-                                return Step::Done;
-                            }
-                            Err(MmuError::Stale) => {
-                                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                self.error(&format!("installing gpa {gpa:#x}: {e}"));
-                                self.uffd.wake(page, self.page_size);
-                                return Step::Done;
-                            }
-                        }
-                    }
-                },
+                    self.advance(index, gpa, filled);
+                    self.uffd.wake(page, filled);
+                    return Step::Done;
+                }
+                Err(MmuError::Stale) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.error(&format!("installing gpa {gpa:#x}: {e}"));
+                    self.uffd.wake(page, filled);
+                    return Step::Done;
+                }
             }
         }
         Step::Defer
+    }
+
+    /// Populate `[page, page + len)` of a region: the boot image page by
+    /// page, zero RAM in one ioctl (writable copies for a write fault, so
+    /// the guest's writes do not take a copy-on-write fault each).
+    fn fill_window(&self, index: usize, gpa: u64, page: u64, len: u64, write: bool) -> Fill {
+        if len == self.page_size {
+            return self.fill(Some((index, gpa)), page);
+        }
+        if write {
+            self.uffd.copy(page, &zeros()[..len as usize])
+        } else {
+            self.uffd.zero(page, len)
+        }
     }
 
     fn fill(&self, at: Option<(usize, u64)>, page: u64) -> Fill {
@@ -361,7 +458,7 @@ impl Handler {
     fn untracked(&self, at: Option<(usize, u64)>, page: u64) {
         self.stats.untracked.fetch_add(1, Ordering::Relaxed);
         match self.fill(at, page) {
-            Fill::Done | Fill::Exists | Fill::Again => {}
+            Fill::Done | Fill::Filled(_) | Fill::Exists | Fill::Again => {}
             Fill::Failed(errno) => self.error(&format!(
                 "populating a retiring page: {}",
                 std::io::Error::from_raw_os_error(errno)
@@ -379,10 +476,11 @@ impl Handler {
     fn drain(&mut self) -> Result<(), crate::uffd::UffdError> {
         while let Some(ev) = self.uffd.read_event()? {
             match ev {
-                Event::Pagefault { addr, .. } => {
-                    if let Step::Defer = self.handle(addr as u64) {
+                Event::Pagefault { addr, rw, .. } => {
+                    let write = rw == userfaultfd::ReadWrite::Write;
+                    if let Step::Defer = self.handle(addr as u64, write) {
                         self.stats.deferred.fetch_add(1, Ordering::Relaxed);
-                        self.pending.push(addr as u64);
+                        self.pending.push((addr as u64, write));
                     }
                 }
                 Event::Remove { .. } => {
@@ -396,9 +494,9 @@ impl Handler {
 
     fn retry_pending(&mut self) {
         let pending = std::mem::take(&mut self.pending);
-        for addr in pending {
-            if let Step::Defer = self.handle(addr) {
-                self.pending.push(addr);
+        for (addr, write) in pending {
+            if let Step::Defer = self.handle(addr, write) {
+                self.pending.push((addr, write));
             }
         }
     }
@@ -468,6 +566,7 @@ impl FaultThread {
 impl FaultThread {
     pub fn spawn(
         tracking: Tracking,
+        fault_around: u64,
         uffd: Arc<Userfault>,
         ram: Arc<GuestRam>,
         mmu: Arc<Mmu>,
@@ -475,8 +574,14 @@ impl FaultThread {
         let page_size = ram.backing().page_size();
         let stats = Arc::new(FaultStats::new(ram.regions().len()));
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
+        let regions = ram.regions();
         let handler = Handler {
             tracking,
+            fault_around: fault_around.min(MAX_FAULT_AROUND),
+            zero_region: (0..regions.len()).map(|i| !ram.has_image(i)).collect(),
+            region_ends: regions.iter().map(|r| r.gpa + r.size).collect(),
+            streams: vec![[Stream::default(); STREAMS]; regions.len()],
+            clock: 1,
             uffd,
             ram,
             mmu,

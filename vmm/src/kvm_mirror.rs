@@ -43,6 +43,8 @@ pub struct KvmMirrorStats {
     pub bytes_released: AtomicU64,
     pub mappings_unmapped: AtomicU64,
     pub errors: AtomicU64,
+    /// Fault-around pages discarded without ever being written.
+    pub wasted_pages: AtomicU64,
     /// How long vCPUs stayed paused for a teardown.
     pub pause_ns: Histogram,
 }
@@ -112,7 +114,7 @@ impl KvmMirror {
                         "fresh mapping for a teardown failed ({e}); discarding in place"
                     ));
                     let r = &self.ram.regions()[s.ram_index];
-                    self.ram.discard(r.gpa, r.size);
+                    let _ = self.ram.discard(r.gpa, r.size);
                 }
             }
         }
@@ -136,9 +138,10 @@ impl Mirror for KvmMirror {
         match inv.kind {
             InvalidationKind::Range { gpa, len } => {
                 let _g = self.lock.lock();
-                let n = self.ram.discard(gpa, len);
+                let (n, wasted) = self.ram.discard(gpa, len);
                 self.stats.invalidations.fetch_add(1, Ordering::Relaxed);
                 self.stats.bytes_discarded.fetch_add(n, Ordering::Relaxed);
+                self.stats.wasted_pages.fetch_add(wasted, Ordering::Relaxed);
             }
             InvalidationKind::Generation {
                 scope, generation, ..

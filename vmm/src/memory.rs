@@ -10,6 +10,7 @@
 use crate::payload::BootImage;
 use crate::uffd::{UffdError, Userfault};
 use parking_lot::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -109,6 +110,15 @@ struct Region {
     /// A teardown is about to retire `current`: faults on it may be served
     /// without tracking (their pages die with the mapping).
     retiring: bool,
+    /// Pages resolved speculatively (fault-around) and not yet counted as
+    /// used or wasted: one bit per 4 KiB page of the current mapping.
+    speculative: Vec<AtomicU64>,
+}
+
+fn bitmap(size: u64) -> Vec<AtomicU64> {
+    (0..(size / crate::layout::PAGE).div_ceil(64))
+        .map(|_| AtomicU64::new(0))
+        .collect()
 }
 
 impl Region {
@@ -215,6 +225,7 @@ impl GuestRam {
                 current,
                 retired: Vec::new(),
                 retiring: false,
+                speculative: bitmap(size),
             });
         }
         let memory = Arc::new(Self::memory_map(&regions)?);
@@ -291,6 +302,11 @@ impl GuestRam {
         }
     }
 
+    /// Whether region `index` starts from a boot image (not zeros).
+    pub fn has_image(&self, index: usize) -> bool {
+        matches!(self.regions.read()[index].content, Content::Image(_))
+    }
+
     /// Host address of `gpa` in the current mapping.
     pub fn hva(&self, gpa: u64) -> Option<u64> {
         self.regions
@@ -304,20 +320,44 @@ impl GuestRam {
     /// mappings (`MADV_DONTNEED`: the kernel zaps KVM's shadow entries for
     /// them before returning; the next guest access faults through
     /// userfaultfd and sees fresh memory). Returns bytes released.
-    pub fn discard(&self, gpa: u64, len: u64) -> u64 {
+    ///
+    /// Also returns how many speculatively resolved pages in the range were
+    /// never written (still the shared zero page): fault-around's waste.
+    pub fn discard(&self, gpa: u64, len: u64) -> (u64, u64) {
         let regions = self.regions.read();
         let end = gpa + len;
-        let mut done = 0;
+        let (mut done, mut wasted) = (0, 0);
         for r in regions.iter() {
             let (s, e) = (gpa.max(r.gpa), end.min(r.gpa + r.size));
             if s >= e {
                 continue;
             }
             let hva = r.hva() + (s - r.gpa);
+            wasted += take_unwritten(r, s, e);
             madvise_dontneed(hva, e - s, self.backing);
             done += e - s;
         }
-        done
+        (done, wasted)
+    }
+
+    /// Note pages fault-around resolved without a fault of their own.
+    pub fn mark_speculative(&self, index: usize, gpa: u64, pages: u64) {
+        let regions = self.regions.read();
+        let r = &regions[index];
+        let first = (gpa - r.gpa) / crate::layout::PAGE;
+        for p in first..first + pages {
+            r.speculative[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Speculatively resolved pages never written so far (all regions);
+    /// their marks are cleared.
+    pub fn take_wasted(&self) -> u64 {
+        let regions = self.regions.read();
+        regions
+            .iter()
+            .map(|r| take_unwritten(r, r.gpa, r.gpa + r.size))
+            .sum()
     }
 
     /// Mark the current mappings of `indices` as about to be retired (or
@@ -362,6 +402,10 @@ impl GuestRam {
             mapping: old,
             generation,
         });
+        // Marks describe the old mapping; the new one starts clean.
+        for w in &r.speculative {
+            w.store(0, Ordering::Relaxed);
+        }
         let out = (r.gpa, r.size, r.hva());
         let map = Self::memory_map(&regions)?;
         *self.memory.write() = Arc::new(map);
@@ -408,6 +452,94 @@ impl GuestRam {
     /// Retired mappings not yet unmapped (all regions).
     pub fn retired_count(&self) -> usize {
         self.regions.read().iter().map(|r| r.retired.len()).sum()
+    }
+}
+
+/// Count and clear the speculative marks of `[start, end)` whose page is
+/// still the shared zero page (resolved, never written).
+fn take_unwritten(r: &Region, start: u64, end: u64) -> u64 {
+    let page = crate::layout::PAGE;
+    let (first, last) = ((start - r.gpa) / page, (end - r.gpa) / page);
+    let mut wasted = 0;
+    let mut p = first;
+    while p < last {
+        let word = &r.speculative[(p / 64) as usize];
+        let bits = word.load(Ordering::Relaxed);
+        if bits == 0 {
+            p = (p / 64 + 1) * 64;
+            continue;
+        }
+        if bits & (1 << (p % 64)) != 0 {
+            word.fetch_and(!(1 << (p % 64)), Ordering::Relaxed);
+            if pagemap::is_zero_page(r.hva() + p * page) {
+                wasted += 1;
+            }
+        }
+        p += 1;
+    }
+    wasted
+}
+
+/// `/proc/self/pagemap`: whether a virtual page maps the kernel's shared
+/// zero page (needs CAP_SYS_ADMIN to see frame numbers; without it nothing
+/// counts as zero).
+mod pagemap {
+    use std::os::unix::fs::FileExt;
+    use std::sync::OnceLock;
+
+    struct Pagemap {
+        file: std::fs::File,
+        zero_pfn: u64,
+    }
+
+    const PFN_MASK: u64 = (1 << 55) - 1;
+    const PRESENT: u64 = 1 << 63;
+
+    fn entry(f: &std::fs::File, va: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, va / 4096 * 8).ok()?;
+        let e = u64::from_le_bytes(b);
+        (e & PRESENT != 0).then_some(e & PFN_MASK)
+    }
+
+    fn get() -> Option<&'static Pagemap> {
+        static PM: OnceLock<Option<Pagemap>> = OnceLock::new();
+        PM.get_or_init(|| {
+            let file = std::fs::File::open("/proc/self/pagemap").ok()?;
+            // A fresh private page, read once, maps the zero page.
+            let probe = vec![0u8; 3 * 4096];
+            let va = (probe.as_ptr() as u64).next_multiple_of(4096);
+            // SAFETY: reading (not writing) a byte of an allocation we own;
+            // the allocator may have touched it already, then it is not the
+            // zero page and the probe fails below.
+            let _ = unsafe { std::ptr::read_volatile(va as *const u8) };
+            let zero_pfn = entry(&file, va).filter(|p| *p != 0)?;
+            // Only trust it if an anonymous untouched page maps there too.
+            // SAFETY: a fresh anonymous mapping, read once, then unmapped.
+            let ok = unsafe {
+                let p = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                );
+                if p == libc::MAP_FAILED {
+                    return None;
+                }
+                let _ = std::ptr::read_volatile(p as *const u8);
+                let pfn = entry(&file, p as u64);
+                libc::munmap(p, 4096);
+                pfn
+            };
+            (ok == Some(zero_pfn)).then_some(Pagemap { file, zero_pfn })
+        })
+        .as_ref()
+    }
+
+    pub fn is_zero_page(va: u64) -> bool {
+        get().is_some_and(|pm| entry(&pm.file, va) == Some(pm.zero_pfn))
     }
 }
 

@@ -23,6 +23,9 @@ pub enum UffdError {
 /// How a resolving ioctl ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Fill {
+    /// The first `n` bytes of the range are now present (the kernel stops
+    /// at the first page that already was).
+    Filled(u64),
     /// The range is now present.
     Done,
     /// Some page of it was present already (another fault won the race).
@@ -109,6 +112,7 @@ impl Userfault {
                 false,
             )
         } {
+            Ok(n) if n < src.len() => Fill::Filled(n as u64),
             Ok(_) => Fill::Done,
             Err(e) => classify(e),
         }

@@ -91,6 +91,10 @@ impl std::str::FromStr for RnicChoice {
     }
 }
 
+/// Default largest fault-around window (pages): 256 KiB, grown to only by
+/// sequential access.
+pub const DEFAULT_FAULT_AROUND: u64 = 64;
+
 /// Host peer buffer for a VM's own emulated RNIC.
 pub const PEER_BUFFER: u64 = 64 << 20;
 
@@ -126,6 +130,8 @@ pub struct VmConfig {
     /// RDMA workloads: message size and messages (0: until stopped).
     pub msg: u64,
     pub iters: u64,
+    /// Largest fault-around window in 4 KiB pages (0: off).
+    pub fault_around: u64,
 }
 
 impl Default for VmConfig {
@@ -144,6 +150,7 @@ impl Default for VmConfig {
             rnic: RnicChoice::Emulated,
             msg: 64 << 10,
             iters: 5000,
+            fault_around: DEFAULT_FAULT_AROUND,
         }
     }
 }
@@ -336,12 +343,17 @@ impl Vm {
         }
         let fault_thread = match uffd.clone() {
             Some(uffd) => Some(
-                FaultThread::spawn(config.tracking, uffd, ram.clone(), mmu.clone()).map_err(
-                    |source| Error::Io {
-                        what: "starting the fault thread",
-                        source,
-                    },
-                )?,
+                FaultThread::spawn(
+                    config.tracking,
+                    config.fault_around,
+                    uffd,
+                    ram.clone(),
+                    mmu.clone(),
+                )
+                .map_err(|source| Error::Io {
+                    what: "starting the fault thread",
+                    source,
+                })?,
             ),
             None => None,
         };
@@ -526,6 +538,12 @@ impl Vm {
         }
         self.core.gate.stop();
         self.core.devices.testdev.stop();
+        let unwritten = self.core.ram.take_wasted();
+        self.core
+            .mirror
+            .stats
+            .wasted_pages
+            .fetch_add(unwritten, Ordering::Relaxed);
         let report = RunReport::new(&self.core, self.boot_ms);
         let _ = self.core.mmu.unregister_mirror(self.mirror_id);
         self.fault_thread.take();
@@ -674,6 +692,13 @@ pub struct LiveStats {
     pub rnic_wqes_rejected: u64,
     pub rnic_stale_accesses: u64,
     pub rnic_bytes_written: u64,
+    /// Fault-around: mean and largest pages per fault, pages resolved
+    /// beyond the faulting one, and of those the ones discarded (by an
+    /// invalidation, or at exit) without ever being written.
+    pub pages_per_fault_mean: f64,
+    pub pages_per_fault_max: u64,
+    pub speculative_pages: u64,
+    pub wasted_pages: u64,
 }
 
 impl LiveStats {
@@ -725,6 +750,10 @@ impl LiveStats {
             rnic_wqes_rejected: dev(|d| &d.wqes_rejected),
             rnic_stale_accesses: dev(|d| &d.stale_accesses),
             rnic_bytes_written: dev(|d| &d.bytes_written),
+            pages_per_fault_mean: c.faults.pages_per_fault.summary().mean,
+            pages_per_fault_max: c.faults.pages_per_fault.summary().max,
+            speculative_pages: get(&c.faults.speculative),
+            wasted_pages: k.wasted_pages.load(Ordering::Relaxed),
         }
     }
 }

@@ -36,10 +36,14 @@ pub enum Guest {
     /// Garbage to the RNIC's registers and rings, then a short
     /// `rdma-write-bw` proving the device still works.
     RnicGarbage,
+    /// Touch `work_pages` distinct pages (split between vCPUs) in a
+    /// scattered order (page i*7919 mod share): no two faults in a row are
+    /// neighbours. Reports pages and mismatches.
+    Sparse,
 }
 
 impl Guest {
-    pub const ALL: [Guest; 9] = [
+    pub const ALL: [Guest; 10] = [
         Guest::Touch,
         Guest::Idle,
         Guest::Rewrite,
@@ -49,6 +53,7 @@ impl Guest {
         Guest::RdmaWriteLat,
         Guest::SendLat,
         Guest::RnicGarbage,
+        Guest::Sparse,
     ];
 
     /// Whether it drives the RNIC.
@@ -79,13 +84,14 @@ impl Guest {
             Guest::RdmaWriteLat => "rdma-write-lat",
             Guest::SendLat => "send-lat",
             Guest::RnicGarbage => "rnic-garbage",
+            Guest::Sparse => "sparse",
         }
     }
 
     /// Argument names of its PASS/FAIL report, in order.
     pub fn report_fields(self) -> &'static [&'static str] {
         match self {
-            Guest::Touch => &["pages", "bad", "first_bad"],
+            Guest::Touch | Guest::Sparse => &["pages", "bad", "first_bad"],
             Guest::Idle => &[],
             Guest::Rewrite => &["pages", "kept", "zeroed", "bad"],
             Guest::Churn => &["pages", "stale", "zero_reads"],
@@ -388,6 +394,55 @@ fn churn(a: &mut Asm) -> R {
     finish(a, rsi)
 }
 
+/// Scattered distinct pages: vCPU i owns RAM pages [i*S, (i+1)*S) with
+/// S = ram_pages / vcpus (a power of two); it touches pages
+/// i*S + (j*7919 mod S) for j < work_pages / vcpus.
+fn sparse(a: &mut Asm) -> R {
+    a.mov(r15, rdx)?;
+    a.mov(r14, rdi)?;
+    a.mov(r13, rsi)?;
+    a.mov(rbx, qword_ptr(r15 + params::RAM_VA))?;
+    a.mov(r10, qword_ptr(r15 + params::SEED))?;
+    a.mov(r9, MIX)?;
+    // r12 = S (share), r11 = touches per vCPU
+    a.mov(rax, qword_ptr(r15 + params::RAM_PAGES))?;
+    a.xor(edx, edx)?;
+    a.div(r13)?;
+    a.mov(r12, rax)?;
+    a.mov(rax, qword_ptr(r15 + params::WORK_PAGES))?;
+    a.xor(edx, edx)?;
+    a.div(r13)?;
+    a.mov(r11, rax)?;
+    // rbp = first page of the share
+    a.mov(rbp, r12)?;
+    a.imul_2(rbp, r14)?;
+    let (mut top, mut done, mut ok) = (a.create_label(), a.create_label(), a.create_label());
+    a.xor(r8, r8)?; // bad
+    a.xor(rsi, rsi)?; // j
+    a.set_label(&mut top)?;
+    a.cmp(rsi, r11)?;
+    a.jae(done)?;
+    // rcx = page = rbp + (j * 7919 & (S - 1))
+    a.imul_3(rcx, rsi, 7919)?;
+    a.lea(rax, qword_ptr(r12 - 1))?;
+    a.and(rcx, rax)?;
+    a.add(rcx, rbp)?;
+    pattern_and_addr(a)?;
+    a.mov(qword_ptr(rdi), rax)?;
+    a.cmp(qword_ptr(rdi), rax)?;
+    a.je(ok)?;
+    a.inc(r8)?;
+    a.set_label(&mut ok)?;
+    a.inc(rsi)?;
+    a.jmp(top)?;
+    a.set_label(&mut done)?;
+    a.mov(rsi, -1i64)?;
+    push_arg(a, r11)?;
+    push_arg(a, r8)?;
+    push_arg(a, rsi)?;
+    finish(a, r8)
+}
+
 /// Machine code for `guest`, to be loaded at `ip`.
 pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
     let build = || -> Result<Vec<u8>, IcedError> {
@@ -397,6 +452,7 @@ pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
             Guest::Idle => idle(&mut a)?,
             Guest::Rewrite => rewrite(&mut a)?,
             Guest::Churn => churn(&mut a)?,
+            Guest::Sparse => sparse(&mut a)?,
             g => super::rdma::assemble(g.rdma_kind().expect("RDMA guest"), &mut a)?,
         }
         a.assemble(ip)
