@@ -154,17 +154,20 @@ pub(crate) fn populate(
     page: u64,
 ) -> Fill {
     if let Some((index, gpa)) = at {
-        if let Some(img) = ram.content(index, gpa) {
+        if let Some(img) = ram.image(index) {
             if page_size == crate::layout::PAGE {
-                return uffd.copy(page, img.page(gpa).expect("content checked"));
-            }
-            let mut buf = vec![0u8; page_size as usize];
-            for off in (0..page_size).step_by(crate::layout::PAGE as usize) {
-                if let Some(p) = img.page(gpa + off) {
-                    buf[off as usize..(off + crate::layout::PAGE) as usize].copy_from_slice(p);
+                if let Some(p) = img.page(gpa) {
+                    return uffd.copy(page, p);
                 }
+            } else {
+                let mut buf = vec![0u8; page_size as usize];
+                for off in (0..page_size).step_by(crate::layout::PAGE as usize) {
+                    if let Some(p) = img.page(gpa + off) {
+                        buf[off as usize..(off + crate::layout::PAGE) as usize].copy_from_slice(p);
+                    }
+                }
+                return uffd.copy(page, &buf);
             }
-            return uffd.copy(page, &buf);
         }
     }
     if page_size == crate::layout::PAGE {

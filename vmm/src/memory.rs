@@ -292,13 +292,11 @@ impl GuestRam {
         None
     }
 
-    /// The initial content of the page at `gpa` in region `index`: None for
-    /// zero.
-    pub fn content(&self, index: usize, gpa: u64) -> Option<Arc<BootImage>> {
-        let regions = self.regions.read();
-        match &regions.get(index)?.content {
+    /// Region `index`'s boot image, if it has one.
+    pub fn image(&self, index: usize) -> Option<Arc<BootImage>> {
+        match &self.regions.read().get(index)?.content {
+            Content::Image(img) => Some(img.clone()),
             Content::Zero => None,
-            Content::Image(img) => img.page(gpa).map(|_| img.clone()),
         }
     }
 
@@ -324,18 +322,25 @@ impl GuestRam {
     /// Also returns how many speculatively resolved pages in the range were
     /// never written (still the shared zero page): fault-around's waste.
     pub fn discard(&self, gpa: u64, len: u64) -> (u64, u64) {
-        let regions = self.regions.read();
-        let end = gpa + len;
-        let (mut done, mut wasted) = (0, 0);
-        for r in regions.iter() {
-            let (s, e) = (gpa.max(r.gpa), end.min(r.gpa + r.size));
-            if s >= e {
-                continue;
+        // The region lock is not held across madvise: a REMOVE event makes
+        // madvise wait for the fault thread, which may need the lock.
+        let mut ranges = Vec::new();
+        let mut wasted = 0;
+        {
+            let regions = self.regions.read();
+            let end = gpa + len;
+            for r in regions.iter() {
+                let (s, e) = (gpa.max(r.gpa), end.min(r.gpa + r.size));
+                if s < e {
+                    wasted += take_unwritten(r, s, e);
+                    ranges.push((r.hva() + (s - r.gpa), e - s));
+                }
             }
-            let hva = r.hva() + (s - r.gpa);
-            wasted += take_unwritten(r, s, e);
-            madvise_dontneed(hva, e - s, self.backing);
-            done += e - s;
+        }
+        let mut done = 0;
+        for (hva, n) in ranges {
+            madvise_dontneed(hva, n, self.backing);
+            done += n;
         }
         (done, wasted)
     }
@@ -416,18 +421,27 @@ impl GuestRam {
     /// reclaimer). Extents in a current mapping are ignored: they belong to
     /// a live generation.
     pub fn release_retired(&self, extents: &[mmu::Extent]) -> u64 {
-        let regions = self.regions.read();
+        let ranges: Vec<(u64, u64)> = {
+            let regions = self.regions.read();
+            extents
+                .iter()
+                .filter(|e| {
+                    regions.iter().any(|r| {
+                        r.retired.iter().any(|m| {
+                            let b = m.mapping.as_ptr() as u64;
+                            e.hva >= b && e.hva + e.len <= b + r.size
+                        })
+                    })
+                })
+                .map(|e| (e.hva, e.len))
+                .collect()
+        };
+        // Retired mappings stay mapped until `drop_retired`, which only the
+        // caller's thread (the reclaimer) runs after this returns.
         let mut released = 0;
-        for e in extents {
-            for r in regions.iter() {
-                if r.retired.iter().any(|m| {
-                    let b = m.mapping.as_ptr() as u64;
-                    e.hva >= b && e.hva + e.len <= b + r.size
-                }) {
-                    madvise_dontneed(e.hva, e.len, self.backing);
-                    released += e.len;
-                }
-            }
+        for (hva, len) in ranges {
+            madvise_dontneed(hva, len, self.backing);
+            released += len;
         }
         released
     }

@@ -364,3 +364,133 @@ fn linux_boots_to_its_console() {
     println!("{console}");
     assert!(console.contains("Linux version"), "{r:?}");
 }
+
+/// Invalidations and teardowns racing fault-around windows: `churn` checks
+/// every page holds zero or its own previous stamp.
+#[test]
+fn invalidations_racing_fault_around_windows_leave_no_stale_page() {
+    let memory = 32 * MIB;
+    let cfg = VmConfig {
+        rounds: 30,
+        fault_around: 512,
+        ..config(Guest::Churn, memory, 2)
+    };
+    let (vm, h) = start(cfg);
+    let chaos = {
+        let h = h.clone();
+        std::thread::spawn(move || {
+            let mut x = 0x1234_5678_9abc_def1u64;
+            let mut n = 0u64;
+            while h.running() && !h.finished() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let pages = memory / PAGE;
+                let len = 1 + x % 256;
+                let page = (x >> 16) % (pages - len);
+                h.invalidate(PAYLOAD_RAM_GPA + page * PAGE, len * PAGE)
+                    .unwrap();
+                n += 1;
+                if n.is_multiple_of(100) {
+                    h.teardown().unwrap();
+                }
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            n
+        })
+    };
+    let r = vm.wait(Some(Duration::from_secs(240)));
+    let n = chaos.join().unwrap();
+    assert_eq!(r.exit, "guest-done", "{r:?}");
+    assert_eq!(
+        r.guest_result, "pass",
+        "stale pages seen by the guest: {r:?}"
+    );
+    assert!(n > 50 && r.invalidations > 50, "{n} invalidations");
+    assert!(
+        r.stats.pages_per_fault_max > 1,
+        "fault-around never engaged"
+    );
+    println!(
+        "invalidations {} teardowns {} faults {} pages {} max pages/fault {} retries {} deferred {}",
+        r.invalidations,
+        r.teardowns,
+        r.faults_tracked,
+        r.pages_tracked,
+        r.stats.pages_per_fault_max,
+        r.fault_retries,
+        r.stats.faults_deferred
+    );
+}
+
+/// Reserve `n` 2 MiB huge pages if the host lets us; None says why not.
+fn reserve_huge_pages(n: u64) -> Result<(), String> {
+    let free = |()| -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("HugePages_Free:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    if free(()) >= n {
+        return Ok(());
+    }
+    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .map_err(|e| format!("reading nr_hugepages: {e}"))?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    std::fs::write("/proc/sys/vm/nr_hugepages", format!("{}", total + n))
+        .map_err(|e| format!("cannot reserve huge pages ({e})"))?;
+    if free(()) >= n {
+        Ok(())
+    } else {
+        Err(format!(
+            "only {} free huge pages after asking for {n}",
+            free(())
+        ))
+    }
+}
+
+#[test]
+fn hugetlbfs_guest_faults_two_megabytes_at_a_time_and_splits_on_partial_invalidation() {
+    if let Err(why) = reserve_huge_pages(40) {
+        println!("skipping the hugetlbfs test: {why}");
+        return;
+    }
+    // Sequential touch: one fault per 2 MiB.
+    let cfg = VmConfig {
+        backing: vmm::memory::Backing::Hugetlbfs,
+        ..config(Guest::Touch, 32 * MIB, 2)
+    };
+    let (vm, _) = start(cfg);
+    let r = vm.wait(Some(Duration::from_secs(120)));
+    assert_eq!(r.guest_result, "pass", "{r:?}");
+    assert_eq!(r.ram_faults, 32 * MIB / (2 * MIB));
+    // Invalidate 64 KiB inside a huge page: those pages read zero, the
+    // rest of the huge page keeps its data.
+    let cfg = VmConfig {
+        backing: vmm::memory::Backing::Hugetlbfs,
+        ..config(Guest::Rewrite, 32 * MIB, 1)
+    };
+    let (vm, h) = start(cfg);
+    assert!(h.barrier().wait_for(1, Duration::from_secs(60)));
+    let gpa = PAYLOAD_RAM_GPA + 2 * MIB + 512 * 1024;
+    assert_eq!(h.mmu().lookup(gpa).unwrap().size, mmu::PageSize::Huge);
+    h.invalidate(gpa, 64 * 1024).unwrap();
+    // The mmu keeps the rest of the huge page as 4 KiB entries.
+    assert!(h.mmu().lookup(gpa).is_none());
+    assert_eq!(
+        h.mmu().lookup(gpa - PAGE).unwrap().size,
+        mmu::PageSize::Small
+    );
+    h.resume();
+    let r = vm.wait(Some(Duration::from_secs(60)));
+    assert_eq!(r.guest_result, "pass", "{r:?}");
+    assert_eq!(field(&r, 0, "zeroed"), 16);
+    assert_eq!(field(&r, 0, "bad"), 0);
+}
