@@ -75,6 +75,9 @@ pub enum BenchKind {
         /// Guest RAM the touch payload covers.
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         memory: u64,
+        /// Guest RAM for the fault-around rows.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        fault_around_memory: u64,
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
         /// Repetitions per mode (the median is reported).
@@ -401,10 +404,11 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
     match args.which {
         BenchKind::Faults {
             memory,
+            fault_around_memory,
             vcpus,
             reps,
             json,
-        } => crate::bench::faults(memory, vcpus, reps, json)?,
+        } => crate::bench::faults(memory, fault_around_memory, vcpus, reps, json)?,
         BenchKind::Rnic {
             total,
             budget,

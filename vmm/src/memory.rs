@@ -469,6 +469,39 @@ impl GuestRam {
     }
 }
 
+/// Make sure `n` 2 MiB huge pages are free, raising
+/// `/proc/sys/vm/nr_hugepages` if needed (root). Err says why not.
+pub fn reserve_huge_pages(n: u64) -> Result<(), String> {
+    let free = || -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("HugePages_Free:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    let have = free();
+    if have >= n {
+        return Ok(());
+    }
+    let total: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .map_err(|e| format!("reading /proc/sys/vm/nr_hugepages: {e}"))?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    std::fs::write("/proc/sys/vm/nr_hugepages", format!("{}", total + n - have))
+        .map_err(|e| format!("cannot reserve 2 MiB huge pages ({e})"))?;
+    match free() {
+        f if f >= n => Ok(()),
+        f => Err(format!(
+            "only {f} free 2 MiB huge pages after asking for {n}"
+        )),
+    }
+}
+
 /// Count and clear the speculative marks of `[start, end)` whose page is
 /// still the shared zero page (resolved, never written).
 fn take_unwritten(r: &Region, start: u64, end: u64) -> u64 {

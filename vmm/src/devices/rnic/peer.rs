@@ -48,6 +48,22 @@ pub struct HostPeer {
     thread: Mutex<Option<JoinHandle<()>>>,
     pub echoes: AtomicU64,
     pub recv_errors: AtomicU64,
+    /// Last field: unmapped after the MR and QPs above are gone.
+    _buffer: HostBuffer,
+}
+
+/// The peer's host buffer mapping.
+struct HostBuffer {
+    base: u64,
+    len: u64,
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was created by `HostPeer::new`; every MR and
+        // QP that could reach it was dropped before this field.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len as usize) };
+    }
 }
 
 /// Receives kept posted per peer QP, and the largest message echoed.
@@ -60,14 +76,14 @@ const MAX_PEER_QPS: usize = 256;
 impl HostPeer {
     /// A peer with a `len`-byte host buffer (a multiple of 2 MiB).
     pub fn new(rnic: &Arc<EmulatedRnic>, len: u64) -> Result<Arc<HostPeer>, String> {
-        // SAFETY: a fresh anonymous mapping owned by this peer for the
-        // process lifetime (devices and MRs may refer to it until exit).
+        // SAFETY: a fresh anonymous mapping owned by this peer (its last
+        // field unmaps it); pages are populated as they are used.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len as usize,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
             )
@@ -79,6 +95,7 @@ impl HostPeer {
             ));
         }
         let base = p as u64;
+        let buffer = HostBuffer { base, len };
         for page in (len / 2 / PAGE_SIZE)..(3 * len / 4 / PAGE_SIZE) {
             // SAFETY: inside the mapping just created.
             unsafe { *((base + page * PAGE_SIZE) as *mut u64) = READ_STAMP_MAGIC | page };
@@ -111,6 +128,7 @@ impl HostPeer {
             thread: Mutex::new(None),
             echoes: AtomicU64::new(0),
             recv_errors: AtomicU64::new(0),
+            _buffer: buffer,
         });
         let weak = Arc::downgrade(&peer);
         let stop = peer.stop.clone();
