@@ -183,3 +183,61 @@ fn fuzzing_the_device_finds_no_crash_or_hang() {
     // Resources stay bounded however often the guest resets and enables.
     assert!(h.dev.peer().attached() <= 4);
 }
+
+/// Two microVMs in one process share one emulated RNIC: A's guest RDMA
+/// WRITEs into a window of B's guest memory, through the rkey of B's
+/// guest-RAM MR in B's protection domain; B's pages are faulted in through
+/// B's own mmu.
+#[test]
+fn two_microvms_share_one_rnic_guest_to_guest() {
+    use vmm::devices::rnic::HostPeer;
+    use vmm::vm::RnicChoice;
+    let nic = rdma_passthrough::EmulatedRnic::new(Default::default());
+    let host = HostPeer::new(&nic, 64 * MIB).unwrap();
+    let shared = RnicChoice::Shared(nic.clone(), host);
+    let mk = |guest, iters| VmConfig {
+        guest: GuestConfig::Builtin(guest),
+        memory: 64 * MIB,
+        vcpus: 1,
+        iters,
+        rnic: shared.clone(),
+        console: Sink::Buffer(Default::default()),
+        ..VmConfig::default()
+    };
+    let mut b = Vm::new(mk(Guest::Idle, 0)).unwrap();
+    let hb = b.handle();
+    b.start().unwrap();
+    let mut a = Vm::new(mk(Guest::RdmaWriteBw, 512)).unwrap();
+    let ha = a.handle();
+    let (dev_a, dev_b) = (
+        ha.0.devices.rnic.clone().unwrap(),
+        hb.0.devices.rnic.clone().unwrap(),
+    );
+    let window = vmm::layout::PAYLOAD_RAM_GPA + 32 * MIB;
+    dev_a
+        .peer_with_guest(&dev_b, hb.0.ram.clone(), window, 32 * MIB)
+        .unwrap();
+    a.start().unwrap();
+    let r = a.wait(Some(Duration::from_secs(120)));
+    assert_eq!(r.guest_result, "pass", "{r:?}");
+    assert_eq!(r.perftest[0].errors, 0);
+    assert_eq!(r.stats.rnic_stale_accesses, 0);
+    assert_eq!(r.stats.rnic_bytes_written, 512 * 64 * 1024);
+    // Checked in B's memory, which B's mmu faulted in for the device.
+    assert!(
+        dev_a
+            .stats
+            .pages_verified
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    let device_pages =
+        hb.0.faults
+            .device_pages
+            .load(std::sync::atomic::Ordering::Relaxed);
+    // Four 64 KiB message slots: 64 pages of B.
+    assert!(device_pages >= 64, "{device_pages}");
+    assert!(hb.mmu().mapped_bytes() >= 64 * 4096);
+    hb.shutdown();
+    b.wait(Some(Duration::from_secs(30)));
+}

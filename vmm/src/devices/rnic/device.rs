@@ -67,6 +67,8 @@ struct QpCtx {
     qp: Option<Qp>,
     /// The host peer's QP for ours.
     peer_qpn: Option<u32>,
+    /// Our peer QP in another guest's protection domain (guest ↔ guest).
+    guest_peer_qp: Option<Qp>,
     cq: Cq,
     cqes: VecDeque<Wc>,
     writes: VecDeque<Posted>,
@@ -86,11 +88,23 @@ impl QpCtx {
             flushing: false,
             qp: None,
             peer_qpn: None,
+            guest_peer_qp: None,
             cq,
             cqes: VecDeque::new(),
             writes: VecDeque::new(),
         }
     }
+}
+
+/// Another guest as the peer: its protection domain, the rkey of its
+/// guest-RAM MR, a window of its guest-physical memory, and its memory
+/// (to check stamps of what landed there).
+pub struct GuestPeer {
+    pub pd: Pd,
+    pub rkey: u32,
+    pub base: u64,
+    pub len: u64,
+    pub mem: Arc<dyn GuestMemory>,
 }
 
 pub struct RnicDevice {
@@ -99,7 +113,9 @@ pub struct RnicDevice {
     pd: Pd,
     mr: Mr,
     peer: Arc<HostPeer>,
-    /// Last stamp iteration seen per host-peer page (stale detection).
+    /// When set, queue pairs connect to another guest instead of the host.
+    guest_peer: parking_lot::RwLock<Option<GuestPeer>>,
+    /// Last stamp iteration seen per peer page (stale detection).
     seen: Vec<AtomicU64>,
     qps: Vec<Mutex<QpCtx>>,
     pub stats: RnicDeviceStats,
@@ -156,6 +172,7 @@ impl RnicDevice {
             pd,
             mr,
             peer,
+            guest_peer: parking_lot::RwLock::new(None),
             seen,
             qps,
             stats: RnicDeviceStats::default(),
@@ -192,6 +209,7 @@ impl RnicDevice {
         if let Some(qpn) = q.peer_qpn.take() {
             self.peer.detach(qpn);
         }
+        q.guest_peer_qp = None;
         q.qp = None;
         *q = QpCtx::new(self.rnic.create_cq(MAX_PENDING_CQES * 4));
         self.stats.resets.fetch_add(1, Ordering::Relaxed);
@@ -226,11 +244,27 @@ impl RnicDevice {
                 return self.device_error(q, ERR_BAD_RING);
             }
         };
-        match self.peer.attach(&self.rnic, &qp) {
-            Ok(qpn) => q.peer_qpn = Some(qpn),
-            Err(e) => {
-                log::error!("rnic device: attaching the host peer: {e}");
-                return self.device_error(q, ERR_BAD_RING);
+        if let Some(g) = self.guest_peer.read().as_ref() {
+            // A responder QP in the other guest's domain: our guest reaches
+            // its memory only through the rkey it exposes.
+            let cq = self.rnic.create_cq(64);
+            match self.rnic.create_qp(&g.pd, &cq, &cq, QpCaps::default()) {
+                Ok(other) => {
+                    self.rnic.connect(&qp, &other);
+                    q.guest_peer_qp = Some(other);
+                }
+                Err(e) => {
+                    log::error!("rnic device: a queue pair in the peer guest: {e}");
+                    return self.device_error(q, ERR_BAD_RING);
+                }
+            }
+        } else {
+            match self.peer.attach(&self.rnic, &qp) {
+                Ok(qpn) => q.peer_qpn = Some(qpn),
+                Err(e) => {
+                    log::error!("rnic device: attaching the host peer: {e}");
+                    return self.device_error(q, ERR_BAD_RING);
+                }
             }
         }
         q.qp = Some(qp);
@@ -351,26 +385,42 @@ impl RnicDevice {
     /// zero (the guest discarded it) or carry the stamp of this position
     /// with an iteration no older than the last one seen there.
     fn verify_write(&self, p: &Posted) {
-        let base = self.peer.base;
+        let guest = self.guest_peer.read();
+        let (base, len) = match guest.as_ref() {
+            Some(g) => (g.base, g.len),
+            None => (self.peer.base, self.peer.len),
+        };
         let Some(off) = p.remote.checked_sub(base) else {
             return;
         };
-        if off.saturating_add(p.len) > self.peer.len / 2 {
+        if off.saturating_add(p.len) > len / 2 {
             return; // outside the write half: nothing of ours to check
         }
         let first = off.div_ceil(mmu::PAGE_SIZE);
         let last = (off + p.len) / mmu::PAGE_SIZE;
         for page in first..last {
-            // SAFETY: the page lies inside the peer's live host buffer.
-            let v =
-                unsafe { std::ptr::read_volatile((base + page * mmu::PAGE_SIZE) as *const u64) };
+            let at = base + page * mmu::PAGE_SIZE;
+            let v = match guest.as_ref() {
+                Some(g) => {
+                    let mut b = [0u8; 8];
+                    if g.mem.read(at, &mut b).is_err() {
+                        continue;
+                    }
+                    u64::from_le_bytes(b)
+                }
+                // SAFETY: the page lies inside the peer's live host buffer.
+                None => unsafe { std::ptr::read_volatile(at as *const u64) },
+            };
             self.stats.pages_verified.fetch_add(1, Ordering::Relaxed);
             if v == 0 {
                 self.stats.pages_zero.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let (iter, place) = (v >> 32, v & 0xffff_ffff);
-            let prev = self.seen[page as usize].fetch_max(iter, Ordering::Relaxed);
+            let Some(seen) = self.seen.get(page as usize) else {
+                continue;
+            };
+            let prev = seen.fetch_max(iter, Ordering::Relaxed);
             if place != page || iter < prev {
                 self.stats.stale_accesses.fetch_add(1, Ordering::Relaxed);
             }
@@ -419,9 +469,17 @@ impl RnicDevice {
                 REG_VERSION => u64::from(RNIC_VERSION),
                 REG_NUM_QPS => self.qps.len() as u64,
                 REG_LKEY => u64::from(self.mr.lkey()),
-                REG_PEER_ADDR => self.peer.base,
-                REG_PEER_LEN => self.peer.len,
-                REG_PEER_RKEY => u64::from(self.peer.rkey()),
+                REG_PEER_ADDR | REG_PEER_LEN | REG_PEER_RKEY => {
+                    let g = self.guest_peer.read();
+                    match (offset, g.as_ref()) {
+                        (REG_PEER_ADDR, Some(g)) => g.base,
+                        (REG_PEER_LEN, Some(g)) => g.len,
+                        (_, Some(g)) => u64::from(g.rkey),
+                        (REG_PEER_ADDR, None) => self.peer.base,
+                        (REG_PEER_LEN, None) => self.peer.len,
+                        (_, None) => u64::from(self.peer.rkey()),
+                    }
+                }
                 _ => 0,
             };
             return put(data, v);
@@ -517,6 +575,34 @@ impl RnicDevice {
         for q in &self.qps {
             self.reset(&mut q.lock());
         }
+    }
+
+    /// Make `other`'s guest the peer of this device's queue pairs enabled
+    /// from now on: `[base, base + len)` of its guest-physical memory, which
+    /// both devices' RNIC must share (one emulated RNIC, two guests).
+    pub fn peer_with_guest(
+        &self,
+        other: &RnicDevice,
+        mem: Arc<dyn GuestMemory>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), String> {
+        if !Arc::ptr_eq(&self.rnic, &other.rnic) {
+            return Err("guest peers must share one emulated RNIC".into());
+        }
+        if !mem.contains(base, len) || len / mmu::PAGE_SIZE > self.seen.len() as u64 {
+            return Err(format!(
+                "peer window [{base:#x}, +{len:#x}) is not usable guest memory"
+            ));
+        }
+        *self.guest_peer.write() = Some(GuestPeer {
+            pd: other.pd.clone(),
+            rkey: other.mr.rkey(),
+            base,
+            len,
+            mem,
+        });
+        Ok(())
     }
 
     pub fn peer(&self) -> &Arc<HostPeer> {

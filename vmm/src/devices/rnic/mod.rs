@@ -56,7 +56,7 @@ mod device;
 pub mod fuzz;
 mod peer;
 
-pub use device::{GuestMemory, RnicDevice, RnicDeviceStats};
+pub use device::{GuestMemory, GuestPeer, RnicDevice, RnicDeviceStats};
 pub use peer::{HostPeer, PeerMode, READ_STAMP_MAGIC};
 
 pub const RNIC_ID: u32 = 0x4f44_5052;
