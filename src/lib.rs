@@ -5,3 +5,5 @@
 //! tests (`tests/`) and benchmarks (`benches/`).
 
 pub use mmu;
+pub use rdma_passthrough;
+pub use vmm;

@@ -151,23 +151,3 @@ pub struct Invalidation {
     pub id: u64,
     pub kind: InvalidationKind,
 }
-
-impl Invalidation {
-    /// The guest-physical range affected (`[0, u64::MAX)` for `Scope::All`).
-    pub fn range(&self, regions: &[RegionInfo]) -> (u64, u64) {
-        match &self.kind {
-            InvalidationKind::Range { gpa, len } => (*gpa, gpa + len),
-            InvalidationKind::Generation {
-                scope: Scope::All, ..
-            } => (0, u64::MAX),
-            InvalidationKind::Generation {
-                scope: Scope::Region(id),
-                ..
-            } => regions
-                .iter()
-                .find(|r| r.id == *id)
-                .map(|r| (r.gpa, r.gpa + r.size))
-                .unwrap_or((0, 0)),
-        }
-    }
-}

@@ -57,7 +57,7 @@ pub mod fuzz;
 mod peer;
 
 pub use device::{GuestMemory, GuestPeer, RnicDevice, RnicDeviceStats};
-pub use peer::{HostPeer, PeerMode, READ_STAMP_MAGIC};
+pub use peer::{HostPeer, READ_STAMP_MAGIC};
 
 pub const RNIC_ID: u32 = 0x4f44_5052;
 pub const RNIC_VERSION: u32 = 1;

@@ -24,12 +24,6 @@ use std::time::Duration;
 /// index in the low.
 pub const READ_STAMP_MAGIC: u64 = 0x5245_4144 << 32;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PeerMode {
-    /// Receive and echo SENDs.
-    Echo,
-}
-
 struct PeerQp {
     qp: Qp,
     cq: Cq,
