@@ -262,24 +262,8 @@ mod rnic_bench {
     }
 
     pub(super) fn space(len: u64) -> Result<Space, String> {
-        // SAFETY: a fresh anonymous mapping, kept for the process lifetime.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "mmap {len} bytes: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let base = p as u64;
+        // Kept for the process lifetime (MRs of the bench refer to it).
+        let base = crate::memory::map_anonymous(len, true)?;
         let mmu = Mmu::new(MmuConfig::default());
         mmu.add_region(RegionSpec {
             name: "bench".into(),

@@ -469,6 +469,35 @@ impl GuestRam {
     }
 }
 
+/// A fresh private anonymous mapping of `len` bytes (populated up front
+/// with `populate`), for the VMM's own buffers. The caller owns it.
+pub fn map_anonymous(len: u64, populate: bool) -> Result<u64, String> {
+    let extra = if populate {
+        libc::MAP_POPULATE
+    } else {
+        libc::MAP_NORESERVE
+    };
+    // SAFETY: a new mapping at an address the kernel picks; nothing else
+    // refers to it yet.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | extra,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!(
+            "mapping {len} bytes: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(p as u64)
+}
+
 /// Make sure `n` 2 MiB huge pages are free, raising
 /// `/proc/sys/vm/nr_hugepages` if needed (root). Err says why not.
 pub fn reserve_huge_pages(n: u64) -> Result<(), String> {

@@ -135,14 +135,20 @@ type Asm = CodeAssembler;
 type R = Result<(), IcedError>;
 
 /// r15 = params, r14 = vCPU index, r13 = vCPU count, rbx = RAM base VA,
-/// r10 = seed, r9 = MIX, r12..r11 = this vCPU's page range.
-fn prologue(a: &mut Asm) -> R {
+/// r10 = seed, r9 = MIX.
+fn common_registers(a: &mut Asm) -> R {
     a.mov(r15, rdx)?;
     a.mov(r14, rdi)?;
     a.mov(r13, rsi)?;
     a.mov(rbx, qword_ptr(r15 + params::RAM_VA))?;
     a.mov(r10, qword_ptr(r15 + params::SEED))?;
     a.mov(r9, MIX)?;
+    Ok(())
+}
+
+/// `common_registers`, and r12..r11 = this vCPU's page range.
+fn prologue(a: &mut Asm) -> R {
+    common_registers(a)?;
     // start = work_pages * index / vcpus
     a.mov(rax, qword_ptr(r15 + params::WORK_PAGES))?;
     a.mul(r14)?;
@@ -398,12 +404,7 @@ fn churn(a: &mut Asm) -> R {
 /// S = ram_pages / vcpus (a power of two); it touches pages
 /// i*S + (j*7919 mod S) for j < work_pages / vcpus.
 fn sparse(a: &mut Asm) -> R {
-    a.mov(r15, rdx)?;
-    a.mov(r14, rdi)?;
-    a.mov(r13, rsi)?;
-    a.mov(rbx, qword_ptr(r15 + params::RAM_VA))?;
-    a.mov(r10, qword_ptr(r15 + params::SEED))?;
-    a.mov(r9, MIX)?;
+    common_registers(a)?;
     // r12 = S (share), r11 = touches per vCPU
     a.mov(rax, qword_ptr(r15 + params::RAM_PAGES))?;
     a.xor(edx, edx)?;

@@ -70,25 +70,10 @@ const MAX_PEER_QPS: usize = 256;
 impl HostPeer {
     /// A peer with a `len`-byte host buffer (a multiple of 2 MiB).
     pub fn new(rnic: &Arc<EmulatedRnic>, len: u64) -> Result<Arc<HostPeer>, String> {
-        // SAFETY: a fresh anonymous mapping owned by this peer (its last
-        // field unmaps it); pages are populated as they are used.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!(
-                "host peer buffer: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        let base = p as u64;
+        // Owned by this peer (its last field unmaps it); pages are
+        // populated as they are used.
+        let base = crate::memory::map_anonymous(len, false)
+            .map_err(|e| format!("host peer buffer: {e}"))?;
         let buffer = HostBuffer { base, len };
         for page in (len / 2 / PAGE_SIZE)..(3 * len / 4 / PAGE_SIZE) {
             // SAFETY: inside the mapping just created.
