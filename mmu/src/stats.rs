@@ -26,6 +26,7 @@ pub struct Stats {
     pub(crate) leaves_reclaimed: AtomicU64,
     pub(crate) entries_reclaimed: AtomicU64,
     pub(crate) reclaim_batches: AtomicU64,
+    pub(crate) reclaim_waits: AtomicU64,
     pub(crate) hold_all: Histogram,
     pub(crate) hold_fault: Histogram,
     pub(crate) hold_invalidate: Histogram,
@@ -64,6 +65,7 @@ impl Stats {
             leaves_reclaimed: get(&self.leaves_reclaimed),
             entries_reclaimed: get(&self.entries_reclaimed),
             reclaim_batches: get(&self.reclaim_batches),
+            reclaim_waits: get(&self.reclaim_waits),
             lock_hold_ns: self.hold_all.summary(),
             fault_hold_ns: self.hold_fault.summary(),
             invalidate_hold_ns: self.hold_invalidate.summary(),
@@ -122,6 +124,8 @@ pub struct StatsSnapshot {
     /// 4 KiB-equivalent entries in those leaves.
     pub entries_reclaimed: u64,
     pub reclaim_batches: u64,
+    /// Reclaim steps that waited for another thread's step to finish.
+    pub reclaim_waits: u64,
     pub lock_hold_ns: Summary,
     pub fault_hold_ns: Summary,
     pub invalidate_hold_ns: Summary,

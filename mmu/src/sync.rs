@@ -33,6 +33,21 @@ pub(crate) fn yield_now() {
     std::thread::yield_now();
 }
 
+/// Names the calling thread, so the mmu can refuse to make a thread wait
+/// for work that thread itself is doing (a mirror callback calling back).
+#[cfg(loom)]
+pub(crate) type ThreadToken = loom::thread::ThreadId;
+#[cfg(not(loom))]
+pub(crate) type ThreadToken = std::thread::ThreadId;
+
+#[inline]
+pub(crate) fn thread_token() -> ThreadToken {
+    #[cfg(loom)]
+    return loom::thread::current().id();
+    #[cfg(not(loom))]
+    return std::thread::current().id();
+}
+
 #[cfg(loom)]
 pub(crate) use loom::cell::{MutPtr, UnsafeCell};
 

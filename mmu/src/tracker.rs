@@ -5,11 +5,15 @@ use crate::clock;
 use crate::error::Error;
 use crate::lock::{Guard, LockPolicy, MmuLock};
 use crate::mirror::{FaultResolver, Mirror, MirrorId, MirrorRole};
+use crate::seq::SeqLog;
 use crate::stats::{Hold, Stats};
-use crate::sync::{AtomicUsize, Condvar, Mutex, Ordering};
-use crate::table::{leaf_index, Entry, Leaf, LeafList, RegionTable, Slot, ENTRIES_PER_LEAF};
+use crate::sync::{thread_token, AtomicUsize, Condvar, Mutex, Ordering, ThreadToken};
+use crate::table::{leaf_index, Entry, Leaf, LeafList, RegionTable, ENTRIES_PER_LEAF};
 use crate::types::*;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+
+mod reclaim;
+pub use reclaim::ReclaimProgress;
 
 /// Tunables. The defaults are what the project ships with.
 #[derive(Clone, Debug)]
@@ -79,29 +83,8 @@ impl Default for Config {
 /// Regions per mmu (preallocated so adding one never allocates under the
 /// lock). KVM allows more memslots, but a microVM uses a handful.
 pub const MAX_REGIONS: usize = 64;
-/// Invalidations in flight at once; more wait for a free slot.
-const MAX_ACTIVE: usize = 64;
-/// Ended invalidations remembered for `read_retry`. A ticket older than
-/// everything remembered is conservatively stale.
-const LOG_LEN: usize = 64;
 /// Zeroed leaves kept for reuse so installs rarely allocate.
 const FREE_LEAVES_MAX: usize = 256;
-
-/// An invalidation or teardown in flight or recently ended.
-#[derive(Clone, Copy, Debug, Default)]
-struct Span {
-    /// Sequence number it took; 0 marks an empty log slot.
-    id: u64,
-    gpa: u64,
-    end: u64,
-    teardown: bool,
-}
-
-impl Span {
-    fn overlaps(&self, gpa: u64, end: u64) -> bool {
-        self.gpa < end && gpa < self.end
-    }
-}
 
 type MirrorList = Arc<[(MirrorId, Arc<dyn Mirror>)]>;
 
@@ -109,13 +92,8 @@ struct State {
     regions: Vec<RegionTable>,
     next_region: u64,
     next_gen: u64,
-    /// Sequence numbers handed out so far (one per invalidation/teardown).
-    seq: u64,
-    active: Vec<Span>,
-    log: [Span; LOG_LEN],
-    log_next: usize,
-    /// Largest id evicted from `log`.
-    log_floor: u64,
+    /// In-flight and recently ended invalidations.
+    seq: SeqLog,
     mirrors: MirrorList,
     next_mirror: u64,
     /// Obsolete leaves detached by installs, awaiting the reclaimer.
@@ -123,6 +101,11 @@ struct State {
     free: LeafList,
     /// Region the reclaimer's scan is in.
     scan_region: usize,
+    /// The thread running a reclaim step, if any: steps are serialized so
+    /// a generation is reported reclaimed only after every batch of it was.
+    reclaim_owner: Option<ThreadToken>,
+    /// Reclaim steps started so far.
+    reclaim_epoch: u64,
 }
 
 impl State {
@@ -159,46 +142,22 @@ impl State {
         true
     }
 
-    fn collides_active(&self, gpa: u64, end: u64) -> bool {
-        self.active.iter().any(|s| s.overlaps(gpa, end))
-    }
-
     /// `read_retry`: has an invalidation overlapping the ticket's range
     /// started since the ticket was taken?
     fn collides(&self, t: &Ticket) -> bool {
-        debug_assert!(t.seq <= self.seq, "tickets are only issued by this mmu");
-        if self.seq == t.seq {
-            return false; // nothing started since: the common case
-        }
-        if self.log_floor > t.seq {
-            return true; // forgotten invalidations might overlap
-        }
-        let newer = |s: &Span| s.id > t.seq && s.overlaps(t.gpa, t.end());
-        self.active.iter().any(newer) || self.log.iter().any(newer)
+        debug_assert!(
+            t.seq <= self.seq.current(),
+            "tickets are only issued by this mmu"
+        );
+        self.seq.collides(t.seq, t.gpa, t.end())
     }
 
-    fn begin_span(&mut self, gpa: u64, end: u64, teardown: bool) -> u64 {
-        self.seq += 1;
-        let id = self.seq;
-        self.active.push(Span {
-            id,
-            gpa,
-            end,
-            teardown,
-        });
-        id
-    }
-
-    fn end_span(&mut self, id: u64) {
-        let i = self
-            .active
-            .iter()
-            .position(|s| s.id == id)
-            .expect("ending an invalidation that is not active");
-        let span = self.active.swap_remove(i);
-        let evicted = std::mem::replace(&mut self.log[self.log_next], span);
-        self.log_floor = self.log_floor.max(evicted.id);
-        self.log_next = (self.log_next + 1) % LOG_LEN;
+    /// Whether a teardown of (part of) region `ri` is still being fanned
+    /// out: its old generation's leaves must not reach any mirror's
+    /// `reclaimed` until every mirror confirmed the notice.
+    fn fenced(&self, ri: usize) -> bool {
+        let r = &self.regions[ri];
+        self.seq.teardown_in_flight(r.gpa, r.end())
     }
 
     /// Write one translation. `Err(())` means a fresh leaf is needed and
@@ -384,28 +343,12 @@ pub struct TeardownReport {
     pub ns: u64,
 }
 
-/// What one `reclaim_step` did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReclaimProgress {
-    pub leaves: u64,
-    pub entries: u64,
-    /// Whether obsolete state remains.
-    pub more: bool,
-}
-
 /// What `fault_in` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultOutcome {
     pub installed: usize,
     /// Times the install raced with an invalidation and started over.
     pub retries: u32,
-}
-
-#[derive(Default)]
-struct ReclaimSignal {
-    /// (work pending, stop)
-    flags: std::sync::Mutex<(bool, bool)>,
-    cv: std::sync::Condvar,
 }
 
 /// The secondary MMU. See the crate documentation for the protocol.
@@ -420,7 +363,7 @@ pub struct Mmu {
     waiting: AtomicUsize,
     wait_mutex: Mutex<()>,
     wait_cv: Condvar,
-    reclaim: Arc<ReclaimSignal>,
+    reclaim: Arc<reclaim::ReclaimSignal>,
     reclaimer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -443,11 +386,9 @@ impl Mmu {
             regions: Vec::with_capacity(MAX_REGIONS),
             next_region: 1,
             next_gen: 1,
-            seq: 0,
-            active: Vec::with_capacity(MAX_ACTIVE),
-            log: [Span::default(); LOG_LEN],
-            log_next: 0,
-            log_floor: 0,
+            seq: SeqLog::new(),
+            reclaim_owner: None,
+            reclaim_epoch: 0,
             mirrors: Arc::new([]),
             next_mirror: 1,
             obsolete: LeafList::default(),
@@ -463,7 +404,7 @@ impl Mmu {
             waiting: AtomicUsize::new(0),
             wait_mutex: Mutex::new(()),
             wait_cv: Condvar::new(),
-            reclaim: Arc::new(ReclaimSignal::default()),
+            reclaim: Arc::new(reclaim::ReclaimSignal::default()),
             reclaimer: std::sync::Mutex::new(None),
         });
         if background && cfg!(not(loom)) {
@@ -471,7 +412,7 @@ impl Mmu {
             let signal = mmu.reclaim.clone();
             let handle = std::thread::Builder::new()
                 .name("mmu-reclaim".into())
-                .spawn(move || reclaimer_thread(weak, signal))
+                .spawn(move || reclaim::reclaimer_thread(weak, signal))
                 .map_err(|e| Error::Spawn(e.to_string()))?;
             *mmu.reclaimer.lock().unwrap() = Some(handle);
         }
@@ -654,10 +595,15 @@ impl Mmu {
         }
     }
 
-    /// Unsubscribe a mirror. Returns once no invalidation that could still
-    /// call it is running, so the caller may free it. May sleep.
+    /// Unsubscribe a mirror. Returns once nothing that could still call
+    /// it is running — no invalidation or teardown that started before,
+    /// and no reclaim step that took the mirror list before — so the
+    /// caller may free it. May sleep. Called from inside one of this mmu's
+    /// mirror callbacks (which it would wait for) it changes nothing and
+    /// returns `Err(Reentrant)`.
     pub fn unregister_mirror(&self, id: MirrorId) -> Result<(), Error> {
-        let last = loop {
+        let me = thread_token();
+        let (last, step) = loop {
             let current = self.lock(Hold::Other).mirrors.clone();
             if !current.iter().any(|(m, _)| *m == id) {
                 return Err(Error::NoSuchMirror(id.0));
@@ -669,15 +615,23 @@ impl Mmu {
                 .collect::<Vec<_>>()
                 .into();
             let mut st = self.lock(Hold::Other);
+            if st.reclaim_owner == Some(me) || st.seq.active_on(me) {
+                return Err(Error::Reentrant("unregister_mirror"));
+            }
             if Arc::ptr_eq(&st.mirrors, &current) {
                 let old = std::mem::replace(&mut st.mirrors, list);
-                let last = st.seq;
+                let last = st.seq.current();
+                // The step in flight (if any) took the list before this swap.
+                let step = st.reclaim_owner.map(|_| st.reclaim_epoch);
                 drop(st);
                 drop(old);
-                break last;
+                break (last, step);
             }
         };
-        self.wait_until(|st| st.active.iter().all(|s| s.id > last));
+        self.wait_until(|st| {
+            st.seq.active_up_to(last).is_none()
+                && step.is_none_or(|epoch| st.reclaim_owner.is_none() || st.reclaim_epoch != epoch)
+        });
         Ok(())
     }
 
@@ -699,7 +653,15 @@ impl Mmu {
             }
             Stats::bump(&self.stats.read_begin_waits, 1);
             let end = check_range(gpa, len)?;
-            self.wait_until(|st| !st.collides_active(gpa, end));
+            if self
+                .lock(Hold::Fault)
+                .seq
+                .active_overlapping_on(gpa, end, thread_token())
+            {
+                // Waiting would wait for this thread's own invalidation.
+                return Err(Error::Reentrant("read_begin"));
+            }
+            self.wait_until(|st| st.seq.active_overlapping(gpa, end).is_none());
         }
     }
 
@@ -709,7 +671,7 @@ impl Mmu {
         let end = check_range(gpa, len)?;
         let st = self.lock(Hold::Fault);
         let ri = st.region_index(gpa, len)?;
-        if let Some(s) = st.active.iter().find(|s| s.overlaps(gpa, end)) {
+        if let Some(s) = st.seq.active_overlapping(gpa, end) {
             return Err(Error::Busy {
                 gpa: s.gpa,
                 end: s.end,
@@ -719,7 +681,7 @@ impl Mmu {
         let r = &st.regions[ri];
         Ok(Ticket {
             mmu: self.instance,
-            seq: st.seq,
+            seq: st.seq.current(),
             gpa,
             len,
             region: r.id,
@@ -892,21 +854,22 @@ impl Mmu {
         teardown: bool,
         mut prepare: impl FnMut(&mut State) -> Result<T, Error>,
     ) -> Result<(u64, MirrorList, T), Error> {
+        let me = thread_token();
         loop {
             {
                 let mut st = self.lock(kind);
-                if st.active.len() < MAX_ACTIVE {
+                if !st.seq.full() {
                     let t = prepare(&mut st)?;
-                    let id = st.begin_span(gpa, end, teardown);
+                    let id = st.seq.begin(gpa, end, teardown, Some(me));
                     return Ok((id, st.mirrors.clone(), t));
                 }
             }
-            self.wait_until(|st| st.active.len() < MAX_ACTIVE);
+            self.wait_until(|st| !st.seq.full());
         }
     }
 
     fn end(&self, id: u64) {
-        self.lock(Hold::Other).end_span(id);
+        self.lock(Hold::Other).seq.end(id);
         self.wake_waiters();
     }
 
@@ -1068,182 +1031,6 @@ impl Mmu {
         drop(dead);
         Stats::bump(&self.stats.entries_zapped, zapped);
         Ok(TeardownReport { id, generation, ns })
-    }
-
-    // ---- reclaim -------------------------------------------------------
-
-    fn kick_reclaimer(&self) {
-        let mut f = self.reclaim.flags.lock().unwrap();
-        f.0 = true;
-        self.reclaim.cv.notify_one();
-    }
-
-    /// One reclaim batch: in one lock hold, detach at most `reclaim_batch`
-    /// obsolete leaves (examining at most `reclaim_scan` directory slots);
-    /// then, without the lock, report them to the mirrors and free them.
-    pub fn reclaim_step(&self) -> ReclaimProgress {
-        let batch = self.config.reclaim_batch.max(1);
-        // Preallocated so detaching neither allocates nor writes to the
-        // (cold) leaves under the lock.
-        let mut detached: Vec<Box<Leaf>> = Vec::with_capacity(batch);
-        let mut finished = None;
-        let mut dead_dir: Vec<Slot> = Vec::new();
-        let (mirrors, more) = {
-            let mut st = self.lock(Hold::Reclaim);
-            while detached.len() < batch {
-                match st.obsolete.pop() {
-                    Some(leaf) => detached.push(leaf),
-                    None => break,
-                }
-            }
-            let mut scanned = 0;
-            while detached.len() < batch && scanned < self.config.reclaim_scan {
-                let n = st.regions.len();
-                let Some(ri) = (0..n)
-                    .map(|k| (st.scan_region + k) % n)
-                    .find(|&i| st.regions[i].reclaim_cursor < st.regions[i].dir.len())
-                else {
-                    break;
-                };
-                st.scan_region = ri;
-                let r = &mut st.regions[ri];
-                while r.reclaim_cursor < r.dir.len()
-                    && detached.len() < batch
-                    && scanned < self.config.reclaim_scan
-                {
-                    let i = r.reclaim_cursor;
-                    if r.slot_obsolete(i) {
-                        detached.push(r.dir[i].leaf.take().expect("obsolete slot has a leaf"));
-                    }
-                    r.reclaim_cursor += 1;
-                    scanned += 1;
-                }
-            }
-            // Report a region once its scan is complete and no leaf of it
-            // can still sit on the obsolete list.
-            if st.obsolete.is_empty() {
-                if let Some(ri) = st.regions.iter().position(|r| {
-                    r.reclaim_cursor == r.dir.len()
-                        && (r.reclaimed_below != r.valid_gen || r.removed)
-                }) {
-                    let r = &mut st.regions[ri];
-                    r.reclaimed_below = r.valid_gen;
-                    finished = Some((r.id, r.valid_gen));
-                    if r.removed {
-                        dead_dir = std::mem::take(&mut st.regions.remove(ri).dir);
-                        st.scan_region = 0;
-                    }
-                }
-            }
-            let more = !st.obsolete.is_empty()
-                || st.regions.iter().any(|r| {
-                    r.reclaim_cursor < r.dir.len() || r.reclaimed_below != r.valid_gen || r.removed
-                });
-            (st.mirrors.clone(), more)
-        };
-
-        let mut extents = Vec::new();
-        let mut entries = 0;
-        let leaves = detached.len() as u64;
-        let mut recycled = detached;
-        for leaf in recycled.iter_mut() {
-            entries += leaf.extents(&mut extents);
-            leaf.reset(RegionId(0), 0);
-        }
-        if !extents.is_empty() {
-            for (_, m) in mirrors.iter() {
-                m.reclaimed(&extents);
-            }
-        }
-        if let Some((region, below)) = finished {
-            for (_, m) in mirrors.iter() {
-                m.generation_reclaimed(region, below);
-            }
-        }
-        if !recycled.is_empty() {
-            let mut st = self.lock(Hold::Reclaim);
-            while st.free.len() < FREE_LEAVES_MAX {
-                match recycled.pop() {
-                    Some(leaf) => st.free.push(leaf),
-                    None => break,
-                }
-            }
-        }
-        drop(recycled);
-        drop(dead_dir);
-        if leaves > 0 || finished.is_some() {
-            Stats::bump(&self.stats.reclaim_batches, 1);
-            Stats::bump(&self.stats.leaves_reclaimed, leaves);
-            Stats::bump(&self.stats.entries_reclaimed, entries);
-        }
-        ReclaimProgress {
-            leaves,
-            entries,
-            more,
-        }
-    }
-
-    /// Run `reclaim_step` until nothing obsolete is left (tests and
-    /// benchmarks; the background thread does this on its own).
-    pub fn reclaim_all(&self) -> ReclaimProgress {
-        let mut total = ReclaimProgress::default();
-        loop {
-            let p = self.reclaim_step();
-            total.leaves += p.leaves;
-            total.entries += p.entries;
-            if !p.more {
-                return total;
-            }
-        }
-    }
-
-    /// Whether obsolete state is still waiting for the reclaimer.
-    pub fn reclaim_pending(&self) -> bool {
-        let st = self.lock(Hold::Other);
-        !st.obsolete.is_empty()
-            || st.regions.iter().any(|r| {
-                r.reclaim_cursor < r.dir.len() || r.reclaimed_below != r.valid_gen || r.removed
-            })
-    }
-}
-
-impl Drop for Mmu {
-    fn drop(&mut self) {
-        {
-            let mut f = self.reclaim.flags.lock().unwrap();
-            f.1 = true;
-            self.reclaim.cv.notify_one();
-        }
-        let handle = self.reclaimer.lock().unwrap().take();
-        if let Some(h) = handle {
-            // The reclaimer may itself hold the last reference.
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
-        }
-    }
-}
-
-fn reclaimer_thread(mmu: Weak<Mmu>, signal: Arc<ReclaimSignal>) {
-    loop {
-        {
-            let mut f = signal.flags.lock().unwrap();
-            while !f.0 && !f.1 {
-                f = signal.cv.wait(f).unwrap();
-            }
-            if f.1 {
-                return;
-            }
-            f.0 = false;
-        }
-        let Some(mmu) = mmu.upgrade() else { return };
-        while mmu.reclaim_step().more {
-            if signal.flags.lock().unwrap().1 {
-                return;
-            }
-            // Let faulting threads at the lock between batches.
-            std::thread::yield_now();
-        }
     }
 }
 
