@@ -194,6 +194,7 @@
 //! (`regions_past_the_address_limit_are_rejected`).
 
 mod clock;
+mod config;
 mod error;
 pub mod hist;
 mod lock;
@@ -206,14 +207,14 @@ mod tracker;
 mod types;
 
 pub use clock::{ticks, ticks_to_ns};
+pub use config::{Config, INSTALL_BATCH_MAX, RECLAIM_BATCH_MAX, RECLAIM_SCAN_MAX, ZAP_BATCH_MAX};
 pub use error::Error;
 pub use lock::LockPolicy;
 pub use mirror::{FaultResolver, Mirror, MirrorId, MirrorRole};
 pub use stats::{Stats, StatsSnapshot};
 pub use table::Extent;
 pub use tracker::{
-    Config, DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, INSTALL_BATCH_MAX,
-    MAX_REGIONS, RECLAIM_BATCH_MAX, RECLAIM_SCAN_MAX, ZAP_BATCH_MAX,
+    DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, MAX_REGIONS,
 };
 pub use types::*;
 
