@@ -30,6 +30,7 @@ pub trait Mirror: Send + Sync {
     /// For logs and statistics.
     fn name(&self) -> &str;
 
+    /// Read once, when the mirror is registered.
     fn role(&self) -> MirrorRole {
         MirrorRole::Cache
     }

@@ -37,7 +37,10 @@ impl Span {
 pub(crate) struct SeqLog {
     /// Sequence numbers handed out so far (one per invalidation/teardown).
     seq: u64,
-    active: Vec<Span>,
+    /// `active[..active_len]` are in flight. Inline, not a `Vec`: one
+    /// allocation fewer to miss in cache on a cold teardown.
+    active: [Span; MAX_ACTIVE],
+    active_len: usize,
     log: [Span; LOG_LEN],
     log_next: usize,
     /// Largest id evicted from `log`.
@@ -48,11 +51,16 @@ impl SeqLog {
     pub(crate) fn new() -> Self {
         SeqLog {
             seq: 0,
-            active: Vec::with_capacity(MAX_ACTIVE),
+            active: [Span::default(); MAX_ACTIVE],
+            active_len: 0,
             log: [Span::default(); LOG_LEN],
             log_next: 0,
             log_floor: 0,
         }
+    }
+
+    fn in_flight(&self) -> &[Span] {
+        &self.active[..self.active_len]
     }
 
     /// The last sequence number handed out: what a ticket taken now sees.
@@ -62,37 +70,37 @@ impl SeqLog {
 
     /// Whether every in-flight slot is taken (`begin` must wait).
     pub(crate) fn full(&self) -> bool {
-        self.active.len() >= MAX_ACTIVE
+        self.active_len >= MAX_ACTIVE
     }
 
     /// An in-flight invalidation overlapping `[gpa, end)`, if any.
     pub(crate) fn active_overlapping(&self, gpa: u64, end: u64) -> Option<&Span> {
-        self.active.iter().find(|s| s.overlaps(gpa, end))
+        self.in_flight().iter().find(|s| s.overlaps(gpa, end))
     }
 
     /// Whether a teardown overlapping `[gpa, end)` is in flight: its
     /// mirrors have not all confirmed yet.
     pub(crate) fn teardown_in_flight(&self, gpa: u64, end: u64) -> bool {
-        self.active
+        self.in_flight()
             .iter()
             .any(|s| s.teardown && s.overlaps(gpa, end))
     }
 
     /// An in-flight invalidation that started at or before `id`, if any.
     pub(crate) fn active_up_to(&self, id: u64) -> Option<&Span> {
-        self.active.iter().find(|s| s.id <= id)
+        self.in_flight().iter().find(|s| s.id <= id)
     }
 
     /// Whether `thread` is running an in-flight invalidation (so it is
     /// inside one of that invalidation's mirror callbacks).
     pub(crate) fn active_on(&self, thread: ThreadToken) -> bool {
-        self.active.iter().any(|s| s.thread == Some(thread))
+        self.in_flight().iter().any(|s| s.thread == Some(thread))
     }
 
     /// Whether an in-flight invalidation overlapping `[gpa, end)` is run
     /// by `thread`.
     pub(crate) fn active_overlapping_on(&self, gpa: u64, end: u64, thread: ThreadToken) -> bool {
-        self.active
+        self.in_flight()
             .iter()
             .any(|s| s.thread == Some(thread) && s.overlaps(gpa, end))
     }
@@ -108,7 +116,7 @@ impl SeqLog {
             return true; // forgotten invalidations might overlap
         }
         let newer = |s: &Span| s.id > seq && s.overlaps(gpa, end);
-        self.active.iter().any(newer) || self.log.iter().any(newer)
+        self.in_flight().iter().any(newer) || self.log.iter().any(newer)
     }
 
     /// Start an invalidation of `[gpa, end)`; returns its id. The caller
@@ -123,24 +131,27 @@ impl SeqLog {
         debug_assert!(!self.full());
         self.seq += 1;
         let id = self.seq;
-        self.active.push(Span {
+        self.active[self.active_len] = Span {
             id,
             gpa,
             end,
             teardown,
             thread,
-        });
+        };
+        self.active_len += 1;
         id
     }
 
     /// End invalidation `id` (which `begin` returned and nobody ended yet):
     /// it leaves the in-flight set and enters the log.
     pub(crate) fn end(&mut self, id: u64) {
-        let Some(i) = self.active.iter().position(|s| s.id == id) else {
+        let Some(i) = self.in_flight().iter().position(|s| s.id == id) else {
             debug_assert!(false, "ending an invalidation that is not active");
             return;
         };
-        let span = self.active.swap_remove(i);
+        let span = self.active[i];
+        self.active_len -= 1;
+        self.active[i] = self.active[self.active_len];
         let evicted = std::mem::replace(&mut self.log[self.log_next], span);
         self.log_floor = self.log_floor.max(evicted.id);
         self.log_next = (self.log_next + 1) % LOG_LEN;

@@ -27,7 +27,6 @@ pub struct Stats {
     pub(crate) entries_reclaimed: AtomicU64,
     pub(crate) reclaim_batches: AtomicU64,
     pub(crate) reclaim_waits: AtomicU64,
-    pub(crate) hold_all: Histogram,
     pub(crate) hold_fault: Histogram,
     pub(crate) hold_invalidate: Histogram,
     pub(crate) hold_teardown: Histogram,
@@ -66,7 +65,7 @@ impl Stats {
             entries_reclaimed: get(&self.entries_reclaimed),
             reclaim_batches: get(&self.reclaim_batches),
             reclaim_waits: get(&self.reclaim_waits),
-            lock_hold_ns: self.hold_all.summary(),
+            lock_hold_ns: self.lock_holds().summary(),
             fault_hold_ns: self.hold_fault.summary(),
             invalidate_hold_ns: self.hold_invalidate.summary(),
             teardown_hold_ns: self.hold_teardown.summary(),
@@ -81,15 +80,24 @@ impl Stats {
         &self.hold_reclaim
     }
 
-    /// Every lock hold.
-    pub fn lock_holds(&self) -> &Histogram {
-        &self.hold_all
+    /// Every lock hold (the per-kind histograms merged).
+    pub fn lock_holds(&self) -> Histogram {
+        let all = Histogram::new();
+        for h in [
+            &self.hold_fault,
+            &self.hold_invalidate,
+            &self.hold_teardown,
+            &self.hold_reclaim,
+            &self.hold_other,
+        ] {
+            all.merge_from(h);
+        }
+        all
     }
 
     /// Clear the histograms (counters keep counting).
     pub fn reset_histograms(&self) {
         for h in [
-            &self.hold_all,
             &self.hold_fault,
             &self.hold_invalidate,
             &self.hold_teardown,

@@ -26,7 +26,9 @@ pub const MAX_REGIONS: usize = 64;
 /// Zeroed leaves kept for reuse so installs rarely allocate.
 const FREE_LEAVES_MAX: usize = 256;
 
-type MirrorList = Arc<[(MirrorId, Arc<dyn Mirror>)]>;
+/// The subscribed mirrors, each with its role read once at registration
+/// (the fan-out then makes no call to tell the passes apart).
+type MirrorList = Arc<[(MirrorId, MirrorRole, Arc<dyn Mirror>)]>;
 
 struct State {
     regions: Vec<RegionTable>,
@@ -238,7 +240,7 @@ impl Mmu {
     }
 
     fn lock(&self, kind: Hold) -> Guard<'_, State> {
-        self.state.lock(&self.stats.hold_all, self.stats.hold(kind))
+        self.state.lock(self.stats.hold(kind))
     }
 
     /// Sleep until `cond` holds (evaluated under the mmu lock). Pairs with
@@ -394,8 +396,10 @@ impl Mmu {
         }
     }
 
-    fn end(&self, id: u64) {
-        self.lock(Hold::Other).seq.end(id);
+    /// End invalidation `id`; `kind` is the hold kind its `begin` used (one
+    /// histogram for both holds keeps a cold teardown to fewer cache lines).
+    fn end(&self, kind: Hold, id: u64) {
+        self.lock(kind).seq.end(id);
         self.wake_waiters();
     }
 
@@ -432,7 +436,7 @@ impl Mmu {
             pos = next;
             zapped += n;
         }
-        self.end(id);
+        self.end(Hold::Invalidate, id);
         Stats::bump(&self.stats.invalidations, 1);
         Stats::bump(&self.stats.entries_zapped, zapped);
         self.stats
@@ -490,7 +494,7 @@ impl Mmu {
                 },
             },
         );
-        self.end(id);
+        self.end(Hold::Teardown, id);
         let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(start));
         self.kick_reclaimer();
         Stats::bump(&self.stats.teardowns, 1);
@@ -535,7 +539,7 @@ impl Mmu {
                 },
             },
         );
-        self.end(id);
+        self.end(Hold::Teardown, id);
         let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(start));
         // Freed outside the lock and outside the measurement, as the
         // generation path leaves freeing to the reclaimer.

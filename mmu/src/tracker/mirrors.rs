@@ -14,7 +14,7 @@ impl Mmu {
                 (st.mirrors.clone(), st.next_mirror)
             };
             let mut list: Vec<_> = current.iter().cloned().collect();
-            list.push((MirrorId(id), mirror.clone()));
+            list.push((MirrorId(id), mirror.role(), mirror.clone()));
             let list: MirrorList = list.into();
             let mut st = self.lock(Hold::Other);
             if Arc::ptr_eq(&st.mirrors, &current) {
@@ -37,12 +37,12 @@ impl Mmu {
         let me = thread_token();
         let (last, step) = loop {
             let current = self.lock(Hold::Other).mirrors.clone();
-            if !current.iter().any(|(m, _)| *m == id) {
+            if !current.iter().any(|(m, _, _)| *m == id) {
                 return Err(Error::NoSuchMirror(id.0));
             }
             let list: MirrorList = current
                 .iter()
-                .filter(|(m, _)| *m != id)
+                .filter(|(m, _, _)| *m != id)
                 .cloned()
                 .collect::<Vec<_>>()
                 .into();
@@ -76,11 +76,11 @@ impl Mmu {
     /// stopped using the memory).
     pub(super) fn fan_out(mirrors: &MirrorList, inv: &Invalidation) {
         for role in [MirrorRole::Cache, MirrorRole::Backing] {
-            let of_role = || mirrors.iter().filter(move |(_, m)| m.role() == role);
-            for (_, m) in of_role() {
+            let of_role = || mirrors.iter().filter(move |(_, r, _)| *r == role);
+            for (_, _, m) in of_role() {
                 m.invalidate_start(inv);
             }
-            for (_, m) in of_role() {
+            for (_, _, m) in of_role() {
                 m.invalidate_wait(inv);
             }
         }

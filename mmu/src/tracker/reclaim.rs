@@ -191,12 +191,12 @@ impl Mmu {
             leaf.reset(RegionId(0), 0);
         }
         if !extents.is_empty() {
-            for (_, m) in batch.mirrors.iter() {
+            for (_, _, m) in batch.mirrors.iter() {
                 m.reclaimed(&extents);
             }
         }
         if let Some((region, below)) = batch.finished {
-            for (_, m) in batch.mirrors.iter() {
+            for (_, _, m) in batch.mirrors.iter() {
                 m.generation_reclaimed(region, below);
             }
         }
