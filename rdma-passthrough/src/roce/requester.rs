@@ -282,7 +282,7 @@ impl RcQp {
                 self.req.tx_idx += 1;
                 self.req.tx_pkt = 0;
                 let next = psn_add(w.first_psn, w.npkts);
-                self.note_sent(next, retransmit, u64::from(w.npkts - pkt), wire);
+                self.note_sent(next, retransmit, 1, wire);
             }
             Kind::Send | Kind::Write { .. } => {
                 let n = (w.len - off).min(mtu) as usize;
