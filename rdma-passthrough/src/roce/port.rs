@@ -125,6 +125,19 @@ fn setsockopt_int(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> 
     }
 }
 
+fn getsockopt_int(fd: i32, level: i32, name: i32) -> io::Result<i32> {
+    let mut value: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: passes a pointer to a live i32 and its size.
+    let rc =
+        unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut i32).cast(), &mut len) };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl RocePort {
     /// Bind `addr` (a specific IPv4 address: the ICRC covers it) and start
     /// the port thread.
@@ -160,6 +173,22 @@ impl RocePort {
             }
         }
         sock.set_nonblocking(true)?;
+        // The window must fit the receive buffer the kernel granted (an
+        // unprivileged process gets at most net.core.rmem_max): a window
+        // of READ responses larger than the peer's buffer overflows it on
+        // every burst, and go-back-N then never catches up.
+        let mut config = config;
+        let granted = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)?.max(0) as usize;
+        // The kernel reports twice what it accounts to payload, and each
+        // datagram costs its buffer (truesize) on top of the payload.
+        let fits = (granted / 2 / (config.mtu + 1024)).max(8) as u32;
+        if fits < config.window {
+            log::info!(
+                "roce {addr}: receive buffer of {granted} bytes fits {fits} packets; window {} -> {fits}",
+                config.window
+            );
+            config.window = fits;
+        }
         let local = match sock.local_addr()? {
             SocketAddr::V4(a) => a,
             SocketAddr::V6(_) => unreachable!("bound to an IPv4 address"),
