@@ -503,3 +503,45 @@ fn invalidations_under_incoming_writes_leave_nothing_stale() {
     assert_eq!(s.fenced_mrs, 0);
     assert!(b.port.stats().rnr_naks_sent > 0);
 }
+
+/// Regression: with a small socket buffer (what an unprivileged process
+/// gets), a window of READ responses used to overflow the requester's
+/// buffer on every burst and end in RETRY_EXC_ERR. The port now clamps
+/// its window to the buffer it was granted.
+#[test]
+fn small_socket_buffers_do_not_livelock_reads() {
+    let (ia, ib) = addrs(19);
+    let config = RoceConfig {
+        socket_buffer: 200_000,
+        ..RoceConfig::default()
+    };
+    let a = node(ia, 16 * MIB, false, config.clone());
+    let b = node(ib, 16 * MIB, false, config);
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    let (ea, _eb) = connect(&a, &b, QpCaps::default(), 0, 0);
+    let msg = 64 << 10;
+    let (total, mut posted, mut done) = (2000u64, 0u64, 0u64);
+    while done < total {
+        while posted < total && posted - done < 64 {
+            let off = (posted % 128) * msg;
+            a.port
+                .post_send(
+                    &ea.qp,
+                    read(
+                        posted,
+                        vec![sge(a.base + off, msg, &ma)],
+                        b.base + off,
+                        mb.rkey(),
+                    ),
+                )
+                .unwrap();
+            posted += 1;
+        }
+        for wc in ea.cq.wait(1, Duration::from_micros(50), T) {
+            assert_eq!(wc.status, WcStatus::Success, "{wc:?} {:?}", a.port.stats());
+            done += 1;
+        }
+    }
+    println!("{:?}", a.port.stats());
+}
