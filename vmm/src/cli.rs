@@ -25,6 +25,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a microVM and run a built-in guest or a Linux kernel.
@@ -147,8 +149,16 @@ pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
     /// Built-in guest: touch, idle, rewrite or churn.
-    #[arg(long, conflicts_with = "kernel")]
+    #[arg(long, conflicts_with_all = ["kernel", "payload"])]
     pub guest: Option<Guest>,
+    /// Your own guest program: a static x86-64 ELF run in ring 3 on every
+    /// vCPU (see guest/ and README "Write your own guest").
+    #[arg(long, conflicts_with = "kernel")]
+    pub payload: Option<PathBuf>,
+    /// A value for --payload (repeatable; decimal or 0x-hex), passed in the
+    /// parameter block `rdx` points to.
+    #[arg(long, requires = "payload", value_parser = api::parse_u64)]
+    pub payload_arg: Vec<u64>,
     /// A Linux bzImage to boot instead of a built-in guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -259,11 +269,18 @@ impl RunArgs {
                 }
             }
             (None, Some(g)) => GuestConfig::Builtin(g),
-            (None, None) => {
-                return Err(
-                    "give --guest NAME (touch, idle, rewrite, churn) or --kernel PATH".into(),
-                )
-            }
+            (None, None) => match &self.payload {
+                Some(p) => GuestConfig::Program {
+                    path: p.clone(),
+                    args: self.payload_arg.clone(),
+                },
+                None => {
+                    return Err(
+                        "give --guest NAME (touch, idle, rewrite, churn), --payload FILE or --kernel PATH"
+                            .into(),
+                    )
+                }
+            },
         };
         Ok(VmConfig {
             memory: self.vm.memory,
@@ -341,6 +358,15 @@ fn print_human(r: &RunReport) {
         r.invalidations,
         r.teardowns
     );
+    if r.guest.starts_with("payload:") {
+        for (i, v) in r.vcpu_reports.iter().enumerate() {
+            match (v.get("exit_code"), v.get("crash")) {
+                (Some(code), _) => println!("vCPU {i}: exit {code}"),
+                (_, Some(crash)) => println!("{}", crash.as_str().unwrap_or("crash")),
+                _ => println!("vCPU {i}: {}", v.get("end").unwrap_or(&json!("?"))),
+            }
+        }
+    }
     println!("boot {:.1} ms, run {:.1} ms", r.boot_ms, r.run_ms);
     if !r.perftest.is_empty() {
         let latency = r.guest.ends_with("-lat");

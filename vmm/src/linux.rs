@@ -164,6 +164,7 @@ pub fn load(
         cr3: PML4,
         gdt: GDT,
         tss: TSS,
+        idt: None,
         user: false,
         runnable: true,
     })
