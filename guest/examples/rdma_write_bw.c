@@ -10,8 +10,13 @@
  *   odpvm run --payload rdma_write_bw --vcpus 2 --payload-arg 65536 --payload-arg 2000 --json
  *
  * Arguments: message size in bytes (a multiple of 4096, default 64 KiB),
- * messages per vCPU (default 2000). */
+ * messages per vCPU (default 2000). Built with -DSTAMP_SKEW=1, every stamp
+ * names the wrong page: the host's check then counts stale accesses. */
 #include <odpvm_guest.h>
+
+#ifndef STAMP_SKEW
+#define STAMP_SKEW 0
+#endif
 
 #define RING 64
 #define BATCH 16 /* messages per signaled completion and per doorbell */
@@ -76,7 +81,7 @@ int _start(unsigned long vcpu, unsigned long nvcpus, const struct odpvm_params *
             uint64_t page0 = (dst_off + slot * msg) / ODPVM_PAGE_SIZE;
             for (uint64_t off = 0; off < msg; off += ODPVM_PAGE_SIZE)
                 *(volatile uint64_t *)(src + slot * msg + off) =
-                    posted << 32 | (page0 + off / ODPVM_PAGE_SIZE);
+                    posted << 32 | (page0 + off / ODPVM_PAGE_SIZE + STAMP_SKEW);
             struct odpvm_wqe w = {
                 .wr_id = posted,
                 .opcode = ODPVM_RNIC_OP_WRITE,
