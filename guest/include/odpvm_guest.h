@@ -155,6 +155,19 @@ static inline void odpvm_barrier(void)
     odpvm_compiler_barrier();
 }
 
+/* Wait until the host releases this vCPU (`odpvm ctl resume`, or
+ * VmHandle::resume in a Rust harness); meanwhile the host may invalidate or
+ * tear down guest memory (`odpvm ctl stats` shows barrier_waiting). Without
+ * a controller it waits until --timeout. */
+static inline void odpvm_host_barrier(uint32_t phase)
+{
+    odpvm_compiler_barrier();
+    odpvm_write32(ODPVM_TESTDEV_BASE + ODPVM_TESTDEV_CMD, ODPVM_TESTDEV_CMD_CLEAR);
+    odpvm_write32(ODPVM_TESTDEV_BASE + ODPVM_TESTDEV_ARG, phase);
+    odpvm_write32(ODPVM_TESTDEV_BASE + ODPVM_TESTDEV_CMD, ODPVM_TESTDEV_CMD_BARRIER);
+    odpvm_compiler_barrier();
+}
+
 /* Whether the host asked looping programs to finish (ctl shutdown does
  * not ask: it stops the VM). */
 static inline int odpvm_should_stop(void)

@@ -472,3 +472,107 @@ fn bad_files_fail_with_one_clear_line() {
         assert!(t < Duration::from_secs(30));
     }
 }
+
+/// Stamps its pages, waits for the host, then counts what it finds.
+const HOST_BARRIER: &str = r#"
+#include <odpvm_guest.h>
+int _start(unsigned long vcpu, unsigned long n, const struct odpvm_params *p)
+{
+    (void)n;
+    uint64_t pages = p->args[0];
+    uint64_t base = p->ram_low_end - (vcpu + 1) * pages * ODPVM_PAGE_SIZE;
+    for (uint64_t i = 0; i < pages; i++)
+        *(volatile uint64_t *)(base + i * ODPVM_PAGE_SIZE) = (vcpu + 1) << 32 | i;
+    odpvm_host_barrier(1);
+    uint64_t kept = 0, zeroed = 0, bad = 0;
+    for (uint64_t i = 0; i < pages; i++) {
+        uint64_t v = *(volatile uint64_t *)(base + i * ODPVM_PAGE_SIZE);
+        if (v == ((vcpu + 1) << 32 | i)) kept++;
+        else if (v == 0) zeroed++;
+        else bad++;
+    }
+    odpvm_puts("vCPU "); odpvm_print_u64(vcpu);
+    odpvm_puts(" kept "); odpvm_print_u64(kept);
+    odpvm_puts(" zeroed "); odpvm_print_u64(zeroed);
+    odpvm_puts(" bad "); odpvm_print_u64(bad);
+    odpvm_puts("\n");
+    return bad ? 1 : 0;
+}
+"#;
+
+#[test]
+fn the_control_socket_invalidates_a_programs_memory_at_a_host_barrier() {
+    let prog = cc_text("host_barrier", HOST_BARRIER);
+    let dir = scratch("host_barrier");
+    let sock = dir.join("api.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(env!("CARGO_BIN_EXE_odpvm"))
+        .args([
+            "run",
+            "--payload",
+            prog.to_str().unwrap(),
+            "--memory",
+            "64M",
+        ])
+        .args([
+            "--vcpus",
+            "2",
+            "--payload-arg",
+            "64",
+            "--json",
+            "--timeout",
+            "120",
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpvm"))
+            .arg("ctl")
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(args)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), v)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if sock.exists() {
+            let (ok, v) = ctl(&["stats"]);
+            if ok && v["barrier_waiting"] == 2 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the program never reached the barrier"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // vCPU 0's 64 pages end where RAM below the hole ends (2 MiB + 64 MiB).
+    let end: u64 = (2 + 64) << 20;
+    let start = format!("{:#x}", end - 64 * 4096);
+    let (ok, v) = ctl(&["invalidate", &start, "0x40000"]);
+    assert!(ok, "{v}");
+    let (ok, _) = ctl(&["resume"]);
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(out.status.success(), "{r}");
+    assert_eq!(r["guest_result"], "pass", "{r}");
+    assert_eq!(r["invalidations"], 1);
+    let console = r["console"].as_str().unwrap();
+    assert!(
+        console.contains("vCPU 0 kept 0 zeroed 64 bad 0\n"),
+        "{console}"
+    );
+    assert!(
+        console.contains("vCPU 1 kept 64 zeroed 0 bad 0\n"),
+        "{console}"
+    );
+}

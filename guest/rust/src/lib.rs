@@ -133,6 +133,18 @@ pub fn barrier() {
     unsafe { write32(testdev(testdev::CMD), testdev::CMD_SYNC) };
 }
 
+/// Wait until the host releases this vCPU (`odpvm ctl resume`); meanwhile
+/// the host may invalidate or tear down guest memory. Without a controller
+/// it waits until `--timeout`.
+pub fn host_barrier(phase: u32) {
+    // SAFETY: the test device's registers are mapped.
+    unsafe {
+        write32(testdev(testdev::CMD), testdev::CMD_CLEAR);
+        write32(testdev(testdev::ARG), phase);
+        write32(testdev(testdev::CMD), testdev::CMD_BARRIER);
+    }
+}
+
 /// Whether the host asked looping programs to finish.
 pub fn should_stop() -> bool {
     // SAFETY: the STOP register is mapped.
