@@ -107,6 +107,15 @@ _Static_assert(offsetof(struct odpvm_params, stack_size) == 48, "odpvm_params.st
 _Static_assert(offsetof(struct odpvm_params, nargs) == 56, "odpvm_params.nargs at 56");
 _Static_assert(offsetof(struct odpvm_params, args) == 64, "odpvm_params.args at 64");
 
+/* This vCPU's identity, where %gs points (read-only; survives teardowns). */
+struct odpvm_vcpu_info {
+    uint64_t index;
+    uint64_t vcpus;
+};
+_Static_assert(sizeof(struct odpvm_vcpu_info) == 16, "struct odpvm_vcpu_info is 16 bytes");
+_Static_assert(offsetof(struct odpvm_vcpu_info, index) == 0, "odpvm_vcpu_info.index at 0");
+_Static_assert(offsetof(struct odpvm_vcpu_info, vcpus) == 8, "odpvm_vcpu_info.vcpus at 8");
+
 /* A send-ring entry (addr guest-physical, remote_addr in the peer's space). */
 struct odpvm_wqe {
     uint64_t wr_id;

@@ -9,7 +9,8 @@
  * Entry: every vCPU starts in `_start` (declared below) with
  *   vcpu   = its index (rdi), nvcpus = the vCPU count (rsi),
  *   params = the parameter block (rdx; --payload-arg values in args[]),
- *   rsp    = the top of its own ODPVM_STACK_SIZE stack.
+ *   rsp    = the top of its own ODPVM_STACK_SIZE stack,
+ *   %gs    = its struct odpvm_vcpu_info (odpvm_vcpu_index()).
  * Returning from `_start` ends that vCPU's program with the return value
  * as its status, like odpvm_exit(). Status 0 is a pass; the run passes
  * when every vCPU passes.
@@ -20,8 +21,10 @@
  * from params->free_start to params->ram_low_end (and, with more than ~3
  * GiB, from 4 GiB to params->ram_high_end) is free. Device registers are
  * at ODPVM_TESTDEV_BASE and ODPVM_RNIC_BASE. Anything else is unmapped.
- * A host-side teardown may discard any page at any time: afterwards the
- * program's own pages read as loaded and the rest of RAM as zero.
+ * A host-side teardown (or invalidation) may discard any page at any time:
+ * afterwards the program's own pages (code, .data, .bss, stacks) read as
+ * loaded and the rest of RAM as zero. State that must survive one lives in
+ * registers or is re-derived (odpvm_params(), odpvm_vcpu_index()).
  *
  * Exceptions (page faults outside RAM, #GP, #UD, divide errors, hlt,
  * int3, ...) end that vCPU: the VMM reports the vCPU, the exception, rip
@@ -80,6 +83,22 @@ static inline uint64_t odpvm_rdtsc(void)
 static inline void odpvm_pause(void)
 {
     __asm__ volatile("pause");
+}
+
+/* This vCPU's index and the vCPU count, from its read-only info block
+ * (%gs points at it): unlike a variable, they survive a teardown. */
+static inline unsigned long odpvm_vcpu_index(void)
+{
+    unsigned long v;
+    __asm__ volatile("movq %%gs:0, %0" : "=r"(v));
+    return v;
+}
+
+static inline unsigned long odpvm_vcpu_count(void)
+{
+    unsigned long v;
+    __asm__ volatile("movq %%gs:8, %0" : "=r"(v));
+    return v;
 }
 
 /* ---- the test device: console, exit, barrier ---------------------------- */

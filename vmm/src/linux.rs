@@ -165,6 +165,7 @@ pub fn load(
         gdt: GDT,
         tss: TSS,
         idt: None,
+        gs_base: 0,
         user: false,
         runnable: true,
     })

@@ -312,6 +312,7 @@ impl Vm {
                         gdt: GDT_GPA,
                         tss: TSS_GPA,
                         idt: None,
+                        gs_base: 0,
                         user: true,
                         runnable: true,
                     });

@@ -66,6 +66,18 @@ fn cc_text(name: &str, text: &str) -> PathBuf {
     out
 }
 
+/// A VM process that a failing test must not leave running.
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn odpvm(args: &[&str]) -> (Output, Duration) {
     let t = Instant::now();
     let o = Command::new(env!("CARGO_BIN_EXE_odpvm"))
@@ -216,7 +228,7 @@ int _start(unsigned long vcpu, unsigned long nvcpus, const struct odpvm_params *
     *(volatile uint64_t *)(p->ram_low_end - 8 * (vcpu + 1)) = vcpu;
     odpvm_barrier();
     /* Each vCPU has its own stack. */
-    if (vcpu == 1 && entry_rsp[0] - entry_rsp[1] != 0 && entry_rsp[1] - entry_rsp[0] < ODPVM_STACK_SIZE / 2)
+    if (vcpu == 1 && entry_rsp[1] - entry_rsp[0] != ODPVM_STACK_SIZE)
         return 12;
     odpvm_puts("vCPU ");
     odpvm_print_u64(vcpu);
@@ -476,32 +488,53 @@ fn bad_files_fail_with_one_clear_line() {
 /// Stamps its pages, waits for the host, then counts what it finds.
 const HOST_BARRIER: &str = r#"
 #include <odpvm_guest.h>
-int _start(unsigned long vcpu, unsigned long n, const struct odpvm_params *p)
+/* After each barrier everything is re-derived (vCPU index from CPUID,
+ * sizes from the parameter block): a teardown resets the program's own
+ * memory, its stack included, to the loaded state. */
+static uint64_t base_of(unsigned long vcpu)
 {
-    (void)n;
-    uint64_t pages = p->args[0];
-    uint64_t base = p->ram_low_end - (vcpu + 1) * pages * ODPVM_PAGE_SIZE;
-    for (uint64_t i = 0; i < pages; i++)
-        *(volatile uint64_t *)(base + i * ODPVM_PAGE_SIZE) = (vcpu + 1) << 32 | i;
-    odpvm_host_barrier(1);
+    const struct odpvm_params *p = odpvm_params();
+    return p->ram_low_end - (vcpu + 1) * p->args[0] * ODPVM_PAGE_SIZE;
+}
+static void stamp(void)
+{
+    unsigned long vcpu = odpvm_vcpu_index();
+    for (uint64_t i = 0; i < odpvm_params()->args[0]; i++)
+        *(volatile uint64_t *)(base_of(vcpu) + i * ODPVM_PAGE_SIZE) = (vcpu + 1) << 32 | i;
+}
+static int check(uint32_t round)
+{
+    unsigned long vcpu = odpvm_vcpu_index();
     uint64_t kept = 0, zeroed = 0, bad = 0;
-    for (uint64_t i = 0; i < pages; i++) {
-        uint64_t v = *(volatile uint64_t *)(base + i * ODPVM_PAGE_SIZE);
+    for (uint64_t i = 0; i < odpvm_params()->args[0]; i++) {
+        uint64_t v = *(volatile uint64_t *)(base_of(vcpu) + i * ODPVM_PAGE_SIZE);
         if (v == ((vcpu + 1) << 32 | i)) kept++;
         else if (v == 0) zeroed++;
         else bad++;
     }
-    odpvm_puts("vCPU "); odpvm_print_u64(vcpu);
+    odpvm_puts("round "); odpvm_print_u64(round);
+    odpvm_puts(": vCPU "); odpvm_print_u64(vcpu);
     odpvm_puts(" kept "); odpvm_print_u64(kept);
     odpvm_puts(" zeroed "); odpvm_print_u64(zeroed);
     odpvm_puts(" bad "); odpvm_print_u64(bad);
     odpvm_puts("\n");
-    return bad ? 1 : 0;
+    return bad != 0;
+}
+int _start(unsigned long vcpu, unsigned long n, const struct odpvm_params *p)
+{
+    (void)n; (void)p;
+    if (vcpu != odpvm_vcpu_index()) return 9;
+    stamp();
+    odpvm_host_barrier(1);
+    if (check(1)) return 1;
+    stamp();
+    odpvm_host_barrier(2);
+    return check(2);
 }
 "#;
 
 #[test]
-fn the_control_socket_invalidates_a_programs_memory_at_a_host_barrier() {
+fn the_control_socket_invalidates_and_tears_down_a_programs_memory_at_host_barriers() {
     let prog = cc_text("host_barrier", HOST_BARRIER);
     let dir = scratch("host_barrier");
     let sock = dir.join("api.sock");
@@ -528,6 +561,7 @@ fn the_control_socket_invalidates_a_programs_memory_at_a_host_barrier() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(Some(child));
     let ctl = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_odpvm"))
             .arg("ctl")
@@ -560,19 +594,38 @@ fn the_control_socket_invalidates_a_programs_memory_at_a_host_barrier() {
     assert!(ok, "{v}");
     let (ok, _) = ctl(&["resume"]);
     assert!(ok);
-    let out = child.wait_with_output().unwrap();
+    // Second round: a teardown of everything while both wait again. The
+    // program's own pages come back as loaded; its data as zero.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, v) = ctl(&["stats"]);
+        if ok && v["barrier_waiting"] == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the program never came back to the barrier"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, v) = ctl(&["teardown"]);
+    assert!(ok, "{v}");
+    let (ok, _) = ctl(&["resume"]);
+    assert!(ok);
+    let out = child.0.take().unwrap().wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let r: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert!(out.status.success(), "{r}");
     assert_eq!(r["guest_result"], "pass", "{r}");
     assert_eq!(r["invalidations"], 1);
+    assert_eq!(r["teardowns"], 1);
     let console = r["console"].as_str().unwrap();
-    assert!(
-        console.contains("vCPU 0 kept 0 zeroed 64 bad 0\n"),
-        "{console}"
-    );
-    assert!(
-        console.contains("vCPU 1 kept 64 zeroed 0 bad 0\n"),
-        "{console}"
-    );
+    for line in [
+        "round 1: vCPU 0 kept 0 zeroed 64 bad 0\n",
+        "round 1: vCPU 1 kept 64 zeroed 0 bad 0\n",
+        "round 2: vCPU 0 kept 0 zeroed 64 bad 0\n",
+        "round 2: vCPU 1 kept 0 zeroed 64 bad 0\n",
+    ] {
+        assert!(console.contains(line), "{console}");
+    }
 }

@@ -159,6 +159,17 @@ const _: () = assert!(offset_of!(Params, stack_size) == 48);
 const _: () = assert!(offset_of!(Params, nargs) == 56);
 const _: () = assert!(offset_of!(Params, args) == 64);
 
+/// This vCPU's identity, where %gs points (read-only; survives teardowns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuInfo {
+    pub index: u64,
+    pub vcpus: u64,
+}
+const _: () = assert!(size_of::<VcpuInfo>() == 16);
+const _: () = assert!(offset_of!(VcpuInfo, index) == 0);
+const _: () = assert!(offset_of!(VcpuInfo, vcpus) == 8);
+
 /// A send-ring entry (addr guest-physical, remote_addr in the peer's space).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -17,6 +17,11 @@
 //! `guest/examples/rust-hello`). Guest RAM is identity mapped: a pointer is
 //! a guest-physical address, usable in WQEs as is. Constants and layouts
 //! are in [`abi`], generated from the VMM's own definitions.
+//!
+//! A host-side teardown (or invalidation) may discard any page at any time:
+//! afterwards the program's own pages (code, statics, stacks) read as loaded
+//! and the rest of RAM as zero. State that must survive one lives in
+//! registers or is re-derived ([`params`], [`vcpu_index`]).
 
 #![no_std]
 
@@ -65,6 +70,23 @@ pub fn rdtsc() -> u64 {
     // SAFETY: rdtsc reads the time-stamp counter; nothing else.
     unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
     u64::from(hi) << 32 | u64::from(lo)
+}
+
+/// This vCPU's index, from its read-only info block (`%gs` points at it):
+/// unlike a variable, it survives a teardown.
+pub fn vcpu_index() -> u64 {
+    let v: u64;
+    // SAFETY: the VMM points GS at this vCPU's mapped `VcpuInfo`.
+    unsafe { asm!("mov {}, gs:[0]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    v
+}
+
+/// The vCPU count, from the same block.
+pub fn vcpu_count() -> u64 {
+    let v: u64;
+    // SAFETY: as `vcpu_index`.
+    unsafe { asm!("mov {}, gs:[8]", out(reg) v, options(nostack, readonly, preserves_flags)) };
+    v
 }
 
 /// The parameter block (`rdx` at entry).

@@ -11,7 +11,7 @@
 //! layouts as compile-time asserts, so a C compiler checks them too (test
 //! `guest_sdk::c_example_writes_rdma_checked_by_the_host_peer` compiles it).
 
-use super::user::{self, ProgramParams};
+use super::user::{self, ProgramParams, VcpuInfo};
 use crate::devices::rnic::{self, RecvEntry, SendWqe};
 use crate::devices::testdev;
 use crate::layout;
@@ -323,6 +323,13 @@ fn structs() -> Vec<Struct> {
                 f!(ProgramParams, nargs, U64),
                 f!(ProgramParams, args, U64, user::MAX_PROGRAM_ARGS),
             ],
+        },
+        Struct {
+            c_name: "odpvm_vcpu_info",
+            rust_name: "VcpuInfo",
+            doc: "This vCPU's identity, where %gs points (read-only; survives teardowns).",
+            size: size_of::<VcpuInfo>(),
+            fields: vec![f!(VcpuInfo, index, U64), f!(VcpuInfo, vcpus, U64)],
         },
         Struct {
             c_name: "odpvm_wqe",

@@ -6,6 +6,8 @@
 //!   [0, 4K)            unmapped: a NULL dereference is a page fault
 //!   PARAMS_GPA         ProgramParams (user, read-only)      rdx points here
 //!   STUB_GPA           where `_start` returns to: EXIT with its eax
+//!   VCPU_INFO_GPA      per-vCPU VcpuInfo (user, read-only; %gs points at
+//!                      the vCPU's own)
 //!   [IDT_GPA, ...)     supervisor only: IDT, page tables, exception
 //!                      handlers, per-vCPU GDT+TSS, per-vCPU kernel stacks
 //!   [2 MiB, prog_end)  the program's segments, then one STACK_SIZE stack
@@ -65,6 +67,18 @@ pub struct ProgramParams {
     pub args: [u64; MAX_PROGRAM_ARGS],
 }
 
+/// What `%gs:0` points at: this vCPU's identity. It is part of the boot
+/// image, so unlike the program's variables it survives a teardown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuInfo {
+    pub index: u64,
+    pub vcpus: u64,
+}
+
+// SAFETY: `repr(C)`, two u64, no padding: every byte pattern is valid.
+unsafe impl vm_memory::ByteValued for VcpuInfo {}
+
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"ODPVMUSR");
 pub const PARAMS_VERSION: u32 = 1;
 /// Most `--payload-arg`s.
@@ -90,6 +104,9 @@ const CPU_BLOCKS_GPA: u64 = 0x6_0000;
 const CPU_BLOCK: u64 = 0x100;
 const KSTACKS_GPA: u64 = 0x8_0000;
 const KSTACK: u64 = PAGE;
+/// Per-vCPU info blocks (`VcpuInfo`, user read-only), one page for all:
+/// GS points at a vCPU's own block.
+pub const VCPU_INFO_GPA: u64 = 0xc_0000;
 /// The exception stubs, 16 bytes each; their common tail after them.
 const STUB_BYTES: u64 = 16;
 const EXCEPTIONS: u64 = 32;
@@ -97,7 +114,9 @@ const EXCEPTIONS: u64 = 32;
 // The per-vCPU areas and the page directories fit the boot region.
 const _: () = assert!(PDS_GPA + MAX_GIB * PAGE <= CPU_BLOCKS_GPA);
 const _: () = assert!(CPU_BLOCKS_GPA + MAX_VCPUS as u64 * CPU_BLOCK <= KSTACKS_GPA);
-const _: () = assert!(KSTACKS_GPA + MAX_VCPUS as u64 * KSTACK <= BOOT_REGION_SIZE);
+const _: () = assert!(KSTACKS_GPA + MAX_VCPUS as u64 * KSTACK <= VCPU_INFO_GPA);
+const _: () = assert!(MAX_VCPUS as u64 * size_of::<VcpuInfo>() as u64 <= PAGE);
+const _: () = assert!(VCPU_INFO_GPA + PAGE <= BOOT_REGION_SIZE);
 const _: () = assert!(size_of::<ProgramParams>() as u64 <= PAGE);
 const _: () = assert!(offset_of!(ProgramParams, args) == 64);
 const _: () = assert!(size_of::<ProgramParams>() == 64 + 8 * MAX_PROGRAM_ARGS);
@@ -364,6 +383,12 @@ pub fn build(
         // alignment, and a return address that ends the program.
         img.write_u64(top - 8, STUB_GPA);
         let block = CPU_BLOCKS_GPA + i as u64 * CPU_BLOCK;
+        let info = VCPU_INFO_GPA + i as u64 * size_of::<VcpuInfo>() as u64;
+        let me = VcpuInfo {
+            index: i as u64,
+            vcpus: vcpus as u64,
+        };
+        img.write(info, vm_memory::ByteValued::as_slice(&me));
         boot.push(BootState {
             rip: prog.entry,
             rsp: top - 8,
@@ -375,6 +400,7 @@ pub fn build(
             gdt: block,
             tss: block + 0x80,
             idt: Some((IDT_GPA, (EXCEPTIONS * 16 - 1) as u16)),
+            gs_base: info,
             user: true,
             runnable: true,
         });
@@ -406,7 +432,7 @@ fn boot_region(img: &mut BootImage, ram: &[(u64, u64)], vcpus: usize) -> Result<
     for page in 1..(BOOT_REGION_SIZE / PAGE) {
         let gpa = page * PAGE;
         let flags = match gpa {
-            PARAMS_GPA | STUB_GPA => PTE_P | PTE_U,
+            PARAMS_GPA | STUB_GPA | VCPU_INFO_GPA => PTE_P | PTE_U,
             _ => sup,
         };
         img.write_u64(PT_BOOT + page * 8, gpa | flags);

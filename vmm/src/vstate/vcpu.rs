@@ -40,6 +40,8 @@ pub struct BootState {
     /// Interrupt descriptor table (base, limit); none: an exception is a
     /// triple fault.
     pub idt: Option<(u64, u16)>,
+    /// GS base (user programs: this vCPU's read-only info block).
+    pub gs_base: u64,
     /// Ring 3 (built-in payloads) or ring 0 (Linux).
     pub user: bool,
     /// Start running at once. With an in-kernel LAPIC, KVM otherwise holds
@@ -88,6 +90,7 @@ impl Vcpu {
             sregs.idt.base = base;
             sregs.idt.limit = limit;
         }
+        sregs.gs.base = boot.gs_base;
         fd.set_sregs(&sregs).map_err(cfg("sregs"))?;
         let regs = kvm_regs {
             rip: boot.rip,
