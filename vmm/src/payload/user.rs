@@ -32,7 +32,7 @@
 use super::elf::ElfProgram;
 use super::BootImage;
 use crate::arch::{self, PTE_P, PTE_PS, PTE_U, PTE_W};
-use crate::devices::testdev::{self, ARG, CMD, CMD_CLEAR, CMD_CRASH, CRASH_ARGS, EXIT};
+use crate::devices::testdev::{ARG, CMD, CMD_CLEAR, CMD_CRASH, CRASH_ARGS, EXIT};
 use crate::layout::*;
 use crate::vstate::vcpu::BootState;
 use core::mem::{offset_of, size_of};
@@ -120,8 +120,6 @@ const _: () = assert!(VCPU_INFO_GPA + PAGE <= BOOT_REGION_SIZE);
 const _: () = assert!(size_of::<ProgramParams>() as u64 <= PAGE);
 const _: () = assert!(offset_of!(ProgramParams, args) == 64);
 const _: () = assert!(size_of::<ProgramParams>() == 64 + 8 * MAX_PROGRAM_ARGS);
-// Programs end with the guest's EXIT register.
-const _: () = assert!(EXIT == testdev::EXIT);
 
 /// Vectors that push an error code.
 fn has_error_code(v: u64) -> bool {
@@ -301,20 +299,19 @@ pub fn vcpu_json(index: usize, end: Option<&crate::vstate::vcpu::VcpuEnd>) -> se
     }
 }
 
-/// Check `prog` against a VM of `memory` bytes and `vcpus` vCPUs and build
-/// its image. Errors are one line.
-pub fn build(
-    prog: &ElfProgram,
-    args: &[u64],
-    memory: u64,
-    vcpus: usize,
-) -> Result<ProgramLayout, String> {
-    if args.len() > MAX_PROGRAM_ARGS {
-        return Err(format!(
-            "at most {MAX_PROGRAM_ARGS} --payload-arg values ({} given)",
-            args.len()
-        ));
-    }
+/// Where a program goes in a VM's RAM.
+struct Placement {
+    ram: Vec<(u64, u64)>,
+    /// End of RAM below the MMIO hole.
+    low_end: u64,
+    /// vCPU 0's stack; the others follow.
+    stacks: u64,
+    program_end: u64,
+}
+
+/// Check that `prog`'s segments and `vcpus` stacks fit a VM of `memory`
+/// bytes, above the VMM's boot region and below the MMIO hole.
+fn place(prog: &ElfProgram, memory: u64, vcpus: usize) -> Result<Placement, String> {
     let ram = ram_ranges(PAYLOAD_RAM_GPA, memory);
     let low_end = ram[0].0 + ram[0].1;
     let ram_end = ram.last().map_or(0, |r| r.0 + r.1);
@@ -356,61 +353,86 @@ pub fn build(
             memory >> 20
         ));
     }
+    Ok(Placement {
+        ram,
+        low_end,
+        stacks,
+        program_end,
+    })
+}
 
+/// Check `prog` against a VM of `memory` bytes and `vcpus` vCPUs and build
+/// its image. Errors are one line.
+pub fn build(
+    prog: &ElfProgram,
+    args: &[u64],
+    memory: u64,
+    vcpus: usize,
+) -> Result<ProgramLayout, String> {
+    if args.len() > MAX_PROGRAM_ARGS {
+        return Err(format!(
+            "at most {MAX_PROGRAM_ARGS} --payload-arg values ({} given)",
+            args.len()
+        ));
+    }
+    let at = place(prog, memory, vcpus)?;
     let mut img = BootImage::default();
     for s in &prog.segments {
         img.write(s.vaddr, &s.data);
     }
-    boot_region(&mut img, &ram, vcpus)?;
+    boot_region(&mut img, &at.ram, vcpus)?;
     let params = ProgramParams {
         magic: PARAMS_MAGIC,
         version: PARAMS_VERSION,
         vcpus: vcpus as u32,
         ram_start: PAYLOAD_RAM_GPA,
-        ram_low_end: low_end,
-        ram_high_end: ram.get(1).map_or(0, |r| r.0 + r.1),
-        free_start: program_end,
+        ram_low_end: at.low_end,
+        ram_high_end: at.ram.get(1).map_or(0, |r| r.0 + r.1),
+        free_start: at.program_end,
         stack_size: STACK_SIZE,
         nargs: args.len() as u64,
         args: std::array::from_fn(|i| args.get(i).copied().unwrap_or(0)),
     };
     img.write(PARAMS_GPA, vm_memory::ByteValued::as_slice(&params));
-
-    let mut boot = Vec::new();
-    for i in 0..vcpus {
-        let top = stacks + (i as u64 + 1) * STACK_SIZE;
-        // As if `_start` had been called from the stub: the ABI's stack
-        // alignment, and a return address that ends the program.
-        img.write_u64(top - 8, STUB_GPA);
-        let block = CPU_BLOCKS_GPA + i as u64 * CPU_BLOCK;
-        let info = VCPU_INFO_GPA + i as u64 * size_of::<VcpuInfo>() as u64;
-        let me = VcpuInfo {
-            index: i as u64,
-            vcpus: vcpus as u64,
-        };
-        img.write(info, vm_memory::ByteValued::as_slice(&me));
-        boot.push(BootState {
-            rip: prog.entry,
-            rsp: top - 8,
-            rdi: i as u64,
-            rsi: vcpus as u64,
-            rdx: PARAMS_GPA,
-            rflags: arch::RFLAGS_PAYLOAD,
-            cr3: PML4,
-            gdt: block,
-            tss: block + 0x80,
-            idt: Some((IDT_GPA, (EXCEPTIONS * 16 - 1) as u16)),
-            gs_base: info,
-            user: true,
-            runnable: true,
-        });
-    }
+    let boot = (0..vcpus)
+        .map(|i| vcpu_start(&mut img, prog.entry, at.stacks, i, vcpus))
+        .collect();
     img.entry = prog.entry;
     Ok(ProgramLayout {
         image: std::sync::Arc::new(img),
-        program_end,
+        program_end: at.program_end,
         boot,
     })
+}
+
+/// vCPU `i`'s registers, stack and info block.
+fn vcpu_start(img: &mut BootImage, entry: u64, stacks: u64, i: usize, vcpus: usize) -> BootState {
+    let top = stacks + (i as u64 + 1) * STACK_SIZE;
+    // As if `_start` had been called from the stub: the ABI's stack
+    // alignment, and a return address that ends the program.
+    img.write_u64(top - 8, STUB_GPA);
+    let block = CPU_BLOCKS_GPA + i as u64 * CPU_BLOCK;
+    let info = VCPU_INFO_GPA + i as u64 * size_of::<VcpuInfo>() as u64;
+    let me = VcpuInfo {
+        index: i as u64,
+        vcpus: vcpus as u64,
+    };
+    img.write(info, vm_memory::ByteValued::as_slice(&me));
+    BootState {
+        rip: entry,
+        rsp: top - 8,
+        rdi: i as u64,
+        rsi: vcpus as u64,
+        rdx: PARAMS_GPA,
+        rflags: arch::RFLAGS_PAYLOAD,
+        cr3: PML4,
+        gdt: block,
+        tss: block + 0x80,
+        idt: Some((IDT_GPA, (EXCEPTIONS * 16 - 1) as u16)),
+        gs_base: info,
+        user: true,
+        runnable: true,
+    }
 }
 
 /// Page tables, IDT, handlers, per-vCPU GDTs/TSSs and the exit stub.
