@@ -500,7 +500,7 @@ mod tests {
     #[test]
     fn checked_in_sdk_abi_is_current() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let bless = std::env::var_os("ODPVM_BLESS_SDK").is_some();
+        let bless = std::env::var("ODPVM_BLESS_SDK").as_deref() == Ok("1");
         for (path, want) in [(C_ABI_PATH, c_abi()), (RUST_ABI_PATH, rust_abi())] {
             let path = dir.join(path);
             if bless {

@@ -4,7 +4,9 @@
 //! console sink and kept, up to a bound, for the run report.
 //!
 //! The guest is untrusted: a line longer than `MAX_LINE` is cut, and past
-//! `MAX_TRANSCRIPT` bytes text is counted but no longer kept or echoed.
+//! `MAX_TRANSCRIPT` bytes text is counted but no longer kept or echoed
+//! (tests `lines_of_two_vcpus_never_mix_and_long_ones_are_cut`,
+//! `text_past_the_bound_is_counted_not_kept`).
 
 use crate::devices::serial::Sink;
 use parking_lot::Mutex;

@@ -34,7 +34,8 @@ pub const CMD_IDLE: u32 = 4;
 /// Record one latency sample (arg: cycles).
 pub const CMD_SAMPLE: u32 = 5;
 /// Wait until every vCPU still running has arrived here too; the last
-/// one to arrive releases them all (arg: phase number).
+/// one to arrive, or the end of the last one missing, releases them all
+/// (arg: phase number; test `sync_releases_when_every_running_vcpu_is_there`).
 pub const CMD_SYNC: u32 = 6;
 /// Drop this vCPU's pending arguments.
 pub const CMD_CLEAR: u32 = 7;
