@@ -6,6 +6,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#if defined(__cplusplus) && !defined(_Static_assert)
+#define _Static_assert static_assert
+#endif
+
 /* Guest memory and entry (payload::user, layout) */
 #define ODPVM_PAGE_SIZE 0x1000ul /* 4 KiB */
 #define ODPVM_LOAD_BASE 0x200000ul /* where programs are linked: the start of RAM */

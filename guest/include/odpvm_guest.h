@@ -335,7 +335,8 @@ __attribute__((weak)) void *memset(void *dst, int c, size_t n)
 
 __attribute__((weak)) int memcmp(const void *a, const void *b, size_t n)
 {
-    const volatile unsigned char *x = a, *y = b;
+    const volatile unsigned char *x = (const volatile unsigned char *)a;
+    const volatile unsigned char *y = (const volatile unsigned char *)b;
     for (size_t i = 0; i < n; i++)
         if (x[i] != y[i])
             return x[i] < y[i] ? -1 : 1;

@@ -373,6 +373,7 @@ pub fn c_abi() -> String {
     let mut o = String::new();
     let _ = writeln!(o, "/* {} */", BANNER.replace('\n', "\n * "));
     o += "#ifndef ODPVM_ABI_H\n#define ODPVM_ABI_H\n\n#include <stddef.h>\n#include <stdint.h>\n";
+    o += "\n#if defined(__cplusplus) && !defined(_Static_assert)\n#define _Static_assert static_assert\n#endif\n";
     for g in groups() {
         let _ = writeln!(o, "\n/* {} */", g.title);
         for c in &g.consts {
