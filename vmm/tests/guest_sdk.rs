@@ -146,6 +146,12 @@ fn c_example_writes_rdma_checked_by_the_host_peer() {
     assert_eq!(s["rnic_stale_accesses"], 0, "{s}");
     assert_eq!(s["rnic_wqes_rejected"], 0, "{s}");
 
+    // Without the RNIC its window reads as zero: the program says so.
+    let (r, o) = run(&prog, &["--vcpus", "1", "--rnic", "none"]);
+    assert!(!o.status.success());
+    assert_eq!(r["vcpu_reports"][0]["exit_code"], 2, "{r}");
+    assert!(r["console"].as_str().unwrap().contains("no RNIC"), "{r}");
+
     // The host's check is real: stamps naming the wrong page are caught.
     let bad = dir.join("rdma_write_bw_bad_stamp");
     cc(
