@@ -27,8 +27,26 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
+/// A VMM child process, killed if a test fails before it ends.
+struct Vmm(Option<Child>);
+
+impl Vmm {
+    fn take(mut self) -> Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `odpvm run` of an idle guest serving `sock`, once the socket answers.
-fn idle_vm(sock: &Path, extra: &[&str]) -> Child {
+fn idle_vm(sock: &Path, extra: &[&str]) -> Vmm {
     let child = odpvm()
         .args(["run", "--guest", "idle", "--memory", "16M", "--vcpus", "1"])
         .args(["--timeout", "120", "--json", "--api-sock"])
@@ -38,6 +56,7 @@ fn idle_vm(sock: &Path, extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let child = Vmm(Some(child));
     wait_for_socket(sock);
     // One round trip: the server has seen the probe connections go.
     assert!(ask(sock, &Request::Stats).unwrap().reply.ok);
@@ -57,10 +76,10 @@ fn ask(sock: &Path, req: &Request) -> Result<api::Answer, ClientError> {
 }
 
 /// Shut the VM down and return its exit status and stderr.
-fn finish(sock: &Path, child: Child) -> (std::process::ExitStatus, String) {
+fn finish(sock: &Path, child: Vmm) -> (std::process::ExitStatus, String) {
     let a = ask(sock, &Request::Shutdown).expect("shutdown answered");
     assert!(a.reply.ok, "{}", a.line);
-    let out = child.wait_with_output().unwrap();
+    let out = child.take().wait_with_output().unwrap();
     (out.status, String::from_utf8_lossy(&out.stderr).into())
 }
 
@@ -119,6 +138,7 @@ fn socket_is_private_whatever_the_umask_and_checks_the_peer_uid() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let child = Vmm(Some(child));
     wait_for_socket(&sock);
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
@@ -272,6 +292,7 @@ fn a_signal_gives_a_fixed_exit_code() {
         let d = dir(&format!("sig{sig}"));
         let sock = d.join("api.sock");
         let child = idle_vm(&sock, &[]);
+        let child = child.take();
         // SAFETY: signalling our own child, which is alive (it serves).
         assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
         let out = child.wait_with_output().unwrap();
@@ -295,6 +316,7 @@ fn back_to_back_teardowns_do_not_starve_the_guest() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let child = Vmm(Some(child));
     wait_for_socket(&sock);
     let mut s = UnixStream::connect(&sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -310,7 +332,7 @@ fn back_to_back_teardowns_do_not_starve_the_guest() {
             Ok(_) => teardowns += 1,
         }
     }
-    let out = child.wait_with_output().unwrap();
+    let out = child.take().wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let r: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(

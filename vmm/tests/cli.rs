@@ -48,14 +48,15 @@ fn huge_durations_are_refused_not_panicked_on() {
 /// ignored.
 #[test]
 fn linux_only_flags_need_a_kernel() {
-    assert_clear_failure(
-        &["run", "--guest", "idle", "--cmdline", "console=ttyS0"],
-        "--kernel",
-    );
-    assert_clear_failure(
-        &["run", "--guest", "idle", "--initrd", "/etc/hostname"],
-        "--kernel",
-    );
+    // (--timeout: before the fix the idle guest simply ran.)
+    for flag in [
+        ["--cmdline", "console=ttyS0"],
+        ["--initrd", "/etc/hostname"],
+    ] {
+        let mut args = vec!["run", "--guest", "idle", "--timeout", "5"];
+        args.extend(flag);
+        assert_clear_failure(&args, "--kernel");
+    }
 }
 
 /// Item 14: `--guest`'s help listed 4 of the built-in guests.
