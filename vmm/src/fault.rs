@@ -355,9 +355,9 @@ impl mmu::FaultResolver for GuestResolver {
         let mut woken = Vec::new();
         let outcome = mmu.fault_in(start, end - start, |t, out| {
             woken.clear();
-            let mut page = t.gpa;
+            let mut page = t.gpa();
             while page < t.end() {
-                let hva = t.host_addr(page);
+                let hva = t.host_addr(page)?;
                 if let Some(uffd) = &self.uffd {
                     let mut tries = 0;
                     loop {
@@ -517,7 +517,7 @@ impl Handler {
                 }
                 Ok(t) => t,
             };
-            if t.host_addr(gpa) != page {
+            if t.host_addr(gpa) != Ok(page) {
                 continue; // the mapping moved under us: look again
             }
             // Populate the window; the kernel stops at the first page
