@@ -690,6 +690,8 @@ pub struct LiveStats {
     pub faults_deferred: u64,
     pub faults_untracked: u64,
     pub fault_errors: u64,
+    /// Expected fault/teardown races (not errors).
+    pub fault_teardown_races: u64,
     pub remove_events: u64,
     pub invalidations: u64,
     pub teardowns: u64,
@@ -749,6 +751,7 @@ impl LiveStats {
             faults_deferred: get(&c.faults.deferred),
             faults_untracked: get(&c.faults.untracked),
             fault_errors: get(&c.faults.errors),
+            fault_teardown_races: get(&c.faults.teardown_races),
             remove_events: get(&c.faults.removes),
             invalidations: m.invalidations,
             teardowns: m.teardowns,
