@@ -21,9 +21,12 @@ struct PlainMemory {
 }
 
 impl GuestMemory for PlainMemory {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotGuestRam> {
         if !self.contains(gpa, buf.len() as u64) {
-            return Err(format!("{gpa:#x} is not guest RAM"));
+            return Err(NotGuestRam {
+                gpa,
+                len: buf.len() as u64,
+            });
         }
         // SAFETY: bounds checked just above against the live mapping.
         unsafe {
@@ -90,7 +93,7 @@ impl Harness {
             fence_timeout: Duration::from_millis(20),
             ..Default::default()
         });
-        let peer = HostPeer::new(&rnic, 8 << 20).expect("host peer");
+        let peer = HostPeer::new(&rnic, 32 << 20).expect("host peer");
         let dev =
             RnicDevice::new(rnic, space, Arc::new(PlainMemory { hva }), peer, 4).expect("device");
         Harness { dev, hva }
@@ -193,7 +196,7 @@ impl Harness {
             value as u32
         };
         w[28..32].copy_from_slice(&lkey.to_le_bytes());
-        let peer = self.dev.peer();
+        let peer = self.dev.peer_window();
         let raddr = peer.base + (value >> 12) % (peer.len + 0x2000);
         w[32..40].copy_from_slice(&raddr.to_le_bytes());
         let rkey = if value & 0x20 == 0 {

@@ -24,7 +24,7 @@
 //!
 //! | off  | name       | access | meaning |
 //! |------|------------|--------|---------|
-//! | 0x00 | STATUS     | RO     | bit 0 enabled, bit 1 device error, bit 2 QP error |
+//! | 0x00 | STATUS     | RO     | bit 0 enabled, bit 1 device error, bit 2 QP error, bit 3 CQ overrun |
 //! | 0x04 | ERROR      | RO     | why the device stopped (`ERR_*`) |
 //! | 0x08 | CTRL       | WO     | 1 reset, 2 enable |
 //! | 0x10 | SQ_BASE    | RW 64  | send ring (guest-physical, 64-byte WQEs) |
@@ -56,8 +56,10 @@ mod device;
 pub mod fuzz;
 mod peer;
 
-pub use device::{GuestMemory, GuestPeer, RnicDevice, RnicDeviceStats};
-pub use peer::{HostPeer, READ_STAMP_MAGIC};
+pub use device::{
+    GuestMemory, GuestPeer, NotGuestRam, RnicDevice, RnicDeviceError, RnicDeviceStats,
+};
+pub use peer::{HostPeer, PeerError, PeerWindow, READ_STAMP_MAGIC, WINDOW_UNIT};
 
 pub const RNIC_ID: u32 = 0x4f44_5052;
 pub const RNIC_VERSION: u32 = 1;
@@ -95,6 +97,9 @@ pub const CTRL_ENABLE: u32 = 2;
 pub const STATUS_ENABLED: u32 = 1;
 pub const STATUS_DEVICE_ERROR: u32 = 2;
 pub const STATUS_QP_ERROR: u32 = 4;
+/// The queue pair's completion queue overran (completions were lost); the
+/// queue pair is in error too. Cleared by CTRL reset.
+pub const STATUS_CQ_OVERRUN: u32 = 8;
 
 pub const OP_WRITE: u32 = 1;
 pub const OP_READ: u32 = 2;
