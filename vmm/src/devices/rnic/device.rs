@@ -116,9 +116,10 @@ struct QpCtx {
     cq_overrun: bool,
     /// Send WQEs posted to the RNIC QP.
     posted: u64,
-    /// WRITEs posted and not yet retired: at most the RNIC send queue's
-    /// depth (the ring size) plus the one it executes, because every
-    /// doorbell and completion read retires what the RNIC finished.
+    /// WRITEs posted and not yet retired: every doorbell and completion
+    /// read first retires what the RNIC finished, so at most what its send
+    /// queue (ring-sized) and execution held then, plus one ring posted by
+    /// the doorbell: `2 * sq_size + 1`.
     writes: VecDeque<Posted>,
 }
 
