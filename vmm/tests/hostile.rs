@@ -418,7 +418,9 @@ fn rnr_forever_does_not_pin_a_host_core() {
         nic.stats().rnr_waits,
         Instant::now(),
     );
+    let peer0 = thread_cpu("odpvm-peer");
     std::thread::sleep(Duration::from_secs(2));
+    let peer_cpu = thread_cpu("odpvm-peer") - peer0;
     let (cpu, waits, wall) = (
         thread_cpu("rnrvm-dev") - cpu0,
         nic.stats().rnr_waits - waits0,
@@ -426,7 +428,9 @@ fn rnr_forever_does_not_pin_a_host_core() {
     );
     h.shutdown();
     vm.wait(Some(Duration::from_secs(30)));
-    println!("RNR for {wall:.2} s: {waits} retries, device thread {cpu:.3} CPU s");
+    println!(
+        "RNR for {wall:.2} s: {waits} retries, device thread {cpu:.3} CPU s, host peer thread {peer_cpu:.3}"
+    );
     let timer = rdma_passthrough::rnr_timer(rdma_passthrough::QpCaps::default().min_rnr_timer);
     let most = (wall / timer.as_secs_f64() * 1.2) as u64 + 10;
     assert!(
@@ -437,6 +441,7 @@ fn rnr_forever_does_not_pin_a_host_core() {
         cpu < 0.1 * wall,
         "the device thread used {cpu:.3} s of {wall:.2} s"
     );
+    assert!(peer_cpu < 0.1 * wall, "the host peer used {peer_cpu:.3} s");
     let _ = std::fs::remove_file(kernel);
 }
 
