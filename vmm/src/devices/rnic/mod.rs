@@ -52,6 +52,14 @@
 //! register access puts the queue pair in a device error state the guest
 //! can clear with CTRL reset; a malformed WQE completes with an error;
 //! keys, bounds and rights are checked by the RNIC on every access.
+//!
+//! Completions: a queue pair's completion queue holds 20 480 completions
+//! (16 384 in the RNIC's CQ, 4 096 buffered behind the CQE registers). One
+//! more without CQ_POP is an overrun, as in verbs a CQ error: STATUS shows
+//! CQ overrun and QP error, later WQEs are flushed, CTRL reset clears it.
+//! Unsignaled WQEs need no completion; the device retires them in order.
+//! PEER_ADDR/PEER_LEN/PEER_RKEY describe this guest's own window of the
+//! peer, and the rkey reaches nothing outside it.
 
 pub mod abi;
 mod device;
