@@ -76,8 +76,8 @@ impl FaultResolver for GuardResolver {
     fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
         let mmu = self.mmu.upgrade().expect("mmu alive");
         mmu.fault_in(gpa, len, |t, out| {
-            protect(t.gpa, t.len, true);
-            let mut p = t.gpa;
+            protect(t.gpa(), t.len(), true);
+            let mut p = t.gpa();
             while p < t.end() {
                 out.push(Translation::small(p, p));
                 p += PAGE_SIZE;
@@ -90,7 +90,7 @@ impl FaultResolver for GuardResolver {
 
 fn env(len: u64, guard: bool, config: RnicConfig) -> Env {
     let base = mmap(len);
-    let mmu = Mmu::new(Config::default());
+    let mmu = Mmu::new(Config::default()).unwrap();
     mmu.add_region(RegionSpec {
         name: "buf".into(),
         gpa: base,
@@ -256,7 +256,13 @@ fn loopback_write_read_send_through_unfaulted_odp_mrs() {
 
 #[test]
 fn invalidation_during_traffic_never_touches_old_pages() {
-    let e = env(8 * MIB, true, RnicConfig::default());
+    // A deadline far beyond any scheduling delay on a loaded host: this
+    // test is about correctness, not the fence (the fence tests are).
+    let cfg = RnicConfig {
+        fence_timeout: Duration::from_secs(10),
+        ..RnicConfig::default()
+    };
+    let e = env(8 * MIB, true, cfg);
     let (src, dst, chk) = (e.base, e.base + 2 * MIB, e.base + 4 * MIB);
     let msrc = e.rnic.reg_mr(&e.pd, src, 2 * MIB, ALL).unwrap();
     let mdst = e.rnic.reg_mr(&e.pd, dst, 2 * MIB, ALL).unwrap();

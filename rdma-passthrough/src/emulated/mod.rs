@@ -195,6 +195,8 @@ pub(crate) struct QpState {
     /// RC executes a send queue in order, so WQE `n` (0-based) has
     /// finished once this exceeds `n`, signaled or not.
     pub(crate) send_retired: AtomicU64,
+    /// Driven by a RoCE port (`crate::roce`), not by the device thread.
+    pub(crate) roce: AtomicBool,
 }
 
 pub(crate) struct Shared {
@@ -437,7 +439,7 @@ unsafe fn libc_munlock(hva: u64, len: u64) {
 
 /// An RC queue pair.
 pub struct Qp {
-    state: Arc<QpState>,
+    pub(crate) state: Arc<QpState>,
     shared: Weak<Shared>,
 }
 
@@ -512,7 +514,7 @@ impl Drop for Qp {
 
 /// The emulated RNIC.
 pub struct EmulatedRnic {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -613,6 +615,7 @@ impl EmulatedRnic {
             error: AtomicBool::new(false),
             destroyed: AtomicBool::new(false),
             send_retired: AtomicU64::new(0),
+            roce: AtomicBool::new(false),
         });
         self.shared.qps.write().insert(qpn, state.clone());
         self.shared.qp_epoch.fetch_add(1, Ordering::SeqCst);

@@ -151,7 +151,7 @@ impl HostPeer {
         // populated as they are used.
         let base = crate::memory::map_anonymous(len, false).map_err(PeerError::Buffer)?;
         let buffer = HostBuffer { base, len };
-        let mmu = Mmu::new(mmu::Config::default());
+        let mmu = Mmu::new(mmu::Config::default())?;
         mmu.add_region(RegionSpec {
             name: "host-peer".into(),
             gpa: base,
