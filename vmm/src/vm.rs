@@ -418,7 +418,8 @@ impl Vm {
                     RnicChoice::Shared(nic, peer) => (nic.clone(), peer.clone()),
                     _ => {
                         let nic = rdma_passthrough::EmulatedRnic::new(Default::default());
-                        let peer = HostPeer::new(&nic, PEER_BUFFER).map_err(Error::Config)?;
+                        let peer = HostPeer::new(&nic, PEER_BUFFER)
+                            .map_err(|e| Error::Config(e.to_string()))?;
                         (nic, peer)
                     }
                 };
@@ -431,7 +432,7 @@ impl Vm {
                 let space =
                     rdma_passthrough::AddressSpace::new("guest", mmu.clone(), Arc::new(resolver));
                 let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus)
-                    .map_err(Error::Config)?;
+                    .map_err(|e| Error::Config(e.to_string()))?;
                 (Some(Arc::new(dev)), None)
             }
         };
