@@ -5,13 +5,26 @@
 
 mod device;
 
-pub use device::{Barrier, Outcome, TestDevice, VcpuReport};
+pub use device::{Barrier, Epochs, Outcome, ProgressMark, TestDevice, VcpuReport};
 
 /// Register offsets in the MMIO page.
 pub const CMD: u64 = 0x0;
 pub const ARG: u64 = 0x4;
 /// Read: non-zero once the host wants looping payloads to finish.
 pub const STOP: u64 = 0x8;
+/// Read: how many host actions that make guest RAM fresh (teardowns,
+/// range invalidations) have started / completed (low 32 bits). A page
+/// written before a round began and read back zero, with no such action
+/// started since, is a lost write.
+pub const EPOCH_STARTED: u64 = 0xc;
+pub const EPOCH_DONE: u64 = 0x10;
+/// Write: a progress mark (the payload did a fixed amount of work); the
+/// value is the longest gap the vCPU saw between two steps since its last
+/// mark, in units of 1024 TSC cycles.
+pub const PROGRESS: u64 = 0x14;
+
+/// Progress marks kept (oldest first; later ones are dropped until taken).
+pub const MAX_MARKS: usize = 1 << 22;
 
 /// The vCPU finished successfully; args are payload-specific results.
 pub const CMD_PASS: u32 = 1;
