@@ -2,7 +2,8 @@
 //! MMU ([`mmu`]) and mirrored into RDMA on-demand-paging memory regions.
 //!
 //! This crate only re-exports the member crates; it owns the cross-crate
-//! tests (`tests/`) and benchmarks (`benches/`).
+//! tests (`tests/`: one invalidation reaching both mirrors of a running
+//! VM) and the criterion benchmarks (`benches/`).
 
 pub use mmu;
 pub use rdma_passthrough;

@@ -12,11 +12,13 @@
 
 pub mod assigned;
 pub mod emulated;
+pub mod roce;
 pub mod space;
 pub mod stats;
 pub mod verbs;
 
 pub use emulated::{Cq, EmulatedRnic, Mr, Pd, Qp, RnicConfig};
+pub use roce::{RemoteEnd, RoceConfig, RocePort, RoceStatsSnapshot};
 pub use space::AddressSpace;
 pub use stats::RnicStatsSnapshot;
 pub use verbs::*;

@@ -429,7 +429,8 @@ impl Engine {
     /// Advance run `i` by at most one chunk. True if anything happened.
     fn step(&mut self, i: usize) -> bool {
         let qp = self.runs[i].qp.clone();
-        if qp.destroyed.load(Ordering::Acquire) {
+        // A RoCE port drives this QP's queues.
+        if qp.destroyed.load(Ordering::Acquire) || qp.roce.load(Ordering::Acquire) {
             return false;
         }
         if qp.error.load(Ordering::Acquire) {

@@ -172,6 +172,8 @@ pub(crate) struct QpState {
     pub(crate) remote: AtomicU32,
     pub(crate) error: AtomicBool,
     pub(crate) destroyed: AtomicBool,
+    /// Driven by a RoCE port (`crate::roce`), not by the device thread.
+    pub(crate) roce: AtomicBool,
 }
 
 pub(crate) struct Shared {
@@ -397,7 +399,7 @@ unsafe fn libc_munlock(hva: u64, len: u64) {
 
 /// An RC queue pair.
 pub struct Qp {
-    state: Arc<QpState>,
+    pub(crate) state: Arc<QpState>,
     shared: Weak<Shared>,
 }
 
@@ -465,7 +467,7 @@ impl Drop for Qp {
 
 /// The emulated RNIC.
 pub struct EmulatedRnic {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -564,6 +566,7 @@ impl EmulatedRnic {
             remote: AtomicU32::new(0),
             error: AtomicBool::new(false),
             destroyed: AtomicBool::new(false),
+            roce: AtomicBool::new(false),
         });
         self.shared.qps.write().insert(qpn, state.clone());
         self.shared.qp_epoch.fetch_add(1, Ordering::SeqCst);

@@ -5,7 +5,7 @@
 //! the workload then resets its queue pair and goes on (counting it).
 //!
 //! Per-vCPU guest memory (16 MiB each, from the start of RAM): send ring at
-//! +0 (64 WQEs), receive ring at +4 KiB, message slots at +1 MiB (4 of at
+//! +0 (64 WQEs), receive ring at +4 KiB (`RQ_OFFSET`), message slots at +1 MiB (4 of at
 //! most 512 KiB). On the host peer: vCPU `i` writes to
 //! `[i * 4 MiB, +4 MiB)` and reads from `[len/2 + i * 2 MiB, +2 MiB)`.
 //!
@@ -19,6 +19,25 @@ use crate::devices::rnic::*;
 use crate::devices::testdev::{ARG, CMD, CMD_FAIL, CMD_PASS, CMD_SAMPLE, STOP};
 use crate::layout::{PAYLOAD_RAM_VA, RNIC_MMIO_GPA, TESTDEV_MMIO_GPA};
 use iced_x86::code_asm::*;
+use std::mem::offset_of;
+
+// Where the payloads store each field of a ring entry (the one layout in
+// `devices::rnic::abi`).
+const WQE_WR_ID: u64 = offset_of!(SendWqe, wr_id) as u64;
+const WQE_OPCODE: u64 = offset_of!(SendWqe, opcode) as u64;
+const WQE_FLAGS: u64 = offset_of!(SendWqe, flags) as u64;
+const WQE_ADDR: u64 = offset_of!(SendWqe, addr) as u64;
+const WQE_LENGTH: u64 = offset_of!(SendWqe, length) as u64;
+const WQE_LKEY: u64 = offset_of!(SendWqe, lkey) as u64;
+const WQE_REMOTE_ADDR: u64 = offset_of!(SendWqe, remote_addr) as u64;
+const WQE_RKEY: u64 = offset_of!(SendWqe, rkey) as u64;
+const RQE_WR_ID: u64 = offset_of!(RecvEntry, wr_id) as u64;
+const RQE_ADDR: u64 = offset_of!(RecvEntry, addr) as u64;
+const RQE_LENGTH: u64 = offset_of!(RecvEntry, length) as u64;
+const RQE_LKEY: u64 = offset_of!(RecvEntry, lkey) as u64;
+/// The receive ring follows the send ring, one page into the region.
+const RQ_OFFSET: u64 = 0x1000;
+const _: () = assert!(RING * WQE_SIZE <= RQ_OFFSET);
 
 pub const REGION: u64 = 16 << 20;
 pub const RING: u64 = 64;
@@ -166,7 +185,7 @@ pub fn assemble(kind: Kind, a: &mut Asm) -> R {
     a.mov(dword_ptr(rbp + QP_CTRL), CTRL_RESET)?;
     a.mov(qword_ptr(rbp + QP_SQ_BASE), r12)?;
     a.mov(dword_ptr(rbp + QP_SQ_SIZE), RING as u32)?;
-    a.lea(rax, qword_ptr(r12 + 0x1000))?;
+    a.lea(rax, qword_ptr(r12 + RQ_OFFSET))?;
     a.mov(qword_ptr(rbp + QP_RQ_BASE), rax)?;
     a.mov(dword_ptr(rbp + QP_RQ_SIZE), RING as u32)?;
     a.mov(dword_ptr(rbp + QP_CTRL), CTRL_ENABLE)?;
@@ -387,7 +406,7 @@ fn slot(a: &mut Asm) -> R {
 fn sq_entry(a: &mut Asm) -> R {
     a.mov(rdx, r10)?;
     a.and(rdx, (RING - 1) as i32)?;
-    a.shl(rdx, 6)?;
+    a.shl(rdx, WQE_SIZE.trailing_zeros())?;
     a.add(rdx, rbx)?;
     Ok(())
 }
@@ -421,36 +440,36 @@ fn post_rw(a: &mut Asm, kind: Kind) -> R {
         a.set_label(&mut pg_done)?;
     }
     sq_entry(a)?;
-    a.mov(qword_ptr(rdx), r13)?; // wr_id
+    a.mov(qword_ptr(rdx + WQE_WR_ID), r13)?;
     let op = if kind == Kind::ReadBw {
         OP_READ
     } else {
         OP_WRITE
     };
-    a.mov(dword_ptr(rdx + 8), op)?;
+    a.mov(dword_ptr(rdx + WQE_OPCODE), op)?;
     // signaled?
     if matches!(kind, Kind::WriteLat | Kind::SendLat) {
-        a.mov(dword_ptr(rdx + 12), WQE_SIGNALED)?;
+        a.mov(dword_ptr(rdx + WQE_FLAGS), WQE_SIGNALED)?;
     } else {
         a.mov(eax, r13d)?;
         a.and(eax, (BATCH - 1) as i32)?;
         a.cmp(eax, (BATCH - 1) as i32)?;
         a.sete(al)?;
         a.movzx(eax, al)?;
-        a.mov(dword_ptr(rdx + 12), eax)?;
+        a.mov(dword_ptr(rdx + WQE_FLAGS), eax)?;
     }
     // local address (gpa) = region gpa + MSG_AREA + slot offset
     a.lea(rax, qword_ptr(r12 + rsi + MSG_AREA as i32))?;
-    a.mov(qword_ptr(rdx + 16), rax)?;
+    a.mov(qword_ptr(rdx + WQE_ADDR), rax)?;
     xget(a, rax, xmm2)?;
-    a.mov(dword_ptr(rdx + 24), eax)?;
+    a.mov(dword_ptr(rdx + WQE_LENGTH), eax)?;
     xget(a, rax, xmm3)?;
-    a.mov(dword_ptr(rdx + 28), eax)?; // lkey
+    a.mov(dword_ptr(rdx + WQE_LKEY), eax)?;
     a.shr(rax, 32)?;
-    a.mov(dword_ptr(rdx + 40), eax)?; // rkey
+    a.mov(dword_ptr(rdx + WQE_RKEY), eax)?;
     xget(a, rax, xmm1)?;
     a.add(rax, rsi)?;
-    a.mov(qword_ptr(rdx + 32), rax)?; // remote address
+    a.mov(qword_ptr(rdx + WQE_REMOTE_ADDR), rax)?;
     a.inc(r10)?;
     a.inc(r13)?;
     if matches!(kind, Kind::WriteBw | Kind::ReadBw) {
@@ -470,17 +489,17 @@ fn post_rw(a: &mut Asm, kind: Kind) -> R {
 fn post_recv(a: &mut Asm) -> R {
     xget(a, rdx, xmm8)?;
     a.and(rdx, (RING - 1) as i32)?;
-    a.shl(rdx, 5)?;
-    a.lea(rdx, qword_ptr(rbx + rdx + 0x1000))?;
-    a.mov(qword_ptr(rdx), r13)?;
+    a.shl(rdx, RQE_SIZE.trailing_zeros())?;
+    a.lea(rdx, qword_ptr(rbx + rdx + RQ_OFFSET))?;
+    a.mov(qword_ptr(rdx + RQE_WR_ID), r13)?;
     xget(a, rax, xmm2)?;
     a.imul_3(rax, rax, (SLOTS - 1) as i32)?;
     a.lea(rax, qword_ptr(r12 + rax + MSG_AREA as i32))?;
-    a.mov(qword_ptr(rdx + 8), rax)?;
+    a.mov(qword_ptr(rdx + RQE_ADDR), rax)?;
     xget(a, rax, xmm2)?;
-    a.mov(dword_ptr(rdx + 16), eax)?;
+    a.mov(dword_ptr(rdx + RQE_LENGTH), eax)?;
     xget(a, rax, xmm3)?;
-    a.mov(dword_ptr(rdx + 20), eax)?;
+    a.mov(dword_ptr(rdx + RQE_LKEY), eax)?;
     xinc(a, xmm8)?;
     xget(a, rax, xmm8)?;
     a.mov(dword_ptr(rbp + QP_RQ_PI), eax)?;
@@ -490,15 +509,15 @@ fn post_recv(a: &mut Asm) -> R {
 /// An unsignaled SEND of message slot 0.
 fn post_send(a: &mut Asm) -> R {
     sq_entry(a)?;
-    a.mov(qword_ptr(rdx), r13)?;
-    a.mov(dword_ptr(rdx + 8), OP_SEND)?;
-    a.mov(dword_ptr(rdx + 12), 0)?;
+    a.mov(qword_ptr(rdx + WQE_WR_ID), r13)?;
+    a.mov(dword_ptr(rdx + WQE_OPCODE), OP_SEND)?;
+    a.mov(dword_ptr(rdx + WQE_FLAGS), 0)?;
     a.lea(rax, qword_ptr(r12 + MSG_AREA as i32))?;
-    a.mov(qword_ptr(rdx + 16), rax)?;
+    a.mov(qword_ptr(rdx + WQE_ADDR), rax)?;
     xget(a, rax, xmm2)?;
-    a.mov(dword_ptr(rdx + 24), eax)?;
+    a.mov(dword_ptr(rdx + WQE_LENGTH), eax)?;
     xget(a, rax, xmm3)?;
-    a.mov(dword_ptr(rdx + 28), eax)?;
+    a.mov(dword_ptr(rdx + WQE_LKEY), eax)?;
     a.inc(r10)?;
     a.inc(r13)?;
     a.mov(dword_ptr(rbp + QP_SQ_PI), r10d)?;

@@ -21,6 +21,17 @@ pub trait GuestMemory: Send + Sync {
     fn contains(&self, gpa: u64, len: u64) -> bool;
 }
 
+/// Read one ABI structure (a ring entry) from guest memory: its bytes as
+/// the guest left them, any pattern valid (`ByteValued`).
+fn read_obj<T: vm_memory::ByteValued + Default>(
+    mem: &dyn GuestMemory,
+    gpa: u64,
+) -> Result<T, String> {
+    let mut v = T::default();
+    mem.read(gpa, v.as_mut_slice())?;
+    Ok(v)
+}
+
 /// Completions the device buffers per queue pair before leaving the rest
 /// in the RNIC's CQ.
 const MAX_PENDING_CQES: usize = 4096;
@@ -297,18 +308,20 @@ impl RnicDevice {
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
         for _ in 0..n {
             let slot = u64::from(q.sq_ci & (q.sq_size - 1));
-            let mut w = [0u8; WQE_SIZE as usize];
-            if self.mem.read(q.sq_base + slot * WQE_SIZE, &mut w).is_err() {
+            let Ok(wqe) = read_obj::<SendWqe>(&*self.mem, q.sq_base + slot * WQE_SIZE) else {
                 return self.device_error(q, ERR_RING_READ);
-            }
-            let wr_id = u64_of(&w[0..8]).expect("8 bytes");
-            let opcode = u32_of(&w[8..12]).expect("4 bytes");
-            let flags = u32_of(&w[12..16]).expect("4 bytes");
-            let addr = u64_of(&w[16..24]).expect("8 bytes");
-            let length = u32_of(&w[24..28]).expect("4 bytes");
-            let lkey = u32_of(&w[28..32]).expect("4 bytes");
-            let remote_addr = u64_of(&w[32..40]).expect("8 bytes");
-            let rkey = u32_of(&w[40..44]).expect("4 bytes");
+            };
+            let SendWqe {
+                wr_id,
+                opcode,
+                flags,
+                addr,
+                length,
+                lkey,
+                remote_addr,
+                rkey,
+                ..
+            } = wqe;
             let op = match opcode {
                 OP_WRITE => Some(Opcode::RdmaWrite { remote_addr, rkey }),
                 OP_READ => Some(Opcode::RdmaRead { remote_addr, rkey }),
@@ -360,16 +373,15 @@ impl RnicDevice {
         }
         for _ in 0..n {
             let slot = u64::from(q.rq_ci & (q.rq_size - 1));
-            let mut e = [0u8; RQE_SIZE as usize];
-            if self.mem.read(q.rq_base + slot * RQE_SIZE, &mut e).is_err() {
+            let Ok(e) = read_obj::<RecvEntry>(&*self.mem, q.rq_base + slot * RQE_SIZE) else {
                 return self.device_error(q, ERR_RING_READ);
-            }
+            };
             let wr = RecvWr {
-                wr_id: u64_of(&e[0..8]).expect("8 bytes"),
+                wr_id: e.wr_id,
                 sges: vec![Sge {
-                    addr: u64_of(&e[8..16]).expect("8 bytes"),
-                    length: u32_of(&e[16..20]).expect("4 bytes"),
-                    lkey: u32_of(&e[20..24]).expect("4 bytes"),
+                    addr: e.addr,
+                    length: e.length,
+                    lkey: e.lkey,
                 }],
             };
             let qp = q.qp.as_ref().expect("enabled queue pairs have a QP");

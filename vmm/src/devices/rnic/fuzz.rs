@@ -77,7 +77,7 @@ impl Harness {
             );
         }
         let hva = base + page as u64;
-        let mmu = Mmu::new(mmu::Config::default());
+        let mmu = Mmu::new(mmu::Config::default()).expect("mmu");
         mmu.add_region(RegionSpec {
             name: "fuzz-ram".into(),
             gpa: FUZZ_RAM_GPA,
@@ -180,28 +180,31 @@ impl Harness {
         let mut ci = [0u8; 4];
         self.dev.mmio_read(bank + QP_SQ_CI, &mut ci);
         let ci = u32::from_le_bytes(ci);
-        let mut w = [0u8; WQE_SIZE as usize];
-        w[0..8].copy_from_slice(&value.to_le_bytes());
-        w[8..12].copy_from_slice(&(1 + (value as u32 % 3)).to_le_bytes());
-        w[12..16].copy_from_slice(&1u32.to_le_bytes());
         let addr = FUZZ_RAM_GPA + (value >> 8) % (FUZZ_RAM_SIZE + 0x2000);
-        w[16..24].copy_from_slice(&addr.to_le_bytes());
-        w[24..28].copy_from_slice(&((value >> 24) as u32 % 0x20000).to_le_bytes());
         let lkey = if value & 0x10 == 0 {
             self.dev.lkey()
         } else {
             value as u32
         };
-        w[28..32].copy_from_slice(&lkey.to_le_bytes());
         let peer = self.dev.peer();
-        let raddr = peer.base + (value >> 12) % (peer.len + 0x2000);
-        w[32..40].copy_from_slice(&raddr.to_le_bytes());
+        let remote_addr = peer.base + (value >> 12) % (peer.len + 0x2000);
         let rkey = if value & 0x20 == 0 {
             peer.rkey()
         } else {
             (value >> 32) as u32
         };
-        w[40..44].copy_from_slice(&rkey.to_le_bytes());
+        let wqe = SendWqe {
+            wr_id: value,
+            opcode: 1 + (value as u32 % 3),
+            flags: WQE_SIGNALED,
+            addr,
+            length: (value >> 24) as u32 % 0x20000,
+            lkey,
+            remote_addr,
+            rkey,
+            reserved: [0; 5],
+        };
+        let w = vm_memory::ByteValued::as_slice(&wqe);
         let at = ring - FUZZ_RAM_GPA + u64::from(ci % 64) * WQE_SIZE;
         // SAFETY: the ring lies inside the harness RAM (ring offsets are
         // below 64 KiB of a 4 MiB region).

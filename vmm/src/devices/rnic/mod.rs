@@ -45,77 +45,26 @@
 //! Send WQE (64 bytes): `wr_id:u64, opcode:u32 (1 WRITE, 2 READ, 3 SEND),
 //! flags:u32 (bit 0 signaled), addr:u64, length:u32, lkey:u32,
 //! remote_addr:u64, rkey:u32`. Receive entry (32 bytes): `wr_id:u64,
-//! addr:u64, length:u32, lkey:u32`.
+//! addr:u64, length:u32, lkey:u32`. These tables are documentation; the
+//! definitions (and their compile-time layout checks) are in [`abi`].
 //!
 //! Everything the guest writes is validated: a malformed ring, doorbell or
 //! register access puts the queue pair in a device error state the guest
 //! can clear with CTRL reset; a malformed WQE completes with an error;
 //! keys, bounds and rights are checked by the RNIC on every access.
 
+pub mod abi;
 mod device;
 pub mod fuzz;
 mod peer;
 
+pub use abi::*;
 pub use device::{GuestMemory, GuestPeer, RnicDevice, RnicDeviceStats};
 pub use peer::{HostPeer, READ_STAMP_MAGIC};
 
-pub const RNIC_ID: u32 = 0x4f44_5052;
-pub const RNIC_VERSION: u32 = 1;
-
-pub const REG_ID: u64 = 0x00;
-pub const REG_VERSION: u64 = 0x04;
-pub const REG_NUM_QPS: u64 = 0x08;
-pub const REG_LKEY: u64 = 0x10;
-pub const REG_PEER_ADDR: u64 = 0x18;
-pub const REG_PEER_LEN: u64 = 0x20;
-pub const REG_PEER_RKEY: u64 = 0x28;
-
-pub const QP_BANK: u64 = 0x100;
-pub const QP_STATUS: u64 = 0x00;
-pub const QP_ERROR: u64 = 0x04;
-pub const QP_CTRL: u64 = 0x08;
-pub const QP_SQ_BASE: u64 = 0x10;
-pub const QP_SQ_SIZE: u64 = 0x18;
-pub const QP_RQ_BASE: u64 = 0x20;
-pub const QP_RQ_SIZE: u64 = 0x28;
-pub const QP_SQ_PI: u64 = 0x30;
-pub const QP_RQ_PI: u64 = 0x34;
-pub const QP_SQ_CI: u64 = 0x38;
-pub const QP_RQ_CI: u64 = 0x3c;
-pub const QP_CQ_COUNT: u64 = 0x40;
-pub const QP_CQE_WR_ID: u64 = 0x48;
-pub const QP_CQE_STATUS: u64 = 0x50;
-pub const QP_CQE_OPCODE: u64 = 0x54;
-pub const QP_CQE_LEN: u64 = 0x58;
-pub const QP_CQ_POP: u64 = 0x5c;
-
-pub const CTRL_RESET: u32 = 1;
-pub const CTRL_ENABLE: u32 = 2;
-
-pub const STATUS_ENABLED: u32 = 1;
-pub const STATUS_DEVICE_ERROR: u32 = 2;
-pub const STATUS_QP_ERROR: u32 = 4;
-
-pub const OP_WRITE: u32 = 1;
-pub const OP_READ: u32 = 2;
-pub const OP_SEND: u32 = 3;
-pub const OP_RECV: u32 = 4;
-pub const WQE_SIGNALED: u32 = 1;
-pub const WQE_SIZE: u64 = 64;
-pub const RQE_SIZE: u64 = 32;
-pub const MAX_RING: u32 = 1024;
-/// Largest message a WQE may carry.
-pub const MAX_MSG: u32 = 1 << 30;
-
-/// Why a queue pair's device state stopped (the ERROR register).
-pub const ERR_NONE: u32 = 0;
-/// Doorbell or enable before the rings were set up.
-pub const ERR_NOT_ENABLED: u32 = 1;
-/// A ring outside guest RAM, misaligned, or of a bad size.
-pub const ERR_BAD_RING: u32 = 2;
-/// A doorbell index more than a ring ahead of the consumer (or behind it).
-pub const ERR_DOORBELL: u32 = 3;
-/// A register access of the wrong width or to an unknown offset.
-pub const ERR_REGISTER: u32 = 4;
-/// Reading a ring entry from guest memory failed.
-pub const ERR_RING_READ: u32 = 5;
+// SAFETY: `SendWqe` is `repr(C)`, made of integers only, with no padding
+// (its size is the sum of its fields', asserted in `abi`): every byte
+// pattern is a valid value.
+unsafe impl vm_memory::ByteValued for SendWqe {}
+// SAFETY: as above: `repr(C)` integers, no padding (asserted in `abi`).
+unsafe impl vm_memory::ByteValued for RecvEntry {}

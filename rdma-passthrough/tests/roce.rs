@@ -1,0 +1,547 @@
+//! RoCEv2 between two emulated RNICs in this process over real UDP sockets
+//! on loopback addresses (each test its own pair of addresses): WRITE,
+//! READ and SEND with stamped data, ODP faults answered with RNR NAKs,
+//! error NAKs, retry exhaustion, crafted bad packets, invalidations under
+//! incoming traffic.
+
+mod roce_common;
+
+use rdma_passthrough::roce::{icrc, wire};
+use rdma_passthrough::*;
+use roce_common::*;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(20);
+
+fn addrs(n: u8) -> (Ipv4Addr, Ipv4Addr) {
+    (Ipv4Addr::new(127, 0, n, 1), Ipv4Addr::new(127, 0, n, 2))
+}
+
+/// WRITE (several SGEs, odd offsets), READ back, and multi-packet SEND,
+/// both directions, at both path MTUs, with PSNs that wrap past 2^24.
+fn traffic(net: u8, mtu: usize) {
+    let (ia, ib) = addrs(net);
+    let config = RoceConfig {
+        mtu,
+        ..RoceConfig::default()
+    };
+    let a = node(ia, 32 * MIB, false, config.clone());
+    let b = node(ib, 32 * MIB, false, config);
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    // Start just below the 24-bit wrap so the PSNs wrap mid-message.
+    let (ea, eb) = connect(&a, &b, QpCaps::default(), 0xff_fff0, 0xff_ffe0);
+
+    for (round, len) in [(1u64, 1u64), (2, 4095), (3, 3 * MIB + 123), (4, 64 << 10)] {
+        let src = a.base + 7;
+        let dst = b.base + 8 * MIB + 5;
+        let back = a.base + 16 * MIB + 3;
+        stamp(src, len, round);
+        let half = len / 2;
+        let sges = if half > 0 {
+            vec![sge(src, half, &ma), sge(src + half, len - half, &ma)]
+        } else {
+            vec![sge(src, len, &ma)]
+        };
+        a.port
+            .post_send(&ea.qp, write(round, sges, dst, mb.rkey()))
+            .unwrap();
+        let wc = one(&ea.cq, T);
+        assert_eq!(
+            (wc.wr_id, wc.status, wc.byte_len as u64),
+            (round, WcStatus::Success, len),
+            "WRITE {len}"
+        );
+        check_stamp(dst, len, round).unwrap_or_else(|e| panic!("WRITE {len}: {e}"));
+
+        a.port
+            .post_send(
+                &ea.qp,
+                read(round + 100, vec![sge(back, len, &ma)], dst, mb.rkey()),
+            )
+            .unwrap();
+        let wc = one(&ea.cq, T);
+        assert_eq!(
+            (wc.status, wc.opcode),
+            (WcStatus::Success, WcOpcode::RdmaRead)
+        );
+        check_stamp(back, len, round).unwrap_or_else(|e| panic!("READ {len}: {e}"));
+
+        // SEND the other way, into a receive split over two SGEs.
+        let rbuf = a.base + 24 * MIB + 1;
+        stamp(b.base + 3, len, round + 50);
+        a.port
+            .post_recv(
+                &ea.qp,
+                RecvWr {
+                    wr_id: round + 200,
+                    sges: vec![sge(rbuf, 100, &ma), sge(rbuf + 100, len + 100, &ma)],
+                },
+            )
+            .unwrap();
+        b.port
+            .post_send(&eb.qp, send(round + 300, vec![sge(b.base + 3, len, &mb)]))
+            .unwrap();
+        let wc = one(&eb.cq, T);
+        assert_eq!((wc.status, wc.opcode), (WcStatus::Success, WcOpcode::Send));
+        let wc = one(&ea.cq, T);
+        assert_eq!(
+            (wc.wr_id, wc.status, wc.opcode, wc.byte_len as u64),
+            (round + 200, WcStatus::Success, WcOpcode::Recv, len)
+        );
+        check_stamp(rbuf, len, round + 50).unwrap_or_else(|e| panic!("SEND {len}: {e}"));
+    }
+    let (sa, sb) = (a.port.stats(), b.port.stats());
+    println!("mtu {mtu}: a {sa:?}\nb {sb:?}");
+    assert_eq!(sa.bad_icrc + sb.bad_icrc + sa.malformed + sb.malformed, 0);
+    assert!(!ea.qp.in_error() && !eb.qp.in_error());
+}
+
+#[test]
+fn write_read_send_between_two_rnics_mtu_4096() {
+    traffic(11, 4096);
+}
+
+#[test]
+fn write_read_send_between_two_rnics_mtu_1024() {
+    traffic(12, 1024);
+}
+
+/// The responder's MR is ODP and nothing is mapped: the first WRITE/READ
+/// into it raises device page faults, answered with RNR NAKs until the
+/// page-fault thread has mapped the pages; the requester retries.
+#[test]
+fn odp_faults_on_the_responder_answer_with_rnr_naks() {
+    let (ia, ib) = addrs(13);
+    let a = node(ia, 8 * MIB, false, RoceConfig::default());
+    let b = node(ib, 8 * MIB, false, RoceConfig::default());
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    assert_eq!(mb.mapped_pages(), 0);
+    let (ea, _eb) = connect(&a, &b, QpCaps::default(), 1, 2);
+    stamp(a.base, 4 * MIB, 9);
+    a.port
+        .post_send(
+            &ea.qp,
+            write(1, vec![sge(a.base, 4 * MIB, &ma)], b.base, mb.rkey()),
+        )
+        .unwrap();
+    assert_eq!(one(&ea.cq, T).status, WcStatus::Success);
+    check_stamp(b.base, 4 * MIB, 9).unwrap();
+    let s = b.port.stats();
+    assert!(s.rnr_naks_sent > 0, "{s:?}");
+    assert!(a.port.stats().rnr_naks_received > 0);
+    assert!(b.rnic.stats().device_faults > 0);
+    assert!(mb.mapped_pages() >= 1024);
+}
+
+/// Bad rkey, a range past the MR's end, a READ from a write-only MR: the
+/// responder NAKs with remote access error, the requester completes with
+/// REM_ACCESS_ERR and its QP enters the error state (later WRs flush).
+#[test]
+fn bad_rkey_and_bounds_complete_with_remote_access_error() {
+    let (ia, ib) = addrs(14);
+    let a = node(ia, 4 * MIB, false, RoceConfig::default());
+    let b = node(ib, 4 * MIB, false, RoceConfig::default());
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, MIB, ODP).unwrap();
+    let wo = b
+        .rnic
+        .reg_mr(
+            &b.pd,
+            b.base + MIB,
+            MIB,
+            Access(Access::LOCAL_WRITE.0 | Access::REMOTE_WRITE.0 | Access::ON_DEMAND.0),
+        )
+        .unwrap();
+    let cases = [
+        write(1, vec![sge(a.base, 4096, &ma)], b.base, mb.rkey() ^ 0x100),
+        write(
+            2,
+            vec![sge(a.base, 8192, &ma)],
+            b.base + MIB - 4096,
+            mb.rkey(),
+        ),
+        read(3, vec![sge(a.base, 4096, &ma)], b.base + MIB, wo.rkey()),
+    ];
+    for wr in cases {
+        let (ea, _eb) = connect(&a, &b, QpCaps::default(), 100, 200);
+        let id = wr.wr_id;
+        a.port.post_send(&ea.qp, wr).unwrap();
+        a.port
+            .post_send(
+                &ea.qp,
+                write(99, vec![sge(a.base, 64, &ma)], b.base, mb.rkey()),
+            )
+            .unwrap();
+        let wc = one(&ea.cq, T);
+        assert_eq!((wc.wr_id, wc.status), (id, WcStatus::RemAccessErr));
+        let wc = one(&ea.cq, T);
+        assert_eq!((wc.wr_id, wc.status), (99, WcStatus::WrFlushErr));
+        assert!(ea.qp.in_error());
+    }
+    assert_eq!(b.port.stats().access_naks_sent, 3);
+    // Nothing outside the MR was written.
+    assert_eq!(bytes(b.base + MIB, 4096), &[0u8; 4096][..]);
+}
+
+/// No receive posted and rnr_retry = 2: the SEND is RNR-NAKed three
+/// times and ends in RNR_RETRY_EXC_ERR.
+#[test]
+fn missing_receive_ends_in_rnr_retry_exc_err() {
+    let (ia, ib) = addrs(15);
+    let a = node(ia, MIB, false, RoceConfig::default());
+    let b = node(ib, MIB, false, RoceConfig::default());
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let caps = QpCaps {
+        rnr_retry: 2,
+        ..QpCaps::default()
+    };
+    let (ea, _eb) = connect(&a, &b, caps, 5, 6);
+    a.port
+        .post_send(&ea.qp, send(1, vec![sge(a.base, 100, &ma)]))
+        .unwrap();
+    let wc = one(&ea.cq, T);
+    assert_eq!(wc.status, WcStatus::RnrRetryExcErr);
+    assert_eq!(a.port.stats().rnr_naks_received, 3);
+}
+
+/// The peer address answers nothing: retry_cnt timer expiries, then
+/// RETRY_EXC_ERR.
+#[test]
+fn retry_exhaustion_ends_in_retry_exc_err() {
+    let (ia, ib) = addrs(16);
+    let config = RoceConfig {
+        retransmit_timeout: Duration::from_millis(5),
+        retry_cnt: 3,
+        ..RoceConfig::default()
+    };
+    let a = node(ia, MIB, false, config);
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let cq = a.rnic.create_cq(16);
+    let qp = a
+        .rnic
+        .create_qp(&a.pd, &cq, &cq, QpCaps::default())
+        .unwrap();
+    a.port
+        .connect(
+            &qp,
+            0,
+            RemoteEnd {
+                addr: SocketAddrV4::new(ib, 4791),
+                qpn: 77,
+                psn: 0,
+            },
+        )
+        .unwrap();
+    a.port
+        .post_send(
+            &qp,
+            write(1, vec![sge(a.base, 10_000, &ma)], 0x1000, 0x1234),
+        )
+        .unwrap();
+    let wc = one(&cq, T);
+    assert_eq!(wc.status, WcStatus::RetryExcErr);
+    let s = a.port.stats();
+    assert_eq!(s.timeouts, 4, "{s:?}");
+    // Each expiry resent the message's three packets.
+    assert_eq!(s.retransmits, 9, "{s:?}");
+}
+
+/// A raw UDP socket posing as the peer sends bad packets: truncated, bad
+/// ICRC, unknown QPN, PSN far ahead, bad rkey, a WRITE longer than the MR,
+/// a WRITE whose payload disagrees with its RETH. Each is dropped or NAKed
+/// and counted; the QP keeps working for good packets.
+#[test]
+fn crafted_packets_are_dropped_or_naked_and_counted() {
+    let (ia, ib) = addrs(17);
+    let b = node(ib, 4 * MIB, false, RoceConfig::default());
+    let mb = b.rnic.reg_mr(&b.pd, b.base, MIB, ODP).unwrap();
+    let peer = UdpSocket::bind(SocketAddrV4::new(ia, 4791)).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let cq = b.rnic.create_cq(16);
+    let qp = b
+        .rnic
+        .create_qp(&b.pd, &cq, &cq, QpCaps::default())
+        .unwrap();
+    b.port
+        .connect(
+            &qp,
+            0,
+            RemoteEnd {
+                addr: SocketAddrV4::new(ia, 4791),
+                qpn: 0x42,
+                psn: 1000,
+            },
+        )
+        .unwrap();
+    let to = b.port.local_addr();
+    let meta = icrc::Ipv4Meta::linux_df(ia, ib);
+    let pkt = |op: wire::Op, qpn: u32, psn: u32, reth: Option<wire::Reth>, payload: &[u8]| {
+        let mut bth = wire::Bth::new(op, qpn, psn);
+        bth.ack_req = true;
+        let mut buf = Vec::new();
+        wire::build(&mut buf, bth, reth.as_ref(), None, payload);
+        icrc::seal(&meta, 4791, 4791, &mut buf);
+        buf
+    };
+    let reply = || {
+        let mut buf = [0u8; 2048];
+        let n = peer.recv(&mut buf).expect("a reply");
+        let p = wire::parse(&buf[..n]).unwrap().aeth.unwrap();
+        (wire::parse(&buf[..n]).unwrap().bth.psn, p.kind())
+    };
+    let qpn = qp.qpn();
+    let reth = |va: u64, rkey: u32, len: u32| {
+        Some(wire::Reth {
+            va,
+            rkey,
+            dma_len: len,
+        })
+    };
+    let good = pkt(
+        wire::Op::WriteOnly,
+        qpn,
+        1000,
+        reth(b.base, mb.rkey(), 8),
+        &[7; 8],
+    );
+    // Truncated, bad ICRC, unknown QPN: dropped silently.
+    peer.send_to(&good[..10], to).unwrap();
+    let mut bad = good.clone();
+    bad[30] ^= 1;
+    peer.send_to(&bad, to).unwrap();
+    peer.send_to(
+        &pkt(
+            wire::Op::WriteOnly,
+            qpn + 1000,
+            1000,
+            reth(b.base, mb.rkey(), 8),
+            &[1; 8],
+        ),
+        to,
+    )
+    .unwrap();
+    // Far out of the window: dropped.
+    peer.send_to(
+        &pkt(
+            wire::Op::WriteOnly,
+            qpn,
+            1000 + (1 << 22),
+            reth(b.base, mb.rkey(), 8),
+            &[1; 8],
+        ),
+        to,
+    )
+    .unwrap();
+    // In order and fine: ACKed (after faulting the page in: RNR first).
+    let deadline = Instant::now() + T;
+    loop {
+        peer.send_to(&good, to).unwrap();
+        match reply() {
+            (1000, wire::AethKind::Ack { .. }) => break,
+            (1000, wire::AethKind::RnrNak { .. }) => {
+                assert!(Instant::now() < deadline);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    assert_eq!(bytes(b.base, 8), &[7; 8]);
+    // A PSN ahead of the expected one: sequence NAK naming 1001.
+    peer.send_to(
+        &pkt(
+            wire::Op::WriteOnly,
+            qpn,
+            1005,
+            reth(b.base, mb.rkey(), 8),
+            &[1; 8],
+        ),
+        to,
+    )
+    .unwrap();
+    assert_eq!(
+        reply(),
+        (1001, wire::AethKind::Nak(wire::NakCode::PsnSequenceError))
+    );
+    // Bad rkey; a WRITE past the MR's end: remote access error NAKs.
+    peer.send_to(
+        &pkt(
+            wire::Op::WriteOnly,
+            qpn,
+            1001,
+            reth(b.base, 0xbad, 8),
+            &[1; 8],
+        ),
+        to,
+    )
+    .unwrap();
+    assert_eq!(
+        reply(),
+        (1001, wire::AethKind::Nak(wire::NakCode::RemoteAccessError))
+    );
+    peer.send_to(
+        &pkt(
+            wire::Op::WriteOnly,
+            qpn,
+            1002,
+            reth(b.base + MIB - 4, mb.rkey(), 8),
+            &[1; 8],
+        ),
+        to,
+    )
+    .unwrap();
+    assert_eq!(
+        reply(),
+        (1002, wire::AethKind::Nak(wire::NakCode::RemoteAccessError))
+    );
+    // Payload longer than the RETH says: invalid request.
+    peer.send_to(
+        &pkt(
+            wire::Op::WriteOnly,
+            qpn,
+            1003,
+            reth(b.base, mb.rkey(), 4),
+            &[1; 8],
+        ),
+        to,
+    )
+    .unwrap();
+    assert_eq!(
+        reply(),
+        (1003, wire::AethKind::Nak(wire::NakCode::InvalidRequest))
+    );
+    // A duplicate of the first WRITE: re-ACKed with the last PSN done, not
+    // executed again.
+    bytes(b.base, 8).fill(0);
+    peer.send_to(&good, to).unwrap();
+    assert_eq!(reply().0, 1003);
+    assert_eq!(bytes(b.base, 8), &[0; 8]);
+    let s = b.port.stats();
+    println!("{s:?}");
+    assert_eq!(s.malformed, 1, "{s:?}");
+    assert_eq!(s.bad_icrc, 1, "{s:?}");
+    assert_eq!(s.unknown_qpn, 1, "{s:?}");
+    assert_eq!(s.out_of_window, 1, "{s:?}");
+    assert_eq!(s.seq_naks_sent, 1, "{s:?}");
+    assert_eq!(s.access_naks_sent, 2, "{s:?}");
+    assert_eq!(s.invalid_naks_sent, 1, "{s:?}");
+    assert_eq!(s.duplicates, 1, "{s:?}");
+}
+
+/// The responder's memory is invalidated (pages made PROT_NONE: a stale
+/// access crashes) and torn down in one step while WRITEs and READs
+/// stream into it; every message completes with the data of its round.
+#[test]
+fn invalidations_under_incoming_writes_leave_nothing_stale() {
+    let (ia, ib) = addrs(18);
+    let a = node(ia, 8 * MIB, false, RoceConfig::default());
+    let b = node(ib, 8 * MIB, true, RoceConfig::default());
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    let (ea, _eb) = connect(&a, &b, QpCaps::default(), 0, 0);
+    let dst = b.base + MIB;
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = Arc::new(AtomicU64::new(0));
+    let inv = {
+        let (mmu, stop, n) = (b.mmu.clone(), stop.clone(), churn.clone());
+        std::thread::spawn(move || {
+            let mut x = 7u64;
+            while !stop.load(Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (x >> 60) == 0 {
+                    mmu.teardown_all().unwrap();
+                } else {
+                    let page = (x >> 33) % 512;
+                    let pages = 1 + (x >> 20) % 32.min(512 - page);
+                    mmu.invalidate(dst + page * 4096, pages * 4096).unwrap();
+                }
+                n.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut round = 0u64;
+    while Instant::now() < deadline {
+        round += 1;
+        let (src, back) = (a.base, a.base + 4 * MIB);
+        stamp(src, 2 * MIB, round);
+        a.port
+            .post_send(
+                &ea.qp,
+                write(round, vec![sge(src, 2 * MIB, &ma)], dst, mb.rkey()),
+            )
+            .unwrap();
+        a.port
+            .post_send(
+                &ea.qp,
+                read(round, vec![sge(back, 2 * MIB, &ma)], dst, mb.rkey()),
+            )
+            .unwrap();
+        for _ in 0..2 {
+            let wc = one(&ea.cq, T);
+            assert_eq!(wc.status, WcStatus::Success, "round {round}: {wc:?}");
+        }
+        check_stamp(back, 2 * MIB, round).unwrap_or_else(|e| panic!("round {round}: {e}"));
+    }
+    stop.store(true, Ordering::Relaxed);
+    inv.join().unwrap();
+    let s = b.rnic.stats();
+    println!(
+        "rounds {round}, churn {}, {s:?}\n{:?}",
+        churn.load(Ordering::Relaxed),
+        b.port.stats()
+    );
+    assert!(round > 3);
+    assert!(s.invalidations + s.generations > 10, "{s:?}");
+    assert_eq!(s.fenced_mrs, 0);
+    assert!(b.port.stats().rnr_naks_sent > 0);
+}
+
+/// Regression: with a small socket buffer (what an unprivileged process
+/// gets), a window of READ responses used to overflow the requester's
+/// buffer on every burst and end in RETRY_EXC_ERR. The port now clamps
+/// its window to the buffer it was granted.
+#[test]
+fn small_socket_buffers_do_not_livelock_reads() {
+    let (ia, ib) = addrs(19);
+    let config = RoceConfig {
+        socket_buffer: 200_000,
+        ..RoceConfig::default()
+    };
+    let a = node(ia, 16 * MIB, false, config.clone());
+    let b = node(ib, 16 * MIB, false, config);
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    let (ea, _eb) = connect(&a, &b, QpCaps::default(), 0, 0);
+    let msg = 64 << 10;
+    let (total, mut posted, mut done) = (2000u64, 0u64, 0u64);
+    while done < total {
+        while posted < total && posted - done < 64 {
+            let off = (posted % 128) * msg;
+            a.port
+                .post_send(
+                    &ea.qp,
+                    read(
+                        posted,
+                        vec![sge(a.base + off, msg, &ma)],
+                        b.base + off,
+                        mb.rkey(),
+                    ),
+                )
+                .unwrap();
+            posted += 1;
+        }
+        for wc in ea.cq.wait(1, Duration::from_micros(50), T) {
+            assert_eq!(wc.status, WcStatus::Success, "{wc:?} {:?}", a.port.stats());
+            done += 1;
+        }
+    }
+    println!("{:?}", a.port.stats());
+}

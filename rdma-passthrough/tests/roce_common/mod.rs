@@ -1,0 +1,242 @@
+//! Shared set-up of the RoCE tests: RNICs over real process memory (an mmu
+//! whose iova == host address), each with a RoCE port, and QPs connected
+//! across them.
+#![allow(dead_code)]
+
+use mmu::{
+    Config, Error as MmuError, FaultResolver, Invalidation, InvalidationKind, Mirror, MirrorRole,
+    Mmu, RegionSpec, Translation, PAGE_SIZE,
+};
+use rdma_passthrough::*;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MIB: u64 = 1 << 20;
+pub const ODP: Access = Access(Access::ALL_REMOTE.0 | Access::ON_DEMAND.0);
+
+pub fn mmap(len: u64) -> u64 {
+    // SAFETY: a fresh anonymous mapping, never unmapped (test lifetime).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    p as u64
+}
+
+fn protect(addr: u64, len: u64, rw: bool) {
+    let prot = if rw {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_NONE
+    };
+    // SAFETY: the range lies in a mapping the test owns.
+    let rc = unsafe { libc::mprotect(addr as *mut _, len as usize, prot) };
+    assert_eq!(rc, 0);
+}
+
+/// Invalidated pages become PROT_NONE: an access after an invalidation
+/// returned (a stale access) crashes the test.
+struct Guard;
+impl Mirror for Guard {
+    fn name(&self) -> &str {
+        "guard"
+    }
+    fn role(&self) -> MirrorRole {
+        MirrorRole::Backing
+    }
+    fn invalidate_start(&self, inv: &Invalidation) {
+        if let InvalidationKind::Range { gpa, len } = inv.kind {
+            protect(gpa, len, false);
+        }
+    }
+    fn invalidate_wait(&self, _: &Invalidation) {}
+}
+
+struct GuardResolver {
+    mmu: std::sync::Weak<Mmu>,
+}
+impl FaultResolver for GuardResolver {
+    fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
+        let mmu = self.mmu.upgrade().expect("mmu alive");
+        mmu.fault_in(gpa, len, |t, out| {
+            protect(t.gpa(), t.len(), true);
+            let mut p = t.gpa();
+            while p < t.end() {
+                out.push(Translation::small(p, p));
+                p += PAGE_SIZE;
+            }
+            Ok(())
+        })
+        .map(|_| ())
+    }
+}
+
+/// One "host": memory, an mmu, an emulated RNIC and its RoCE port.
+pub struct Node {
+    pub base: u64,
+    pub len: u64,
+    pub mmu: Arc<Mmu>,
+    pub rnic: Arc<EmulatedRnic>,
+    pub pd: Pd,
+    pub port: RocePort,
+}
+
+pub fn node(addr: Ipv4Addr, len: u64, guard: bool, config: RoceConfig) -> Node {
+    node_with(addr, len, guard, config, RnicConfig::default())
+}
+
+pub fn node_with(
+    addr: Ipv4Addr,
+    len: u64,
+    guard: bool,
+    config: RoceConfig,
+    rnic_config: RnicConfig,
+) -> Node {
+    let base = mmap(len);
+    let mmu = Mmu::new(Config::default()).unwrap();
+    mmu.add_region(RegionSpec {
+        name: "buf".into(),
+        gpa: base,
+        size: len,
+        hva: base,
+    })
+    .unwrap();
+    let resolver: Arc<dyn FaultResolver> = if guard {
+        mmu.register_mirror(Arc::new(Guard));
+        Arc::new(GuardResolver {
+            mmu: Arc::downgrade(&mmu),
+        })
+    } else {
+        Arc::new(mmu::DirectResolver::new(mmu.clone()))
+    };
+    let space = AddressSpace::new("test", mmu.clone(), resolver);
+    let rnic = EmulatedRnic::new(rnic_config);
+    let pd = rnic.alloc_pd(space);
+    let port = RocePort::bind(&rnic, SocketAddrV4::new(addr, 4791), config)
+        .unwrap_or_else(|e| panic!("binding {addr}:4791: {e}"));
+    Node {
+        base,
+        len,
+        mmu,
+        rnic,
+        pd,
+        port,
+    }
+}
+
+pub struct End {
+    pub qp: Qp,
+    pub cq: Cq,
+}
+
+/// Connect a fresh QP on `a` with one on `b` (as an out-of-band exchange
+/// would), starting at the given PSNs.
+pub fn connect(a: &Node, b: &Node, caps: QpCaps, psn_a: u32, psn_b: u32) -> (End, End) {
+    let acq = a.rnic.create_cq(1 << 16);
+    let bcq = b.rnic.create_cq(1 << 16);
+    let qa = a.rnic.create_qp(&a.pd, &acq, &acq, caps).unwrap();
+    let qb = b.rnic.create_qp(&b.pd, &bcq, &bcq, caps).unwrap();
+    a.port
+        .connect(
+            &qa,
+            psn_a,
+            RemoteEnd {
+                addr: b.port.local_addr(),
+                qpn: qb.qpn(),
+                psn: psn_b,
+            },
+        )
+        .unwrap();
+    b.port
+        .connect(
+            &qb,
+            psn_b,
+            RemoteEnd {
+                addr: a.port.local_addr(),
+                qpn: qa.qpn(),
+                psn: psn_a,
+            },
+        )
+        .unwrap();
+    (End { qp: qa, cq: acq }, End { qp: qb, cq: bcq })
+}
+
+pub fn bytes(addr: u64, len: u64) -> &'static mut [u8] {
+    // SAFETY: test buffers are live, test-owned mappings.
+    unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len as usize) }
+}
+
+/// Stamp `len` bytes: every 8-byte word holds `tag << 40 | offset`.
+pub fn stamp(addr: u64, len: u64, tag: u64) {
+    let b = bytes(addr, len);
+    for (i, w) in b.chunks_mut(8).enumerate() {
+        let v = (tag << 40 | (i as u64 * 8)).to_le_bytes();
+        w.copy_from_slice(&v[..w.len()]);
+    }
+}
+
+/// Check a stamp written by [`stamp`]; the first bad word, if any.
+pub fn check_stamp(addr: u64, len: u64, tag: u64) -> Result<(), String> {
+    let b = bytes(addr, len);
+    for (i, w) in b.chunks(8).enumerate() {
+        let v = (tag << 40 | (i as u64 * 8)).to_le_bytes();
+        if w != &v[..w.len()] {
+            return Err(format!(
+                "byte {} of {len}: got {:02x?}, want {:02x?}",
+                i * 8,
+                w,
+                &v[..w.len()]
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn one(cq: &Cq, timeout: Duration) -> Wc {
+    let v = cq.wait(1, Duration::from_micros(50), timeout);
+    assert_eq!(v.len(), 1, "no completion within {timeout:?}");
+    v[0]
+}
+
+pub fn sge(addr: u64, len: u64, mr: &Mr) -> Sge {
+    Sge {
+        addr,
+        length: len as u32,
+        lkey: mr.lkey(),
+    }
+}
+
+pub fn write(id: u64, sges: Vec<Sge>, remote_addr: u64, rkey: u32) -> SendWr {
+    SendWr {
+        wr_id: id,
+        opcode: Opcode::RdmaWrite { remote_addr, rkey },
+        sges,
+        signaled: true,
+    }
+}
+
+pub fn read(id: u64, sges: Vec<Sge>, remote_addr: u64, rkey: u32) -> SendWr {
+    SendWr {
+        wr_id: id,
+        opcode: Opcode::RdmaRead { remote_addr, rkey },
+        sges,
+        signaled: true,
+    }
+}
+
+pub fn send(id: u64, sges: Vec<Sge>) -> SendWr {
+    SendWr {
+        wr_id: id,
+        opcode: Opcode::Send,
+        sges,
+        signaled: true,
+    }
+}
