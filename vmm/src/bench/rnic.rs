@@ -174,11 +174,30 @@ pub fn rnic(o: &RnicBench) -> Result<(), String> {
         }
         emit(o.json, &v);
     };
-
-    // 1. Bandwidth: 64 MiB source and destination ODP MRs, prefetched.
     let span = 64u64 << 20;
     let s = space(3 * span)?;
     let rnic = EmulatedRnic::new(RnicConfig::default());
+    out(write_bw(o, &s, &rnic, span)?);
+    out(invalidate_rtt(o, &s, &rnic, span)?);
+    out(budget(o, &rnic)?);
+    out(fanout(o, &s, &rnic, span)?);
+    let mut summary = Value::Object(all);
+    summary["bench"] = json!("rnic");
+    summary["summary"] = json!(true);
+    emit(o.json, &summary);
+    Ok(())
+}
+
+/// Bandwidth: 64 MiB source and destination ODP MRs, prefetched, against
+/// memcpy of the same bytes.
+fn write_bw(
+    o: &RnicBench,
+    s: &rnic_bench::Space,
+    rnic: &Arc<rdma_passthrough::EmulatedRnic>,
+    span: u64,
+) -> Result<Value, String> {
+    use rdma_passthrough::*;
+    use rnic_bench::*;
     let pd = rnic.alloc_pd(s.space.clone());
     let src = rnic
         .reg_mr(&pd, s.base, span, ODP)
@@ -223,161 +242,206 @@ pub fn rnic(o: &RnicBench) -> Result<(), String> {
         off = (off + o.msg) % span;
     }
     let memcpy = gbps(o.total, t0.elapsed().as_secs_f64());
-    out(
+    Ok(
         json!({"bench": "rnic", "part": "write_bw", "msg_bytes": o.msg, "write_bw_gbps": write,
         "memcpy_gbps": memcpy, "write_over_memcpy": write / memcpy}),
-    );
+    )
+}
 
-    // 2. Invalidation round trip (device polling by default, then a
-    // device that sleeps between commands).
-    let rtt = |rnic: &Arc<EmulatedRnic>, mr: &Mr| -> Result<(u64, u64), String> {
-        rnic.reset_histograms();
-        for i in 0..o.invalidations as u64 {
-            let page = mr.iova() + (i % 4096) * 4096;
-            mr.advise(
-                Advice::Prefetch,
-                ADVISE_FLAG_FLUSH,
-                &[Sge {
-                    addr: page,
-                    length: 4096,
-                    lkey: mr.lkey(),
-                }],
-            )
-            .map_err(|e| e.to_string())?;
-            s.mmu.invalidate(page, 4096).map_err(|e| e.to_string())?;
-        }
-        let h = rnic.stats().invalidate_rtt_ns;
-        Ok((h.p50, h.p99))
-    };
-    let (p50, p99) = rtt(&rnic, &src)?;
-    drop((src, dst, l, pd));
+/// Invalidation round trip p50/p99 of one page mapped in an MR on `rnic`.
+fn rtt_of(
+    o: &RnicBench,
+    s: &rnic_bench::Space,
+    rnic: &Arc<rdma_passthrough::EmulatedRnic>,
+    span: u64,
+) -> Result<(u64, u64), String> {
+    use rdma_passthrough::*;
+    use rnic_bench::*;
+    let pd = rnic.alloc_pd(s.space.clone());
+    let mr = rnic
+        .reg_mr(&pd, s.base, span, ODP)
+        .map_err(|e| e.to_string())?;
+    rnic.reset_histograms();
+    for i in 0..o.invalidations as u64 {
+        let page = mr.iova() + (i % 4096) * 4096;
+        mr.advise(
+            Advice::Prefetch,
+            ADVISE_FLAG_FLUSH,
+            &[Sge {
+                addr: page,
+                length: 4096,
+                lkey: mr.lkey(),
+            }],
+        )
+        .map_err(|e| e.to_string())?;
+        s.mmu.invalidate(page, 4096).map_err(|e| e.to_string())?;
+    }
+    let h = rnic.stats().invalidate_rtt_ns;
+    Ok((h.p50, h.p99))
+}
+
+/// Invalidation round trip: the polling device (default), then a device
+/// that sleeps between commands.
+fn invalidate_rtt(
+    o: &RnicBench,
+    s: &rnic_bench::Space,
+    rnic: &Arc<rdma_passthrough::EmulatedRnic>,
+    span: u64,
+) -> Result<Value, String> {
+    use rdma_passthrough::*;
+    let (p50, p99) = rtt_of(o, s, rnic, span)?;
     let sleepy = EmulatedRnic::new(RnicConfig {
         poll: Duration::ZERO,
         ..RnicConfig::default()
     });
-    let spd = sleepy.alloc_pd(s.space.clone());
-    let smr = sleepy
-        .reg_mr(&spd, s.base, span, ODP)
-        .map_err(|e| e.to_string())?;
-    let (sp50, sp99) = rtt(&sleepy, &smr)?;
-    drop((smr, spd, sleepy));
-    out(
+    let (sp50, sp99) = rtt_of(o, s, &sleepy, span)?;
+    Ok(
         json!({"bench": "rnic", "part": "invalidate", "invalidate_rtt_ns_p50": p50,
         "invalidate_rtt_ns_p99": p99, "sleeping_device_rtt_ns_p50": sp50,
         "sleeping_device_rtt_ns_p99": sp99}),
-    );
+    )
+}
 
-    // 3. Working set four times the memory budget.
-    let b = o.budget;
-    let ws = 4 * b;
-    let w = space(ws + 2 * b)?;
-    let wpd = rnic.alloc_pd(w.space.clone());
-    let dst = rnic
-        .reg_mr(&wpd, w.base + ws, b, Access::ALL_REMOTE)
-        .map_err(|e| e.to_string())?;
-    let bounce = rnic
-        .reg_mr(&wpd, w.base + ws + b, b, Access::ALL_REMOTE)
-        .map_err(|e| e.to_string())?;
-    let wl = link(rnic.clone(), &wpd)?;
-    let passes = 4u64;
-    let moved = passes * ws;
-    // ODP: one MR over everything; each window is released after use.
-    // Device faults map pages on first use; with `prefetch`, the next
-    // window is advised (asynchronously) while the current one moves.
-    let odp_run = |prefetch: bool| -> Result<f64, String> {
-        let odp_mr = rnic
-            .reg_mr(&wpd, w.base, ws, ODP)
+/// The working set of `budget`: four windows of `b` bytes, a registered
+/// destination and bounce buffer, and a connected QP pair.
+struct Budget {
+    w: rnic_bench::Space,
+    pd: rdma_passthrough::Pd,
+    dst: rdma_passthrough::Mr,
+    bounce: rdma_passthrough::Mr,
+    link: rnic_bench::Link,
+    b: u64,
+    msg: u64,
+}
+
+/// Passes over the working set per run.
+const BUDGET_PASSES: u64 = 4;
+
+impl Budget {
+    fn moved(&self) -> u64 {
+        BUDGET_PASSES * 4 * self.b
+    }
+
+    /// Write window `base` (under `lkey`) to the destination.
+    fn send(&self, base: u64, lkey: u32) -> Result<f64, String> {
+        rnic_bench::write_stream(
+            &self.link,
+            (base, lkey),
+            (self.dst.iova(), self.dst.rkey()),
+            self.b,
+            self.msg,
+            self.b,
+            32,
+        )
+    }
+
+    /// ODP: one MR over everything; each window is released after use.
+    /// Device faults map pages on first use; with `prefetch`, the next
+    /// window is advised (asynchronously) while the current one moves.
+    fn odp(
+        &self,
+        rnic: &Arc<rdma_passthrough::EmulatedRnic>,
+        prefetch: bool,
+    ) -> Result<f64, String> {
+        use rdma_passthrough::*;
+        let b = self.b;
+        let mr = rnic
+            .reg_mr(&self.pd, self.w.base, 4 * b, rnic_bench::ODP)
             .map_err(|e| e.to_string())?;
         let t0 = Instant::now();
-        for pass in 0..passes {
+        for pass in 0..BUDGET_PASSES {
             for win in 0..4u64 {
-                let base = w.base + win * b;
-                if prefetch && (pass, win) != (passes - 1, 3) {
-                    let next = w.base + ((win + 1) % 4) * b;
-                    odp_mr
-                        .advise(
-                            Advice::PrefetchWrite,
-                            0,
-                            &[Sge {
-                                addr: next,
-                                length: b as u32,
-                                lkey: odp_mr.lkey(),
-                            }],
-                        )
-                        .map_err(|e| e.to_string())?;
-                }
-                write_stream(
-                    &wl,
-                    (base, odp_mr.lkey()),
-                    (dst.iova(), dst.rkey()),
-                    b,
-                    o.msg,
-                    b,
-                    32,
-                )?;
-                w.mmu.invalidate(base, b).map_err(|e| e.to_string())?;
-            }
-        }
-        Ok(gbps(moved, t0.elapsed().as_secs_f64()))
-    };
-    // The first window of each run starts unmapped either way.
-    // Re-register: pin (mlock + translate) each window, use it, unpin.
-    let rereg_run = || -> Result<f64, String> {
-        let t0 = Instant::now();
-        for _ in 0..passes {
-            for win in 0..4 {
-                let base = w.base + win * b;
-                let mr = rnic
-                    .reg_mr(&wpd, base, b, Access::ALL_REMOTE)
+                let base = self.w.base + win * b;
+                if prefetch && (pass, win) != (BUDGET_PASSES - 1, 3) {
+                    let next = self.w.base + ((win + 1) % 4) * b;
+                    mr.advise(
+                        Advice::PrefetchWrite,
+                        0,
+                        &[Sge {
+                            addr: next,
+                            length: b as u32,
+                            lkey: mr.lkey(),
+                        }],
+                    )
                     .map_err(|e| e.to_string())?;
-                write_stream(
-                    &wl,
-                    (base, mr.lkey()),
-                    (dst.iova(), dst.rkey()),
-                    b,
-                    o.msg,
-                    b,
-                    32,
-                )?;
-                drop(mr);
+                }
+                self.send(base, mr.lkey())?;
+                self.w.mmu.invalidate(base, b).map_err(|e| e.to_string())?;
             }
         }
-        Ok(gbps(moved, t0.elapsed().as_secs_f64()))
-    };
-    // Copy into one registered bounce buffer.
-    let copy_run = || -> Result<f64, String> {
+        Ok(rnic_bench::gbps(self.moved(), t0.elapsed().as_secs_f64()))
+    }
+
+    /// Re-register: pin (mlock + translate) each window, use it, unpin.
+    fn rereg(&self, rnic: &Arc<rdma_passthrough::EmulatedRnic>) -> Result<f64, String> {
         let t0 = Instant::now();
-        for _ in 0..passes {
+        for _ in 0..BUDGET_PASSES {
             for win in 0..4 {
-                let base = w.base + win * b;
-                // SAFETY: source window and bounce buffer are disjoint parts of
-                // the bench mapping.
+                let base = self.w.base + win * self.b;
+                let mr = rnic
+                    .reg_mr(&self.pd, base, self.b, rdma_passthrough::Access::ALL_REMOTE)
+                    .map_err(|e| e.to_string())?;
+                self.send(base, mr.lkey())?;
+            }
+        }
+        Ok(rnic_bench::gbps(self.moved(), t0.elapsed().as_secs_f64()))
+    }
+
+    /// Copy each window into one registered bounce buffer.
+    fn copy(&self) -> Result<f64, String> {
+        let t0 = Instant::now();
+        for _ in 0..BUDGET_PASSES {
+            for win in 0..4 {
+                let base = self.w.base + win * self.b;
+                // SAFETY: source window and bounce buffer are disjoint parts
+                // of the bench mapping.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
                         base as *const u8,
-                        bounce.iova() as *mut u8,
-                        b as usize,
+                        self.bounce.iova() as *mut u8,
+                        self.b as usize,
                     )
                 };
-                write_stream(
-                    &wl,
-                    (bounce.iova(), bounce.lkey()),
-                    (dst.iova(), dst.rkey()),
-                    b,
-                    o.msg,
-                    b,
-                    32,
-                )?;
+                self.send(self.bounce.iova(), self.bounce.lkey())?;
             }
         }
-        Ok(gbps(moved, t0.elapsed().as_secs_f64()))
-    }; // Interleaved repetitions, medians: this host is noisy.
+        Ok(rnic_bench::gbps(self.moved(), t0.elapsed().as_secs_f64()))
+    }
+}
+
+/// A working set four times the memory budget: ODP (with and without
+/// prefetching) against re-registration and bounce copies. Interleaved
+/// repetitions, medians: this host is noisy. The first window of each run
+/// starts unmapped either way.
+fn budget(o: &RnicBench, rnic: &Arc<rdma_passthrough::EmulatedRnic>) -> Result<Value, String> {
+    use rdma_passthrough::*;
+    use rnic_bench::*;
+    let b = o.budget;
+    let ws = 4 * b;
+    let w = space(ws + 2 * b)?;
+    let pd = rnic.alloc_pd(w.space.clone());
+    let dst = rnic
+        .reg_mr(&pd, w.base + ws, b, Access::ALL_REMOTE)
+        .map_err(|e| e.to_string())?;
+    let bounce = rnic
+        .reg_mr(&pd, w.base + ws + b, b, Access::ALL_REMOTE)
+        .map_err(|e| e.to_string())?;
+    let link = link(rnic.clone(), &pd)?;
+    let ctx = Budget {
+        w,
+        pd,
+        dst,
+        bounce,
+        link,
+        b,
+        msg: o.msg,
+    };
     let (mut odp_v, mut plain_v, mut rereg_v, mut copy_v) = (vec![], vec![], vec![], vec![]);
     for _ in 0..3 {
-        plain_v.push(odp_run(false)?);
-        odp_v.push(odp_run(true)?);
-        rereg_v.push(rereg_run()?);
-        copy_v.push(copy_run()?);
+        plain_v.push(ctx.odp(rnic, false)?);
+        odp_v.push(ctx.odp(rnic, true)?);
+        rereg_v.push(ctx.rereg(rnic)?);
+        copy_v.push(ctx.copy()?);
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -389,16 +453,24 @@ pub fn rnic(o: &RnicBench) -> Result<(), String> {
         med(&mut rereg_v),
         med(&mut copy_v),
     );
-    out(
+    Ok(
         json!({"bench": "rnic", "part": "budget", "budget_bytes": b, "working_set_bytes": ws,
         "odp_gbps": odp, "odp_no_prefetch_gbps": odp_plain, "rereg_gbps": rereg, "copy_gbps": copy,
         "odp_over_rereg": odp / rereg,
         "odp_over_copy": odp / copy}),
-    );
-    drop((dst, bounce, wl, wpd));
+    )
+}
 
-    // 4. Fan-out: one invalidation to KVM alone, the RNIC alone, both.
-    // The VM's own RNIC stays off: the only RNIC mirror is the one timed.
+/// Fan-out: one invalidation to KVM alone, the RNIC alone, both. The VM's
+/// own RNIC stays off: the only RNIC mirror is the one timed.
+fn fanout(
+    o: &RnicBench,
+    s: &rnic_bench::Space,
+    rnic: &Arc<rdma_passthrough::EmulatedRnic>,
+    span: u64,
+) -> Result<Value, String> {
+    use rdma_passthrough::*;
+    use rnic_bench::*;
     let mut vm = Vm::new(VmConfig {
         rnic: crate::vm::RnicChoice::None,
         ..base(64 << 20, 1, Guest::Idle)
@@ -474,15 +546,9 @@ pub fn rnic(o: &RnicBench) -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         rn.push(t0.elapsed().as_nanos() as u64);
     }
-    out(
+    Ok(
         json!({"bench": "rnic", "part": "fanout", "range_bytes": range,
         "fanout_kvm_ns_p50": p(&mut kvm, 0.5), "fanout_rnic_ns_p50": p(&mut rn, 0.5),
         "fanout_ns_p50": p(&mut both, 0.5), "fanout_ns_p99": p(&mut both, 0.99)}),
-    );
-
-    let mut summary = Value::Object(all);
-    summary["bench"] = json!("rnic");
-    summary["summary"] = json!(true);
-    emit(o.json, &summary);
-    Ok(())
+    )
 }
