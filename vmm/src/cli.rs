@@ -425,6 +425,7 @@ pub fn serve(
         if let Some(why) = watchdog.check() {
             log::error!("{why}; stopping the VM");
             handle.stop(&why);
+            watchdog.release(&handle);
         }
     }
     drop(em);

@@ -888,11 +888,14 @@ fn madvise_dontneed(hva: u64, len: u64, backing: Backing) {
 }
 
 impl crate::devices::rnic::GuestMemory for GuestRam {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), crate::devices::rnic::NotGuestRam> {
         use vm_memory::Bytes;
         self.memory()
             .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| e.to_string())
+            .map_err(|_| crate::devices::rnic::NotGuestRam {
+                gpa,
+                len: buf.len() as u64,
+            })
     }
 
     fn contains(&self, gpa: u64, len: u64) -> bool {

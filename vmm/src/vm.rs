@@ -426,7 +426,8 @@ impl Vm {
                     RnicChoice::Shared(nic, peer) => (nic.clone(), peer.clone()),
                     _ => {
                         let nic = rdma_passthrough::EmulatedRnic::new(Default::default());
-                        let peer = HostPeer::new(&nic, PEER_BUFFER).map_err(Error::Config)?;
+                        let peer = HostPeer::new(&nic, PEER_BUFFER)
+                            .map_err(|e| Error::Config(e.to_string()))?;
                         (nic, peer)
                     }
                 };
@@ -439,7 +440,7 @@ impl Vm {
                 let space =
                     rdma_passthrough::AddressSpace::new("guest", mmu.clone(), Arc::new(resolver));
                 let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus)
-                    .map_err(Error::Config)?;
+                    .map_err(|e| Error::Config(e.to_string()))?;
                 (Some(Arc::new(dev)), None)
             }
         };
@@ -748,6 +749,8 @@ pub struct LiveStats {
     pub faults_deferred: u64,
     pub faults_untracked: u64,
     pub fault_errors: u64,
+    /// Expected fault/teardown races (not errors).
+    pub fault_teardown_races: u64,
     pub remove_events: u64,
     pub invalidations: u64,
     pub teardowns: u64,
@@ -807,6 +810,7 @@ impl LiveStats {
             faults_deferred: get(&c.faults.deferred),
             faults_untracked: get(&c.faults.untracked),
             fault_errors: get(&c.faults.errors),
+            fault_teardown_races: get(&c.faults.teardown_races),
             remove_events: get(&c.faults.removes),
             invalidations: m.invalidations,
             teardowns: m.teardowns,
