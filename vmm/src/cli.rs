@@ -151,6 +151,10 @@ pub enum BenchKind {
         /// guest, which rebuilds them meanwhile).
         #[arg(long)]
         prezap: bool,
+        /// What backs guest RAM: anonymous (moved out in place) or memfd
+        /// (vCPUs paused while memslots move).
+        #[arg(long, default_value = "anonymous")]
+        backing: Backing,
         #[arg(long)]
         json: bool,
     },
@@ -572,9 +576,11 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             vcpus,
             plot,
             prezap,
+            backing,
             json,
         } => crate::bench::teardown(&crate::bench::TeardownBench {
             prezap,
+            backing,
             sizes: memory,
             methods,
             mirrors,
