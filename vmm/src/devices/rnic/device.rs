@@ -24,6 +24,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod verify;
+use verify::Posted;
+
 /// A guest-memory access outside guest RAM.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{len:#x} bytes at {gpa:#x} are not guest RAM")]
@@ -95,14 +98,6 @@ pub struct RnicDeviceStats {
     /// another place: the device moved stale data.
     pub stale_accesses: AtomicU64,
     pub bytes_written: AtomicU64,
-}
-
-/// An RDMA WRITE posted to the RNIC, to check on the host once it retires.
-struct Posted {
-    /// Its place in the QP's send queue (0-based, in posting order).
-    seq: u64,
-    remote: u64,
-    len: u64,
 }
 
 struct QpCtx {
@@ -362,25 +357,6 @@ impl RnicDevice {
         }
     }
 
-    /// Check and forget the WRITEs the RNIC finished (in order, signaled or
-    /// not): O(1) per WRITE. After an error nothing is checked: what a
-    /// failed or flushed WRITE left behind is not the guest's to vouch for.
-    fn retire_writes(&self, q: &mut QpCtx) {
-        let Some(qp) = q.qp.as_ref() else {
-            q.writes.clear();
-            return;
-        };
-        if qp.in_error() {
-            q.writes.clear();
-            return;
-        }
-        let retired = qp.send_retired();
-        while q.writes.front().is_some_and(|p| p.seq < retired) {
-            let p = q.writes.pop_front().expect("checked");
-            self.verify_write(&p);
-        }
-    }
-
     fn send_doorbell(&self, q: &mut QpCtx, pi: u32) {
         if !q.enabled || q.error != ERR_NONE {
             return self.device_error(q, ERR_NOT_ENABLED);
@@ -477,53 +453,6 @@ impl RnicDevice {
             self.stats.recvs_posted.fetch_add(1, Ordering::Relaxed);
             q.rq_ci = q.rq_ci.wrapping_add(1);
         }
-    }
-
-    /// Check the host-peer pages an RDMA WRITE landed in: each must be
-    /// zero (the guest discarded it) or carry the stamp of this position
-    /// with an iteration no older than the last one seen there.
-    fn verify_write(&self, p: &Posted) {
-        let guest = self.guest_peer.read();
-        let (base, len) = match guest.as_ref() {
-            Some(g) => (g.base, g.len),
-            None => (self.window.base, self.window.len),
-        };
-        let Some(off) = p.remote.checked_sub(base) else {
-            return;
-        };
-        if off.saturating_add(p.len) > len / 2 {
-            return; // outside the write half: nothing of ours to check
-        }
-        let first = off.div_ceil(mmu::PAGE_SIZE);
-        let last = off.saturating_add(p.len) / mmu::PAGE_SIZE;
-        for page in first..last {
-            let at = base + page * mmu::PAGE_SIZE;
-            let v = match guest.as_ref() {
-                Some(g) => {
-                    let mut b = [0u8; 8];
-                    if g.mem.read(at, &mut b).is_err() {
-                        continue;
-                    }
-                    u64::from_le_bytes(b)
-                }
-                // SAFETY: the page lies inside the peer's live host buffer.
-                None => unsafe { std::ptr::read_volatile(at as *const u64) },
-            };
-            self.stats.pages_verified.fetch_add(1, Ordering::Relaxed);
-            if v == 0 {
-                self.stats.pages_zero.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let (iter, place) = (v >> 32, v & 0xffff_ffff);
-            let Some(seen) = self.seen.get(page as usize) else {
-                continue;
-            };
-            let prev = seen.fetch_max(iter, Ordering::Relaxed);
-            if place != page || iter < prev {
-                self.stats.stale_accesses.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.stats.bytes_written.fetch_add(p.len, Ordering::Relaxed);
     }
 
     /// Move finished completions from the RNIC into the register queue.
