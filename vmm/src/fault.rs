@@ -852,7 +852,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let mmu = Mmu::new(mmu::Config::default());
+        let mmu = Mmu::new(mmu::Config::default()).unwrap();
         let r = &ram.regions()[0];
         mmu.add_region(mmu::RegionSpec {
             name: r.name.clone(),
