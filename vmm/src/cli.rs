@@ -28,7 +28,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a microVM and run a built-in guest or a Linux kernel.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one request to a running VM's control socket.
     Ctl(CtlArgs),
     /// Benchmarks (one JSON object per line with --json).
@@ -189,6 +189,19 @@ pub struct RunArgs {
     /// Print the final report as one JSON object (the last stdout line).
     #[arg(long)]
     pub json: bool,
+    /// RoCEv2: the RNIC's port at IP[:PORT] (UDP, 4791 by default); guest
+    /// queue pairs then reach another odpvm (see --roce-listen/--roce-connect).
+    #[arg(long, value_parser = crate::roce_run::parse_bind)]
+    pub roce_bind: Option<std::net::SocketAddrV4>,
+    /// RoCEv2: wait for the peer's out-of-band exchange on ADDR:PORT (TCP).
+    #[arg(long, requires = "roce_bind", conflicts_with = "roce_connect")]
+    pub roce_listen: Option<std::net::SocketAddr>,
+    /// RoCEv2: exchange with a peer listening on ADDR:PORT (TCP).
+    #[arg(long, requires = "roce_bind")]
+    pub roce_connect: Option<std::net::SocketAddr>,
+    /// RoCEv2 path MTU: 1024 or 4096.
+    #[arg(long, default_value_t = 4096)]
+    pub roce_mtu: usize,
 }
 
 #[derive(Args, Debug)]
@@ -290,8 +303,19 @@ pub fn run_vm(
     api_sock: Option<&std::path::Path>,
     timeout: Option<Duration>,
 ) -> Result<RunReport, String> {
+    run_vm_with(config, api_sock, timeout, |_| Ok(()))
+}
+
+/// [`run_vm`], calling `prepare` once the VM exists and before it starts.
+pub fn run_vm_with(
+    config: VmConfig,
+    api_sock: Option<&std::path::Path>,
+    timeout: Option<Duration>,
+    prepare: impl FnOnce(&crate::vm::VmHandle) -> Result<(), String>,
+) -> Result<RunReport, String> {
     let mut vm = Vm::new(config).map_err(|e| e.to_string())?;
     let handle = vm.handle();
+    prepare(&handle)?;
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| format!("creating the event loop: {e:?}"))?;
     if let Some(path) = api_sock {
@@ -359,14 +383,31 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         }
         t => t.map(Duration::from_secs_f64),
     };
-    let report = run_vm(config, args.api_sock.as_deref(), timeout)?;
+    let roce_args = args.roce_bind.map(|bind| crate::roce_run::RoceArgs {
+        bind,
+        listen: args.roce_listen,
+        connect: args.roce_connect,
+        mtu: args.roce_mtu,
+    });
+    let mut roce = None;
+    let memory = config.memory;
+    let report = run_vm_with(config, args.api_sock.as_deref(), timeout, |vm| {
+        if let Some(r) = &roce_args {
+            roce = Some(crate::roce_run::prepare(vm, memory, r)?);
+        }
+        Ok(())
+    })?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).expect("report serialises")
-        );
+        let mut v = serde_json::to_value(&report).expect("report serialises");
+        if let (Some(r), Some(o)) = (&roce, v.as_object_mut()) {
+            o.insert("roce".into(), r.report());
+        }
+        println!("{v}");
     } else {
         print_human(&report);
+        if let Some(r) = &roce {
+            println!("roce {}", r.report());
+        }
     }
     let clean = matches!(report.guest_result.as_str(), "pass" | "n/a")
         && !report.exit.contains("error")
