@@ -101,6 +101,22 @@ pub enum BenchKind {
         #[arg(long)]
         json: bool,
     },
+    /// Guest RDMA WRITE/READ between two odpvm processes over RoCEv2 in two
+    /// network namespaces, at 0 % and 1 % real (nftables) loss, beside a
+    /// plain UDP socket pair on the same path. Needs root.
+    Roce {
+        /// Messages per 64 KiB row (4 KiB rows send 8x as many).
+        #[arg(long, default_value_t = 3000)]
+        iters: u64,
+        /// Loss percentages (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,1")]
+        loss: Vec<u32>,
+        /// Invalidate and tear down the responder's memory during traffic.
+        #[arg(long)]
+        churn: bool,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// A size with an optional K/M/G/T suffix (powers of two).
@@ -467,6 +483,22 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
                 budget,
                 json,
                 ..Default::default()
+            })?
+        }
+        BenchKind::Roce {
+            iters,
+            loss,
+            churn,
+            json,
+        } => {
+            if iters == 0 || loss.iter().any(|&l| l > 100) {
+                return Err("--iters must be positive and --loss percentages at most 100".into());
+            }
+            crate::roce_bench::run(&crate::roce_bench::RoceBench {
+                iters,
+                losses: loss,
+                churn,
+                json,
             })?
         }
     }
