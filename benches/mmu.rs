@@ -11,7 +11,7 @@ use std::time::Duration;
 const GIB: u64 = 1 << 30;
 
 fn filled(size: u64) -> Arc<Mmu> {
-    let m = Mmu::new(Config::default());
+    let m = Mmu::new(Config::default()).unwrap();
     m.add_region(RegionSpec {
         name: "ram".into(),
         gpa: 0,
@@ -26,7 +26,7 @@ fn filled(size: u64) -> Arc<Mmu> {
         out.clear();
         out.extend((0..512).map(|i| {
             let g = gpa + i * PAGE_SIZE;
-            Translation::small(g, t.host_addr(g))
+            Translation::small(g, t.host_addr(g).unwrap())
         }));
         m.install(&t, &out).unwrap();
         gpa += HUGE_PAGE_SIZE;
@@ -72,7 +72,8 @@ fn fault_path(c: &mut Criterion) {
         let m = Mmu::new(Config {
             lock: policy,
             ..Config::default()
-        });
+        })
+        .unwrap();
         m.add_region(RegionSpec {
             name: "ram".into(),
             gpa: 0,
@@ -98,7 +99,7 @@ fn fault_path(c: &mut Criterion) {
                 page = (page + 1) % (GIB / PAGE_SIZE);
                 let gpa = page * PAGE_SIZE;
                 m.fault_in(gpa, PAGE_SIZE, |t, out| {
-                    out.push(Translation::small(gpa, t.host_addr(gpa)));
+                    out.push(Translation::small(gpa, t.host_addr(gpa).unwrap()));
                     Ok(())
                 })
                 .unwrap()

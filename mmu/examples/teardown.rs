@@ -78,7 +78,7 @@ fn fill(m: &Mmu, size: u64) {
         out.clear();
         for i in 0..512 {
             let g = gpa + i * PAGE_SIZE;
-            out.push(Translation::small(g, t.host_addr(g)));
+            out.push(Translation::small(g, t.host_addr(g).unwrap()));
         }
         m.install(&t, &out).unwrap();
         gpa += HUGE_PAGE_SIZE;
@@ -111,7 +111,7 @@ fn with_prober<T>(m: &Arc<Mmu>, phase: impl FnOnce() -> T) -> (T, Histogram) {
                 let gpa = PROBE_GPA + (page % PROBE_PAGES) * PAGE_SIZE;
                 let t0 = Instant::now();
                 m.fault_in(gpa, PAGE_SIZE, |t, out| {
-                    out.push(Translation::small(gpa, t.host_addr(gpa)));
+                    out.push(Translation::small(gpa, t.host_addr(gpa)?));
                     Ok(())
                 })
                 .unwrap();
@@ -155,7 +155,8 @@ fn main() {
             lock: args.lock,
             reclaim_batch: args.reclaim_batch,
             ..Config::default()
-        });
+        })
+        .unwrap();
         m.add_region(RegionSpec {
             name: "probe".into(),
             gpa: PROBE_GPA,

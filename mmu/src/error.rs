@@ -42,6 +42,33 @@ pub enum Error {
     Resolve { gpa: u64, reason: String },
     #[error("no mirror with id {0}")]
     NoSuchMirror(u64),
+    /// A ticket issued by another `Mmu` instance.
+    #[error("the ticket was issued by another mmu")]
+    ForeignTicket,
+    /// A region whose guest-physical or host range reaches past
+    /// [`ADDRESS_LIMIT`](crate::ADDRESS_LIMIT).
+    #[error("{what} range [{start:#x}, {start:#x} + {len:#x}) reaches past the supported limit {limit:#x}")]
+    AboveLimit {
+        what: &'static str,
+        start: u64,
+        len: u64,
+        limit: u64,
+    },
+    /// A `Config` tunable outside its supported range.
+    #[error("mmu config: {what} = {value} is outside [{min}, {max}]")]
+    InvalidConfig {
+        what: &'static str,
+        value: u64,
+        min: u64,
+        max: u64,
+    },
+    /// Starting the background reclaimer thread failed.
+    #[error("starting the mmu reclaimer thread: {0}")]
+    Spawn(String),
+    /// Called from inside one of this mmu's mirror callbacks, where it
+    /// would wait for itself.
+    #[error("{0} called from inside a mirror callback of the same mmu would wait for itself")]
+    Reentrant(&'static str),
 }
 
 impl Error {

@@ -19,7 +19,8 @@
 //!   when they invalidate (KVM's side: `MADV_DONTNEED` zaps the shadow
 //!   entries and frees the pages).
 //! * **Ticket** — what `read_begin` returns: a range and the sequence
-//!   number seen.
+//!   number seen. Opaque (no public fields) and stamped with the number of
+//!   the `Mmu` that issued it; any other mmu refuses it.
 //!
 //! ## The lock
 //!
@@ -148,8 +149,23 @@
 //! 4. Overlapping and nested invalidations may run concurrently; a range is
 //!    even only when all of them have ended.
 //! 5. Bad input (misaligned, empty or overflowing ranges, ranges outside
-//!    the regions, overlapping regions) returns an [`Error`]; nothing
-//!    panics.
+//!    the regions, overlapping regions, a ticket of another mmu, a tunable
+//!    out of range) returns an [`Error`]; nothing panics or hangs, with
+//!    overflow checks on as well (`scripts/test` runs the mmu tests in the
+//!    `release-checked` profile). Tests: `tests/hostile.rs`
+//!    (`addresses_near_u64_max_are_errors_everywhere`,
+//!    `tickets_of_another_mmu_are_errors`,
+//!    `config_rejects_every_degenerate_tunable`), `tests/model.rs`.
+//!
+//! ## Address-space limits
+//!
+//! A region must end at or below [`ADDRESS_LIMIT`] (2^63) in guest-physical
+//! *and* host-virtual addresses; `add_region` and `set_region_hva` return
+//! [`Error::AboveLimit`] otherwise (x86-64 has at most 52 physical and 57
+//! virtual address bits). Below the limit every path is exact up to the
+//! last page (`a_region_ending_at_the_limit_is_correct_on_every_path`);
+//! addresses above it are simply outside every region
+//! (`regions_past_the_address_limit_are_rejected`).
 
 mod clock;
 mod error;
@@ -169,7 +185,8 @@ pub use mirror::{FaultResolver, Mirror, MirrorId, MirrorRole};
 pub use stats::{Stats, StatsSnapshot};
 pub use table::Extent;
 pub use tracker::{
-    Config, DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, MAX_REGIONS,
+    Config, DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, INSTALL_BATCH_MAX,
+    MAX_REGIONS, RECLAIM_BATCH_MAX, RECLAIM_SCAN_MAX, ZAP_BATCH_MAX,
 };
 pub use types::*;
 

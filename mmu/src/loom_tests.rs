@@ -50,7 +50,8 @@ fn setup() -> (Arc<Mmu>, Arc<Backing>) {
         reclaim_batch: 1,
         reclaim_scan: 1,
         ..Config::default()
-    });
+    })
+    .unwrap();
     m.add_region(RegionSpec {
         name: "ram".into(),
         gpa: 0,

@@ -257,8 +257,10 @@ impl RegionTable {
         self.gpa + self.size
     }
 
+    /// Whether `[gpa, gpa + len)` lies inside the region; never overflows,
+    /// whatever the arguments.
     pub(crate) fn contains(&self, gpa: u64, len: u64) -> bool {
-        gpa >= self.gpa && gpa + len <= self.end()
+        gpa >= self.gpa && gpa <= self.end() && len <= self.end() - gpa
     }
 
     pub(crate) fn slot_index(&self, gpa: u64) -> usize {

@@ -12,6 +12,7 @@ fn mmu() -> Arc<Mmu> {
         background_reclaim: false,
         ..Config::default()
     })
+    .unwrap()
 }
 
 fn region(m: &Mmu, gpa: u64, size: u64, hva: u64) -> RegionId {
@@ -27,8 +28,8 @@ fn region(m: &Mmu, gpa: u64, size: u64, hva: u64) -> RegionId {
 fn fault(m: &Mmu, gpa: u64, pages: u64) {
     m.fault_in(gpa, pages * PAGE_SIZE, |t, out| {
         for p in 0..pages {
-            let g = t.gpa + p * PAGE_SIZE;
-            out.push(Translation::small(g, t.host_addr(g)));
+            let g = t.gpa() + p * PAGE_SIZE;
+            out.push(Translation::small(g, t.host_addr(g).unwrap()));
         }
         Ok(())
     })
@@ -238,7 +239,8 @@ fn teardown_hides_everything_then_reclaim_frees_in_bounded_batches() {
         background_reclaim: false,
         reclaim_batch: 3,
         ..Config::default()
-    });
+    })
+    .unwrap();
     let rec = Arc::new(Recorder {
         name: "rec".into(),
         ..Default::default()
@@ -433,7 +435,7 @@ fn unregister_waits_for_invalidations_that_may_call_the_mirror() {
 
 #[test]
 fn background_reclaimer_finishes_and_mmu_drops_cleanly() {
-    let m = Mmu::new(Config::default());
+    let m = Mmu::new(Config::default()).unwrap();
     region(&m, 0, 64 * MIB, 0x1_0000_0000);
     fault(&m, 0, 512 * 8);
     m.teardown_all().unwrap();
@@ -468,7 +470,8 @@ fn mutex_policy_runs_the_same_protocol() {
         lock: LockPolicy::Mutex,
         background_reclaim: false,
         ..Config::default()
-    });
+    })
+    .unwrap();
     assert_eq!(m.lock_policy(), LockPolicy::Mutex);
     region(&m, 0, 4 * MIB, 0x1000_0000);
     fault(&m, 0, 8);

@@ -32,6 +32,36 @@ pub struct Config {
     pub max_fault_retries: u32,
 }
 
+/// The accepted range of each tunable: at least 1 (0 would never make
+/// progress), at most what keeps one lock hold short and all arithmetic on
+/// them far from overflow.
+pub const RECLAIM_BATCH_MAX: usize = 1024;
+pub const RECLAIM_SCAN_MAX: usize = 1 << 20;
+pub const INSTALL_BATCH_MAX: usize = 1 << 16;
+pub const ZAP_BATCH_MAX: usize = 1 << 20;
+
+impl Config {
+    /// Every tunable within its range, or the first one that is not.
+    pub fn validate(&self) -> Result<(), Error> {
+        let check = |what, value: usize, max: usize| {
+            if (1..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(Error::InvalidConfig {
+                    what,
+                    value: value as u64,
+                    min: 1,
+                    max: max as u64,
+                })
+            }
+        };
+        check("reclaim_batch", self.reclaim_batch, RECLAIM_BATCH_MAX)?;
+        check("reclaim_scan", self.reclaim_scan, RECLAIM_SCAN_MAX)?;
+        check("install_batch", self.install_batch, INSTALL_BATCH_MAX)?;
+        check("zap_batch", self.zap_batch, ZAP_BATCH_MAX)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -102,7 +132,7 @@ impl State {
             .position(|r| !r.removed && r.contains(gpa, len))
             .ok_or(Error::OutsideRegions {
                 gpa,
-                end: gpa + len,
+                end: gpa.saturating_add(len),
             })
     }
 
@@ -136,6 +166,7 @@ impl State {
     /// `read_retry`: has an invalidation overlapping the ticket's range
     /// started since the ticket was taken?
     fn collides(&self, t: &Ticket) -> bool {
+        debug_assert!(t.seq <= self.seq, "tickets are only issued by this mmu");
         if self.seq == t.seq {
             return false; // nothing started since: the common case
         }
@@ -306,6 +337,9 @@ fn split_huge(leaf: &mut Leaf) {
     }
 }
 
+/// Numbers the mmus of this process, so a ticket names the one that issued it.
+static NEXT_MMU: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 fn check_range(gpa: u64, len: u64) -> Result<u64, Error> {
     aligned("guest-physical address", gpa, PAGE_SIZE)?;
     aligned("length", len, PAGE_SIZE)?;
@@ -313,6 +347,21 @@ fn check_range(gpa: u64, len: u64) -> Result<u64, Error> {
         return Err(Error::EmptyRange { gpa });
     }
     gpa.checked_add(len).ok_or(Error::Overflow { gpa, len })
+}
+
+/// `[start, start + len)` must end at or below [`ADDRESS_LIMIT`], so that
+/// every address the table derives from a region (slot ends rounded up to
+/// 2 MiB, host addresses) stays far from wrapping.
+fn below_limit(what: &'static str, start: u64, len: u64) -> Result<(), Error> {
+    match start.checked_add(len) {
+        Some(end) if end <= ADDRESS_LIMIT => Ok(()),
+        _ => Err(Error::AboveLimit {
+            what,
+            start,
+            len,
+            limit: ADDRESS_LIMIT,
+        }),
+    }
 }
 
 fn aligned(what: &'static str, value: u64, align: u64) -> Result<(), Error> {
@@ -361,6 +410,8 @@ struct ReclaimSignal {
 
 /// The secondary MMU. See the crate documentation for the protocol.
 pub struct Mmu {
+    /// This instance's number, stamped into its tickets.
+    instance: u64,
     config: Config,
     state: MmuLock<State>,
     stats: Stats,
@@ -383,8 +434,10 @@ impl std::fmt::Debug for Mmu {
 
 impl Mmu {
     /// Create an mmu; with `config.background_reclaim` it starts its
-    /// reclaimer thread.
-    pub fn new(config: Config) -> Arc<Mmu> {
+    /// reclaimer thread. `Err(InvalidConfig)` if a tunable is out of range
+    /// (see [`Config::validate`]), `Err(Spawn)` if the thread cannot start.
+    pub fn new(config: Config) -> Result<Arc<Mmu>, Error> {
+        config.validate()?;
         clock::calibrate();
         let state = State {
             regions: Vec::with_capacity(MAX_REGIONS),
@@ -403,6 +456,7 @@ impl Mmu {
         };
         let background = config.background_reclaim;
         let mmu = Arc::new(Mmu {
+            instance: NEXT_MMU.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             state: MmuLock::new(config.lock, state),
             config,
             stats: Stats::default(),
@@ -418,10 +472,19 @@ impl Mmu {
             let handle = std::thread::Builder::new()
                 .name("mmu-reclaim".into())
                 .spawn(move || reclaimer_thread(weak, signal))
-                .expect("spawning the reclaimer thread");
+                .map_err(|e| Error::Spawn(e.to_string()))?;
             *mmu.reclaimer.lock().unwrap() = Some(handle);
         }
-        mmu
+        Ok(mmu)
+    }
+
+    /// `Err(ForeignTicket)` unless this mmu issued `t`.
+    fn own(&self, t: &Ticket) -> Result<(), Error> {
+        if t.mmu == self.instance {
+            Ok(())
+        } else {
+            Err(Error::ForeignTicket)
+        }
     }
 
     pub fn config(&self) -> &Config {
@@ -470,11 +533,9 @@ impl Mmu {
     /// overlap with an existing region.
     pub fn add_region(&self, spec: RegionSpec) -> Result<RegionId, Error> {
         let end = check_range(spec.gpa, spec.size)?;
+        below_limit("guest-physical", spec.gpa, spec.size)?;
         aligned("host address", spec.hva, PAGE_SIZE)?;
-        spec.hva.checked_add(spec.size).ok_or(Error::Overflow {
-            gpa: spec.hva,
-            len: spec.size,
-        })?;
+        below_limit("host", spec.hva, spec.size)?;
         let mut table = RegionTable::new(
             RegionId(0),
             spec.name.into(),
@@ -553,6 +614,7 @@ impl Mmu {
         aligned("host address", hva, PAGE_SIZE)?;
         let mut st = self.lock(Hold::Other);
         let ri = st.region_by_id(id)?;
+        below_limit("host", hva, st.regions[ri].size)?;
         st.regions[ri].hva = hva;
         Ok(())
     }
@@ -636,7 +698,7 @@ impl Mmu {
                 other => return other,
             }
             Stats::bump(&self.stats.read_begin_waits, 1);
-            let end = gpa + len;
+            let end = check_range(gpa, len)?;
             self.wait_until(|st| !st.collides_active(gpa, end));
         }
     }
@@ -656,6 +718,7 @@ impl Mmu {
         }
         let r = &st.regions[ri];
         Ok(Ticket {
+            mmu: self.instance,
             seq: st.seq,
             gpa,
             len,
@@ -669,13 +732,15 @@ impl Mmu {
     /// since it was taken. A mirror calls this under its own update lock
     /// right before programming its table (the lock its invalidation
     /// callback also takes), exactly like `mmu_interval_read_retry`.
+    /// A ticket of another mmu is always stale: it proves nothing here.
     pub fn read_retry(&self, t: &Ticket) -> bool {
-        self.lock(Hold::Fault).collides(t)
+        self.own(t).is_err() || self.lock(Hold::Fault).collides(t)
     }
 
     /// The current translation of `gpa` (inside the ticket's range), or
     /// `Err(Stale)` if the ticket is stale.
     pub fn translate(&self, t: &Ticket, gpa: u64) -> Result<Option<Translation>, Error> {
+        self.own(t)?;
         if gpa < t.gpa || gpa >= t.end() {
             return Err(Error::OutsideTicket {
                 gpa,
@@ -703,6 +768,7 @@ impl Mmu {
         end: u64,
         out: &mut Vec<(u64, u64)>,
     ) -> Result<Option<u64>, Error> {
+        self.own(t)?;
         if gpa < t.gpa || end > t.end() || gpa > end {
             return Err(Error::OutsideTicket {
                 gpa,
@@ -710,6 +776,8 @@ impl Mmu {
                 end: t.end(),
             });
         }
+        // In range: `gpa` is inside a region (below `ADDRESS_LIMIT`) and the
+        // batch is bounded by `INSTALL_BATCH_MAX`.
         let end = end.min(gpa + self.config.install_batch as u64 * PAGE_SIZE);
         let st = self.lock(Hold::Fault);
         if st.collides(t) {
@@ -733,11 +801,12 @@ impl Mmu {
     /// earlier lock holds of this call is then zapped by that
     /// invalidation. Writes at most `install_batch` entries per lock hold.
     pub fn install(&self, t: &Ticket, translations: &[Translation]) -> Result<usize, Error> {
+        self.own(t)?;
         for tr in translations {
             let size = tr.size.bytes();
             aligned("guest-physical address", tr.gpa, size)?;
             aligned("host address", tr.hva, size)?;
-            if tr.gpa < t.gpa || tr.gpa + size > t.end() {
+            if tr.gpa < t.gpa || tr.gpa.checked_add(size).is_none_or(|e| e > t.end()) {
                 return Err(Error::OutsideTicket {
                     gpa: tr.gpa,
                     start: t.gpa,
@@ -1195,11 +1264,11 @@ impl FaultResolver for DirectResolver {
     fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), Error> {
         self.mmu
             .fault_in(gpa, len, |t, out| {
-                let mut page = t.gpa;
+                let mut page = t.gpa();
                 while page < t.end() {
                     out.push(Translation {
                         gpa: page,
-                        hva: t.host_addr(page),
+                        hva: t.host_addr(page)?,
                         size: PageSize::Small,
                         writable: true,
                     });

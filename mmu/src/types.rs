@@ -7,6 +7,13 @@ use std::fmt;
 pub const PAGE_SIZE: u64 = 4096;
 /// The huge page size tracked as one entry.
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// Regions must end at or below this, in guest-physical and in host-virtual
+/// addresses (`add_region` and `set_region_hva` return
+/// [`Error::AboveLimit`](crate::Error::AboveLimit) otherwise). x86-64 has at
+/// most 52 physical and 57 virtual address bits; the margin keeps every
+/// address the table derives (slot ends rounded up to 2 MiB, host addresses
+/// of a page) from wrapping.
+pub const ADDRESS_LIMIT: u64 = 1 << 63;
 
 /// Names a region for its whole life; never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,15 +100,22 @@ impl Translation {
 /// Proof of a `read_begin`: the range it covers and the sequence number it
 /// saw. Valid for `install`/`translate`/`read_retry` until an invalidation
 /// overlapping the range starts.
+///
+/// Opaque: only the [`Mmu`](crate::Mmu) that issued a ticket creates one,
+/// and every use checks that it is that mmu's (a ticket of another mmu is
+/// [`Error::ForeignTicket`](crate::Error::ForeignTicket)). Its range always
+/// lies inside one region, so `gpa + len` never overflows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ticket {
+    /// The issuing mmu's instance number (never reused in a process).
+    pub(crate) mmu: u64,
     pub(crate) seq: u64,
-    pub gpa: u64,
-    pub len: u64,
-    pub region: RegionId,
+    pub(crate) gpa: u64,
+    pub(crate) len: u64,
+    pub(crate) region: RegionId,
     /// The region's guest-physical and host base when the ticket was taken.
-    pub region_gpa: u64,
-    pub region_hva: u64,
+    pub(crate) region_gpa: u64,
+    pub(crate) region_hva: u64,
 }
 
 impl Ticket {
@@ -110,13 +124,43 @@ impl Ticket {
         self.seq
     }
 
-    /// Host address of `gpa` under the region's host base at ticket time.
-    pub fn host_addr(&self, gpa: u64) -> u64 {
-        self.region_hva + (gpa - self.region_gpa)
+    /// First guest-physical address of the ticket's range.
+    pub fn gpa(&self) -> u64 {
+        self.gpa
     }
 
+    /// Length of the ticket's range in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Never true: `read_begin` refuses empty ranges.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// End (exclusive) of the ticket's range.
     pub fn end(&self) -> u64 {
         self.gpa + self.len
+    }
+
+    /// The region the range lies in.
+    pub fn region(&self) -> RegionId {
+        self.region
+    }
+
+    /// Host address of `gpa` under the region's host base at ticket time;
+    /// `Err(OutsideTicket)` for an address outside the ticket's range.
+    pub fn host_addr(&self, gpa: u64) -> Result<u64, crate::Error> {
+        if gpa < self.gpa || gpa >= self.end() {
+            return Err(crate::Error::OutsideTicket {
+                gpa,
+                start: self.gpa,
+                end: self.end(),
+            });
+        }
+        // In range: the region's host range was checked not to overflow.
+        Ok(self.region_hva + (gpa - self.region_gpa))
     }
 }
 

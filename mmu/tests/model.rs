@@ -96,7 +96,7 @@ impl Harness {
                 let r = m.fault_in(gpa, len, |t, out| {
                     for p in 0..pages {
                         let hva = (self.stamp * 4096 + p) * PAGE_SIZE;
-                        out.push(Translation::small(t.gpa + p * PAGE_SIZE, hva));
+                        out.push(Translation::small(t.gpa() + p * PAGE_SIZE, hva));
                     }
                     Ok(())
                 });
@@ -112,7 +112,7 @@ impl Harness {
                 let gpa = slot * HUGE_PAGE_SIZE;
                 let hva = self.stamp * HUGE_PAGE_SIZE;
                 let r = m.fault_in(gpa, HUGE_PAGE_SIZE, |t, out| {
-                    out.push(Translation::huge(t.gpa, hva));
+                    out.push(Translation::huge(t.gpa(), hva));
                     Ok(())
                 });
                 assert_eq!(r.is_ok(), self.region_of(gpa, HUGE_PAGE_SIZE).is_some());
@@ -180,7 +180,7 @@ proptest! {
     #[test]
     fn table_matches_the_reference_model(ops in proptest::collection::vec(op(), 1..60)) {
         let mut h = Harness {
-            mmu: Mmu::new(Config { background_reclaim: false, reclaim_batch: 2, reclaim_scan: 3, ..Config::default() }),
+            mmu: Mmu::new(Config { background_reclaim: false, reclaim_batch: 2, reclaim_scan: 3, ..Config::default() }).unwrap(),
             ids: [None; 3],
             model: BTreeMap::new(),
             stamp: 0,

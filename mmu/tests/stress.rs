@@ -107,15 +107,15 @@ impl Rng {
 
 fn resolve(m: &Mmu, b: &Backing, gpa: u64) -> Result<FaultOutcome, Error> {
     m.fault_in(gpa, PAGE_SIZE, |t, out| {
-        let page = (t.gpa - BASE) / PAGE_SIZE;
-        out.push(Translation::small(t.gpa, stamp(b.version(page), page)));
+        let page = (t.gpa() - BASE) / PAGE_SIZE;
+        out.push(Translation::small(t.gpa(), stamp(b.version(page), page)));
         Ok(())
     })
 }
 
 #[test]
 fn stamped_pages_are_never_used_stale() {
-    let m = Mmu::new(Config::default());
+    let m = Mmu::new(Config::default()).unwrap();
     m.add_region(RegionSpec {
         name: "ram".into(),
         gpa: BASE,
@@ -153,7 +153,7 @@ fn stamped_pages_are_never_used_stale() {
             stale.clone(),
         );
         threads.push(std::thread::spawn(move || {
-            let mut rng = Rng(seed * 0x9E37_79B9_7F4A_7C15);
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             while !stop.load(Ordering::Relaxed) {
                 let page = rng.next() % PAGES;
                 let gpa = BASE + page * PAGE_SIZE;

@@ -76,8 +76,8 @@ impl FaultResolver for GuardResolver {
     fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
         let mmu = self.mmu.upgrade().expect("mmu alive");
         mmu.fault_in(gpa, len, |t, out| {
-            protect(t.gpa, t.len, true);
-            let mut p = t.gpa;
+            protect(t.gpa(), t.len(), true);
+            let mut p = t.gpa();
             while p < t.end() {
                 out.push(Translation::small(p, p));
                 p += PAGE_SIZE;
@@ -90,7 +90,7 @@ impl FaultResolver for GuardResolver {
 
 fn env(len: u64, guard: bool, config: RnicConfig) -> Env {
     let base = mmap(len);
-    let mmu = Mmu::new(Config::default());
+    let mmu = Mmu::new(Config::default()).unwrap();
     mmu.add_region(RegionSpec {
         name: "buf".into(),
         gpa: base,

@@ -264,7 +264,7 @@ mod rnic_bench {
     pub(super) fn space(len: u64) -> Result<Space, String> {
         // Kept for the process lifetime (MRs of the bench refer to it).
         let base = crate::memory::map_anonymous(len, true)?;
-        let mmu = Mmu::new(MmuConfig::default());
+        let mmu = Mmu::new(MmuConfig::default()).map_err(|e| e.to_string())?;
         mmu.add_region(RegionSpec {
             name: "bench".into(),
             gpa: base,

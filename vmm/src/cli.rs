@@ -1,4 +1,21 @@
 //! The `odpvm` command line.
+//!
+//! Exit codes: 0 success; 1 the guest or the check failed (or the VM
+//! stopped on an error); 2 an error before or around the run (a bad command
+//! line, the VMM could not start, stdout closed) with one line on stderr;
+//! 128 + the signal number (130 SIGINT, 143 SIGTERM) when a signal stopped
+//! the VM, whatever the guest did (`a_signal_gives_a_fixed_exit_code`).
+
+mod duration;
+mod output;
+
+pub use duration::{millis, seconds, DurationError};
+pub use output::{line as print_line, text_to_stdout as print_text, OutputError};
+
+/// The longest duration any flag or API takes (one year).
+pub fn duration_max() -> Duration {
+    duration::MAX
+}
 
 use crate::api::{self, ApiServer};
 use crate::devices::serial::Sink;
@@ -8,7 +25,6 @@ use crate::vm::{GuestConfig, RunReport, Vm, VmConfig};
 use clap::{Args, Parser, Subcommand};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use mmu::LockPolicy;
-use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,9 +56,9 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct DemoCli {
-    /// How long the workload runs.
-    #[arg(long, default_value_t = 10.0)]
-    pub seconds: f64,
+    /// How long the workload runs, in seconds.
+    #[arg(long, default_value = "10", value_parser = seconds)]
+    pub seconds: Duration,
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
     #[arg(long, default_value_t = 2)]
@@ -51,11 +67,11 @@ pub struct DemoCli {
     #[arg(long, default_value = "64K", value_parser = parse_size)]
     pub msg: u64,
     /// Mean gap between random range invalidations, in milliseconds.
-    #[arg(long, default_value_t = 2.0)]
-    pub invalidate_ms: f64,
+    #[arg(long, default_value = "2", value_parser = millis)]
+    pub invalidate_ms: Duration,
     /// Gap between whole-VM teardowns, in milliseconds.
-    #[arg(long, default_value_t = 500.0)]
-    pub teardown_ms: f64,
+    #[arg(long, default_value = "500", value_parser = millis)]
+    pub teardown_ms: Duration,
     /// Print the final report as one JSON object (the last stdout line).
     #[arg(long)]
     pub json: bool,
@@ -162,18 +178,18 @@ pub struct VmArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
-    /// Built-in guest: touch, idle, rewrite or churn.
-    #[arg(long, conflicts_with = "kernel")]
+    #[arg(long, conflicts_with = "kernel", help = guest_help())]
     pub guest: Option<Guest>,
     /// A Linux bzImage to boot instead of a built-in guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// Initrd for --kernel.
-    #[arg(long, requires = "kernel")]
+    #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line for --kernel.
-    #[arg(long, requires = "kernel", default_value = crate::linux::DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// Kernel command line for --kernel (default: the serial console,
+    /// no reboot).
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// Pages a built-in guest works on (default: all of RAM).
     #[arg(long)]
     pub pages: Option<u64>,
@@ -196,12 +212,16 @@ pub struct RunArgs {
     /// window grows on sequential faults and shrinks to one page otherwise.
     #[arg(long, default_value_t = crate::vm::DEFAULT_FAULT_AROUND)]
     pub fault_around: u64,
-    /// Serve the control socket at this path.
+    /// Serve the control socket at this path (created 0600; only the
+    /// VMM's uid and root may use it).
     #[arg(long)]
     pub api_sock: Option<PathBuf>,
+    /// Close control connections idle for this many seconds.
+    #[arg(long, default_value = "60", value_parser = seconds)]
+    pub api_idle_timeout: Duration,
     /// Stop the VM after this many seconds.
-    #[arg(long)]
-    pub timeout: Option<f64>,
+    #[arg(long, value_parser = seconds)]
+    pub timeout: Option<Duration>,
     /// Print the final report as one JSON object (the last stdout line).
     #[arg(long)]
     pub json: bool,
@@ -225,6 +245,9 @@ pub struct CtlArgs {
     /// The VM's control socket.
     #[arg(long)]
     pub api_sock: PathBuf,
+    /// Give up waiting for the answer after this many seconds.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    pub timeout: Duration,
     #[command(subcommand)]
     pub request: CtlRequest,
 }
@@ -250,6 +273,12 @@ pub enum CtlRequest {
     Shutdown,
     /// Send a raw JSON request.
     Send { json: String },
+}
+
+/// `--guest`'s help, from the list of built-in guests.
+fn guest_help() -> String {
+    let names: Vec<&str> = Guest::ALL.iter().map(|g| g.name()).collect();
+    format!("Built-in guest: {}", names.join(", "))
 }
 
 /// Set by SIGINT/SIGTERM; the main loop turns it into a clean stop.
@@ -284,14 +313,18 @@ impl RunArgs {
                 GuestConfig::Linux {
                     kernel: k.clone(),
                     initrd: self.initrd.clone(),
-                    cmdline: self.cmdline.clone(),
+                    cmdline: self
+                        .cmdline
+                        .clone()
+                        .unwrap_or_else(|| crate::linux::DEFAULT_CMDLINE.into()),
                 }
+            }
+            (None, _) if self.initrd.is_some() || self.cmdline.is_some() => {
+                return Err("--initrd and --cmdline only apply to --kernel".into())
             }
             (None, Some(g)) => GuestConfig::Builtin(g),
             (None, None) => {
-                return Err(
-                    "give --guest NAME (touch, idle, rewrite, churn) or --kernel PATH".into(),
-                )
+                return Err(format!("give --guest or --kernel PATH ({})", guest_help()))
             }
         };
         Ok(VmConfig {
@@ -313,43 +346,46 @@ impl RunArgs {
     }
 }
 
-/// Run a VM to completion, serving the control socket meanwhile.
-pub fn run_vm(
-    config: VmConfig,
-    api_sock: Option<&std::path::Path>,
-    timeout: Option<Duration>,
-) -> Result<RunReport, String> {
-    run_vm_with(config, api_sock, timeout, |_| Ok(()))
+/// How a VM run by [`serve`] ended.
+pub struct Outcome {
+    pub report: RunReport,
+    /// The signal that stopped it, if one did.
+    pub signal: Option<i32>,
 }
 
-/// [`run_vm`], calling `prepare` once the VM exists and before it starts.
-pub fn run_vm_with(
-    config: VmConfig,
-    api_sock: Option<&std::path::Path>,
+/// Run a started VM to its end, serving `api` meanwhile, and watching for
+/// signals, the timeout and a dead or stalled fault thread (which stops the
+/// VM with the reason as its exit).
+pub fn serve(
+    mut vm: Vm,
+    api: Option<ApiServer>,
     timeout: Option<Duration>,
-    prepare: impl FnOnce(&crate::vm::VmHandle) -> Result<(), String>,
-) -> Result<RunReport, String> {
-    let mut vm = Vm::new(config).map_err(|e| e.to_string())?;
+) -> Result<Outcome, String> {
     let handle = vm.handle();
-    prepare(&handle)?;
     let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| format!("creating the event loop: {e:?}"))?;
-    if let Some(path) = api_sock {
-        let server = ApiServer::bind(path, handle.clone())
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+    if let Some(server) = api {
         em.add_subscriber(Arc::new(Mutex::new(server)));
     }
     install_signal_handlers();
     vm.start().map_err(|e| e.to_string())?;
     let deadline = timeout.map(|t| Instant::now() + t);
+    let mut watchdog = crate::fault::Watchdog::new(&handle);
+    let mut signal = None;
     while !handle.finished() {
         if let Err(e) = em.run_with_timeout(50) {
             log::warn!("event loop: {e:?}");
         }
         match SIGNAL.swap(0, Ordering::SeqCst) {
             0 => {}
-            libc::SIGINT => handle.stop("signal SIGINT"),
-            _ => handle.stop("signal SIGTERM"),
+            sig => {
+                signal.get_or_insert(sig);
+                handle.stop(if sig == libc::SIGINT {
+                    "signal SIGINT"
+                } else {
+                    "signal SIGTERM"
+                });
+            }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             handle.stop(&format!(
@@ -357,13 +393,39 @@ pub fn run_vm_with(
                 timeout.unwrap_or_default().as_secs_f64()
             ));
         }
+        if let Some(why) = watchdog.check() {
+            log::error!("{why}; stopping the VM");
+            handle.stop(&why);
+        }
     }
-    Ok(vm.wait(None))
+    drop(em);
+    Ok(Outcome {
+        report: vm.wait(None),
+        signal,
+    })
 }
 
-fn print_human(r: &RunReport) {
-    println!(
-        "guest {}: {} ({}), {} vCPUs, {} MiB {} RAM",
+/// Build and run a VM to completion, serving the control socket meanwhile.
+pub fn run_vm(
+    config: VmConfig,
+    api_sock: Option<&std::path::Path>,
+    limits: api::Limits,
+    timeout: Option<Duration>,
+) -> Result<Outcome, String> {
+    let vm = Vm::new(config).map_err(|e| e.to_string())?;
+    let server = match api_sock {
+        Some(path) => Some(
+            ApiServer::bind(path, vm.handle(), limits)
+                .map_err(|e| format!("control socket: {e}"))?,
+        ),
+        None => None,
+    };
+    serve(vm, server, timeout)
+}
+
+fn human(r: &RunReport) -> String {
+    let mut s = format!(
+        "guest {}: {} ({}), {} vCPUs, {} MiB {} RAM\n",
         r.guest,
         r.guest_result,
         r.exit,
@@ -371,8 +433,8 @@ fn print_human(r: &RunReport) {
         r.memory_bytes >> 20,
         r.backing
     );
-    println!(
-        "pages touched {}, faults tracked {} ({} payload, {} RAM), retries {}, invalidations {}, teardowns {}",
+    s += &format!(
+        "pages touched {}, faults tracked {} ({} payload, {} RAM), retries {}, invalidations {}, teardowns {}\n",
         r.pages_touched,
         r.faults_tracked,
         r.payload_pages,
@@ -381,23 +443,20 @@ fn print_human(r: &RunReport) {
         r.invalidations,
         r.teardowns
     );
-    println!("boot {:.1} ms, run {:.1} ms", r.boot_ms, r.run_ms);
+    s += &format!("boot {:.1} ms, run {:.1} ms\n", r.boot_ms, r.run_ms);
     if !r.perftest.is_empty() {
         let latency = r.guest.ends_with("-lat");
-        print!("{}", crate::perftest::table(latency, &r.perftest));
+        s += &crate::perftest::table(latency, &r.perftest);
     }
+    s
 }
 
 /// `odpvm run`; returns the process exit code.
 pub fn run(args: RunArgs) -> Result<i32, String> {
     let config = args.config()?;
-    let timeout = match args.timeout {
-        Some(t) if !(t > 0.0 && t.is_finite()) => {
-            return Err(format!(
-                "--timeout {t}: must be a positive number of seconds"
-            ))
-        }
-        t => t.map(Duration::from_secs_f64),
+    let limits = api::Limits {
+        idle: args.api_idle_timeout,
+        ..Default::default()
     };
     let roce_args = args.roce_bind.map(|bind| crate::roce_run::RoceArgs {
         bind,
@@ -405,55 +464,55 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         connect: args.roce_connect,
         mtu: args.roce_mtu,
     });
-    let mut roce = None;
-    let memory = config.memory;
-    let report = run_vm_with(config, args.api_sock.as_deref(), timeout, |vm| {
-        if let Some(r) = &roce_args {
-            roce = Some(crate::roce_run::prepare(vm, memory, r)?);
+    let (Outcome { report, signal }, roce) = match &roce_args {
+        None => (
+            run_vm(config, args.api_sock.as_deref(), limits, args.timeout)?,
+            None,
+        ),
+        Some(r) => {
+            let (outcome, link) =
+                crate::roce_run::run(config, args.api_sock.as_deref(), limits, args.timeout, r)?;
+            (outcome, Some(link))
         }
-        Ok(())
-    })?;
-    if args.json {
-        let mut v = serde_json::to_value(&report).expect("report serialises");
+    };
+    let text = if args.json {
+        let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
         if let (Some(r), Some(o)) = (&roce, v.as_object_mut()) {
             o.insert("roce".into(), r.report());
         }
-        println!("{v}");
+        format!("{v}\n")
     } else {
-        print_human(&report);
+        let mut t = human(&report);
         if let Some(r) = &roce {
-            println!("roce {}", r.report());
+            t += &format!("roce {}\n", r.report());
         }
+        t
+    };
+    print_text(&text).map_err(|e| e.to_string())?;
+    if let Some(sig) = signal {
+        return Ok(128 + sig);
     }
     let clean = matches!(report.guest_result.as_str(), "pass" | "n/a")
         && !report.exit.contains("error")
+        && !report.exit.contains("fault thread")
         && !report.exit.contains("shutdown (triple");
     Ok(if clean { 0 } else { 1 })
 }
 
 /// `odpvm demo`.
 pub fn demo(a: DemoCli) -> Result<i32, String> {
-    let ms = |v: f64, name: &str| {
-        if v > 0.0 && v.is_finite() {
-            Ok(Duration::from_secs_f64(v / 1e3))
-        } else {
-            Err(format!(
-                "--{name} {v}: must be a positive number of milliseconds"
-            ))
-        }
-    };
     let args = crate::demo::DemoArgs {
         seconds: a.seconds,
         memory: a.memory,
         vcpus: a.vcpus,
         msg: a.msg,
-        invalidate_every: ms(a.invalidate_ms, "invalidate-ms")?,
-        teardown_every: ms(a.teardown_ms, "teardown-ms")?,
+        invalidate_every: a.invalidate_ms,
+        teardown_every: a.teardown_ms,
         json: a.json,
         ..Default::default()
     };
     let (report, run) = crate::demo::run(args)?;
-    Ok(crate::demo::print(&report, &run, a.json))
+    crate::demo::print(&report, &run, a.json).map_err(|e| e.to_string())
 }
 
 /// `odpvm bench`.
@@ -505,28 +564,39 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
     Ok(0)
 }
 
-/// `odpvm ctl`; returns the process exit code.
+/// `odpvm ctl`; returns the process exit code. The answer line goes to
+/// stdout as received (a refusal too); no answer at all is an error.
 pub fn ctl(args: CtlArgs) -> Result<i32, String> {
+    use api::Request;
     let req = match &args.request {
-        CtlRequest::Stats => json!({"op": "stats"}),
-        CtlRequest::Invalidate { gpa, len } => json!({"op": "invalidate", "gpa": gpa, "len": len}),
-        CtlRequest::Teardown => json!({"op": "teardown"}),
-        CtlRequest::Pause => json!({"op": "pause"}),
-        CtlRequest::Resume => json!({"op": "resume"}),
-        CtlRequest::Shutdown => json!({"op": "shutdown"}),
+        CtlRequest::Stats => Request::Stats,
+        CtlRequest::Invalidate { gpa, len } => Request::Invalidate {
+            gpa: api::Num(*gpa),
+            len: api::Num(*len),
+        },
+        CtlRequest::Teardown => Request::Teardown,
+        CtlRequest::Pause => Request::Pause,
+        CtlRequest::Resume => Request::Resume,
+        CtlRequest::Shutdown => Request::Shutdown,
         CtlRequest::Send { json } => {
-            serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?
+            let answer =
+                api::request_raw(&args.api_sock, json, args.timeout).map_err(|e| e.to_string())?;
+            return ctl_answer(answer);
         }
     };
-    let answer = api::request(&args.api_sock, &req)?;
-    println!("{answer}");
-    Ok(
-        if answer.get("ok") == Some(&serde_json::Value::Bool(true)) {
-            0
-        } else {
-            1
-        },
-    )
+    let answer = api::request(&args.api_sock, &req, args.timeout).map_err(|e| e.to_string())?;
+    ctl_answer(answer)
+}
+
+fn ctl_answer(answer: api::Answer) -> Result<i32, String> {
+    print_line(&answer.line).map_err(|e| e.to_string())?;
+    if !answer.reply.ok {
+        eprintln!(
+            "odpvm: the VMM refused: {}",
+            answer.reply.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    Ok(if answer.reply.ok { 0 } else { 1 })
 }
 
 #[cfg(test)]

@@ -6,17 +6,19 @@
 //! the guest counts what it could not use. Zero stale accesses is the
 //! claim; everything else is the cost.
 
+use crate::cli::{print_line, OutputError};
 use crate::devices::serial::Sink;
 use crate::payload::Guest;
 use crate::vm::{GuestConfig, RnicChoice, RunReport, Vm, VmConfig, VmHandle};
+use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct DemoArgs {
-    pub seconds: f64,
+    pub seconds: Duration,
     pub memory: u64,
     pub vcpus: usize,
     pub msg: u64,
@@ -31,7 +33,7 @@ pub struct DemoArgs {
 impl Default for DemoArgs {
     fn default() -> Self {
         DemoArgs {
-            seconds: 10.0,
+            seconds: Duration::from_secs(10),
             memory: 256 << 20,
             vcpus: 2,
             msg: 64 << 10,
@@ -77,9 +79,37 @@ impl Rng {
     }
 }
 
+/// Tells the chaos thread to end, waking it from its sleep: a gap may be
+/// as long as the flags allow (a year), the demo's end must not wait for it.
+#[derive(Default)]
+struct Stop {
+    stopped: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Stop {
+    fn set(&self) {
+        *self.stopped.lock() = true;
+        self.cv.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        *self.stopped.lock()
+    }
+
+    /// Sleep for `d` unless stopped first; true if stopped.
+    fn sleep(&self, d: Duration) -> bool {
+        let mut stopped = self.stopped.lock();
+        if !*stopped {
+            let _ = self.cv.wait_for(&mut stopped, d);
+        }
+        *stopped
+    }
+}
+
 /// Invalidate random RAM ranges and tear everything down now and then,
 /// until `stop`. Returns the teardown latencies (ns) and invalidations.
-fn chaos(h: VmHandle, args: DemoArgs, stop: Arc<AtomicBool>) -> (Vec<u64>, u64) {
+fn chaos(h: VmHandle, args: DemoArgs, stop: Arc<Stop>) -> (Vec<u64>, u64) {
     let mut rng = Rng(args.seed | 1);
     let ram: Vec<(u64, u64)> = h
         .mmu()
@@ -90,8 +120,9 @@ fn chaos(h: VmHandle, args: DemoArgs, stop: Arc<AtomicBool>) -> (Vec<u64>, u64) 
         .collect();
     let mut teardown_ns = Vec::new();
     let mut invalidations = 0;
+    // Gaps are at most a year (the flags' bound), so these sums fit.
     let mut next_teardown = Instant::now() + args.teardown_every;
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.is_set() {
         let (gpa, size) = ram[(rng.next() % ram.len() as u64) as usize];
         let pages = size / 4096;
         let len = 1 + rng.next() % 64;
@@ -105,8 +136,11 @@ fn chaos(h: VmHandle, args: DemoArgs, stop: Arc<AtomicBool>) -> (Vec<u64>, u64) 
             }
             next_teardown = Instant::now() + args.teardown_every;
         }
-        let gap = args.invalidate_every.as_micros() as u64;
-        std::thread::sleep(Duration::from_micros(rng.next() % (2 * gap + 1)));
+        let gap = u64::try_from(args.invalidate_every.as_micros()).unwrap_or(u64::MAX / 4);
+        let sleep = Duration::from_micros(rng.next() % (2 * gap + 1));
+        if stop.sleep(sleep) {
+            break;
+        }
     }
     (teardown_ns, invalidations)
 }
@@ -120,8 +154,11 @@ fn pct(v: &mut [u64], q: f64) -> u64 {
 }
 
 pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
-    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
-        return Err(format!("--seconds {}: must be positive", args.seconds));
+    if args.seconds.is_zero() || args.seconds > crate::cli::duration_max() {
+        return Err(format!(
+            "--seconds {:?}: must be positive and at most a year",
+            args.seconds
+        ));
     }
     let cfg = VmConfig {
         guest: GuestConfig::Builtin(Guest::RdmaWriteBw),
@@ -141,7 +178,7 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
             .clone()
             .ok_or("the demo needs the emulated RNIC")?;
     vm.start().map_err(|e| e.to_string())?;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Stop::default());
     let chaos_thread = {
         let (h, a, s) = (h.clone(), args.clone(), stop.clone());
         std::thread::Builder::new()
@@ -149,26 +186,28 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
             .spawn(move || chaos(h, a, s))
             .map_err(|e| e.to_string())?
     };
-    let progress = |line: String| {
+    let progress = |line: String| -> Result<(), OutputError> {
         if args.json {
             eprintln!("{line}");
+            Ok(())
         } else {
-            println!("{line}");
+            print_line(line)
         }
     };
-    progress(format!(
+    let mut closed = progress(format!(
         "odpvm demo: {} vCPUs, {} MiB, rdma-write-bw {} KiB messages for {:.0}s; invalidating every ~{:?}, tearing down every {:?}",
         args.vcpus,
         args.memory >> 20,
         args.msg >> 10,
-        args.seconds,
+        args.seconds.as_secs_f64(),
         args.invalidate_every,
         args.teardown_every
-    ));
+    ))
+    .err();
     let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs_f64(args.seconds);
+    let deadline = t0 + args.seconds;
     let mut last = (t0, 0u64);
-    while Instant::now() < deadline && h.running() && !h.finished() {
+    while closed.is_none() && Instant::now() < deadline && h.running() && !h.finished() {
         std::thread::sleep(
             Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
         );
@@ -179,7 +218,7 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
                 (written - last.1) as f64 * 8.0 / now.duration_since(last.0).as_secs_f64() / 1e9;
             let s = h.stats();
             let r = dev.rnic().stats();
-            progress(format!(
+            closed = progress(format!(
                 "[{:5.1}s] {:6.2} Gb/s  invalidations kvm {:6} rnic {:6}  device faults {:6}  guest faults {:7}  teardowns {:3}  stale {}",
                 now.duration_since(t0).as_secs_f64(),
                 gbps,
@@ -189,15 +228,19 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
                 s.faults_tracked,
                 s.teardowns,
                 dev.stats.stale_accesses.load(Ordering::Relaxed)
-            ));
+            ))
+            .err();
             last = (now, written);
         }
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.set();
     let (mut teardown_ns, host_invalidations) =
         chaos_thread.join().map_err(|_| "chaos thread panicked")?;
     h.0.devices.testdev.request_stop();
     let run = vm.wait(Some(Duration::from_secs(120)));
+    if let Some(e) = closed {
+        return Err(e.to_string());
+    }
     let r = dev.rnic().stats();
     let k = &h.0.mirror.stats;
     let guest_stale: u64 = run.perftest.iter().map(|f| f.stale).sum();
@@ -227,34 +270,27 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
 }
 
 /// Print the report; the exit code says whether the claim held.
-pub fn print(report: &DemoReport, run: &RunReport, json_out: bool) -> i32 {
+pub fn print(report: &DemoReport, run: &RunReport, json_out: bool) -> Result<i32, OutputError> {
     if json_out {
-        println!("{}", serde_json::to_string(report).expect("serialises"));
+        print_line(json!(report))?;
     } else {
-        print!("{}", crate::perftest::table(false, &run.perftest));
+        crate::cli::print_text(&crate::perftest::table(false, &run.perftest))?;
         let v: Value = json!(report);
         let width = v
             .as_object()
             .map_or(0, |o| o.keys().map(|k| k.len()).max().unwrap_or(0));
         if let Some(o) = v.as_object() {
             for (k, x) in o {
-                println!("  {k:width$}  {x}");
+                print_line(format!("  {k:width$}  {x}"))?;
             }
         }
-        println!(
-            "{}",
-            if report.stale_accesses == 0 {
-                "no stale access: every invalidation reached KVM and the RNIC before the memory was reused"
-            } else {
-                "STALE ACCESSES DETECTED"
-            }
-        );
+        print_line(if report.stale_accesses == 0 {
+            "no stale access: every invalidation reached KVM and the RNIC before the memory was reused"
+        } else {
+            "STALE ACCESSES DETECTED"
+        })?;
     }
     let ok =
         report.stale_accesses == 0 && report.guest_result == "pass" && report.exit == "guest-done";
-    if ok {
-        0
-    } else {
-        1
-    }
+    Ok(if ok { 0 } else { 1 })
 }

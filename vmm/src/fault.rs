@@ -17,6 +17,15 @@
 //! is replacing the faulting mapping is served without tracking: the page
 //! dies with the retired mapping, and the vCPU must not stay blocked in
 //! the kernel while the teardown pauses vCPUs.
+//!
+//! Supervision: the thread beats a heartbeat on every pass and records why
+//! it can no longer serve the guest (it ended on an error, or guest memory
+//! ran out) in [`FaultStats::failure`]. [`Watchdog`], polled by the VMM's
+//! main loop, turns a failure, or guest faults left unread while the
+//! heartbeat stands still ([`STALL_AFTER`]), into a stop of the VM with the
+//! reason as its exit (`a_dead_fault_thread_stops_the_vm_with_the_reason`,
+//! `a_stalled_fault_thread_does_not_block_the_main_loop` in
+//! `vmm/tests/api.rs`).
 
 use crate::memory::{GuestRam, HvaHit};
 use crate::uffd::{Fill, Userfault};
@@ -54,6 +63,26 @@ pub struct FaultStats {
     pub pages_per_fault: mmu::hist::Histogram,
     /// Installed faults per RAM region (index order).
     pub per_region: Vec<AtomicU64>,
+    /// Expected races with a teardown (a fault from before it on a mapping
+    /// it retired, a page of a retiring mapping that is already gone):
+    /// served or dropped as designed, counted apart from `errors`.
+    pub teardown_races: AtomicU64,
+    /// Passes of the fault thread's loop (the watchdog's heartbeat).
+    pub heartbeat: AtomicU64,
+    /// Why the fault thread can no longer serve the guest, once it cannot.
+    pub failure: parking_lot::Mutex<Option<String>>,
+    /// Test hook (see [`FaultStats::inject`]).
+    inject: std::sync::atomic::AtomicU8,
+}
+
+/// A failure the supervision tests make the fault thread suffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Injected {
+    /// End the thread as a read error would.
+    Exit = 1,
+    /// Stop reading events (but still obey the stop request).
+    Stall = 2,
 }
 
 impl FaultStats {
@@ -67,6 +96,85 @@ impl FaultStats {
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
+
+    /// Make the fault thread fail the way `what` says, to prove that the
+    /// VMM notices (supervision tests only; nothing else calls it).
+    #[doc(hidden)]
+    pub fn inject(&self, what: Injected) {
+        self.inject.store(what as u8, Ordering::SeqCst);
+    }
+
+    /// Record why the guest can no longer be served (the first reason wins).
+    fn fail(&self, why: String) {
+        log::error!("fault handler: {why}");
+        self.failure.lock().get_or_insert(why);
+    }
+}
+
+/// Guest faults unread for this long, with no pass of the fault thread,
+/// mean it is stalled.
+pub const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Watches a VM's fault thread from another thread (the VMM's main loop).
+pub struct Watchdog {
+    stats: Arc<FaultStats>,
+    uffd: Option<Arc<Userfault>>,
+    /// Heartbeat when faults were first seen waiting, and when.
+    waiting_since: Option<(u64, std::time::Instant)>,
+    reported: bool,
+}
+
+impl Watchdog {
+    pub fn new(vm: &crate::vm::VmHandle) -> Self {
+        Watchdog {
+            stats: vm.0.faults.clone(),
+            uffd: vm.0.uffd.clone(),
+            waiting_since: None,
+            reported: false,
+        }
+    }
+
+    /// Why the VM must stop, once (then None).
+    pub fn check(&mut self) -> Option<String> {
+        if self.reported {
+            return None;
+        }
+        if let Some(why) = self.stats.failure.lock().clone() {
+            self.reported = true;
+            return Some(format!("fault thread failed: {why}"));
+        }
+        let uffd = self.uffd.as_ref()?;
+        let beat = self.stats.heartbeat.load(Ordering::SeqCst);
+        if !readable(uffd.fd()) {
+            self.waiting_since = None;
+            return None;
+        }
+        match self.waiting_since {
+            Some((b, since)) if b == beat => {
+                if since.elapsed() >= STALL_AFTER {
+                    self.reported = true;
+                    return Some(format!(
+                        "fault thread stalled: guest page faults unanswered for {:.1}s",
+                        since.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+            _ => self.waiting_since = Some((beat, std::time::Instant::now())),
+        }
+        None
+    }
+}
+
+/// Whether `fd` has something to read now.
+fn readable(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLIN != 0
 }
 
 /// How faults are resolved.
@@ -225,14 +333,19 @@ impl mmu::FaultResolver for GuestResolver {
         let mut woken = Vec::new();
         let outcome = mmu.fault_in(start, end - start, |t, out| {
             woken.clear();
-            let mut page = t.gpa;
+            let mut page = t.gpa();
             while page < t.end() {
-                let hva = t.host_addr(page);
+                let hva = t.host_addr(page)?;
                 if let Some(uffd) = &self.uffd {
                     let mut tries = 0;
                     loop {
                         match populate(uffd, &self.ram, ps, Some((index, page)), hva) {
-                            Fill::Done | Fill::Filled(_) | Fill::Exists => break,
+                            Fill::Exists if !present(hva, ps) && tries < 1000 => {
+                                tries += 1;
+                                std::thread::sleep(std::time::Duration::from_micros(20));
+                            }
+                            Fill::Done | Fill::Filled(_) => break,
+                            Fill::Exists if present(hva, ps) => break,
                             Fill::Again if tries < 1000 => {
                                 tries += 1;
                                 std::thread::sleep(std::time::Duration::from_micros(20));
@@ -291,7 +404,9 @@ impl Handler {
             return ps;
         }
         let streams = &mut self.streams[index];
-        let pages = match streams.iter_mut().find(|s| s.next == gpa) {
+        // A stream with no window is an unused slot, not one expecting
+        // gpa 0 (Linux's first fault is there).
+        let pages = match streams.iter_mut().find(|s| s.pages > 0 && s.next == gpa) {
             Some(s) => {
                 s.pages = (s.pages * 2).min(self.fault_around);
                 s.used = self.clock;
@@ -348,7 +463,9 @@ impl Handler {
         for _ in 0..INLINE_RETRIES {
             let (index, gpa, retiring) = match self.ram.find_hva(page) {
                 None => {
-                    self.error(&format!("fault at {addr:#x} outside guest RAM"));
+                    // Only registered mappings report faults: this one was
+                    // retired by a teardown and unmapped since.
+                    self.race(&format!("fault at {addr:#x} on a mapping gone since"));
                     self.uffd.wake(page, self.page_size);
                     return Step::Done;
                 }
@@ -378,7 +495,7 @@ impl Handler {
                 }
                 Ok(t) => t,
             };
-            if t.host_addr(gpa) != page {
+            if t.host_addr(gpa) != Ok(page) {
                 continue; // the mapping moved under us: look again
             }
             // Populate the window; the kernel stops at the first page
@@ -386,8 +503,34 @@ impl Handler {
             let filled = match self.fill_window(index, gpa, page, len, write) {
                 Fill::Done => len,
                 Fill::Filled(n) => n.max(self.page_size),
-                Fill::Exists => self.page_size,
+                Fill::Exists if present(page, self.page_size) => self.page_size,
+                // "Exists" with nothing there: hugetlbfs out of huge pages
+                // answers so; otherwise a racing discard, so look again.
+                Fill::Exists => {
+                    if self.page_size == crate::layout::HUGE
+                        && crate::memory::free_huge_pages() == 0
+                    {
+                        self.stats.fail(format!(
+                            "no free 2 MiB huge page for gpa {gpa:#x} (the kernel answers EEXIST for a page that is not there)"
+                        ));
+                    }
+                    return Step::Defer;
+                }
                 Fill::Again => return Step::Defer,
+                Fill::Failed(libc::ENOMEM) => {
+                    self.stats
+                        .fail(format!("out of memory populating gpa {gpa:#x}"));
+                    self.uffd.wake(page, self.page_size);
+                    return Step::Done;
+                }
+                Fill::Failed(libc::ENOENT) => {
+                    // The mapping was unregistered by a teardown meanwhile.
+                    self.race(&format!(
+                        "populating gpa {gpa:#x} of a mapping just retired"
+                    ));
+                    self.uffd.wake(page, self.page_size);
+                    return Step::Done;
+                }
                 Fill::Failed(errno) => {
                     self.error(&format!(
                         "populating gpa {gpa:#x}: {}",
@@ -462,12 +605,20 @@ impl Handler {
         self.stats.untracked.fetch_add(1, Ordering::Relaxed);
         match self.fill(at, page) {
             Fill::Done | Fill::Filled(_) | Fill::Exists | Fill::Again => {}
+            // Unregistered by the teardown already: the page dies with it.
+            Fill::Failed(libc::ENOENT) => self.race("populating a page of a retired mapping"),
             Fill::Failed(errno) => self.error(&format!(
                 "populating a retiring page: {}",
                 std::io::Error::from_raw_os_error(errno)
             )),
         }
         self.uffd.wake(page, self.page_size);
+    }
+
+    /// An expected race with a teardown: counted, not an error.
+    fn race(&self, what: &str) {
+        self.stats.teardown_races.fetch_add(1, Ordering::Relaxed);
+        log::debug!("fault handler: teardown race: {what}");
     }
 
     fn error(&self, what: &str) {
@@ -523,6 +674,20 @@ impl Handler {
             tv_nsec: 50_000,
         };
         loop {
+            self.stats.heartbeat.fetch_add(1, Ordering::SeqCst);
+            match self.stats.inject.load(Ordering::SeqCst) {
+                x if x == Injected::Exit as u8 => {
+                    return self.stats.fail("ended on an injected error".into());
+                }
+                x if x == Injected::Stall as u8 => {
+                    // Serve nothing, beat no heartbeat; end when told to.
+                    let mut stop_fd = [fds[1]];
+                    // SAFETY: one valid pollfd; blocks until stop.
+                    unsafe { libc::poll(stop_fd.as_mut_ptr(), 1, -1) };
+                    return;
+                }
+                _ => {}
+            }
             let timeout = if self.pending.is_empty() {
                 std::ptr::null()
             } else {
@@ -535,15 +700,13 @@ impl Handler {
                 if e.kind() == std::io::ErrorKind::Interrupted {
                     continue;
                 }
-                log::error!("fault handler: poll: {e}");
-                return;
+                return self.stats.fail(format!("poll: {e}"));
             }
             if fds[1].revents != 0 {
                 return;
             }
             if let Err(e) = self.drain() {
-                log::error!("fault handler: {e}");
-                return;
+                return self.stats.fail(e.to_string());
             }
             if !self.pending.is_empty() {
                 self.retry_pending();
@@ -605,10 +768,38 @@ impl FaultThread {
 }
 
 impl Drop for FaultThread {
+    /// Stop the thread and join it, unless it does not stop within a
+    /// second (stuck in the kernel): then it is left behind, so a VM whose
+    /// fault thread stalled can still be torn down and reported.
     fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(h) = self.handle.take() {
-            let _ = h.join();
+            let t0 = std::time::Instant::now();
+            while !h.is_finished() && t0.elapsed() < std::time::Duration::from_secs(1) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            } else {
+                log::error!("the fault thread did not stop; leaving it behind");
+            }
         }
     }
+}
+
+/// Whether the host page at `hva` (page aligned, `len` bytes) is present
+/// (`mincore`): a page the kernel says exists must really be there.
+pub(crate) fn present(hva: u64, len: u64) -> bool {
+    let pages = len.div_ceil(crate::layout::PAGE) as usize;
+    let mut vec = vec![0u8; pages];
+    // SAFETY: mincore only reads the page tables of the range and writes
+    // `pages` bytes into `vec`, which has that length.
+    let rc = unsafe {
+        libc::mincore(
+            (hva & !(crate::layout::PAGE - 1)) as *mut libc::c_void,
+            len as usize,
+            vec.as_mut_ptr(),
+        )
+    };
+    rc == 0 && vec.iter().all(|b| b & 1 == 1)
 }

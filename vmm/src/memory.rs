@@ -25,6 +25,8 @@ pub enum MemoryError {
     Memfd(std::io::Error),
     #[error("sizing the guest memory file to {size:#x} bytes: {source} (for hugetlbfs: are enough 2 MiB huge pages reserved in /proc/sys/vm/nr_hugepages?)")]
     Truncate { size: u64, source: std::io::Error },
+    #[error("--backing hugetlbfs needs {need} free 2 MiB huge pages, only {free} are free (raise /proc/sys/vm/nr_hugepages)")]
+    HugePages { need: u64, free: u64 },
     #[error("building the guest memory map: {0}")]
     Regions(String),
     #[error(transparent)]
@@ -150,7 +152,14 @@ pub struct GuestRam {
     memory: RwLock<Arc<GuestMemoryMmap>>,
 }
 
-fn map(backing: Backing, name: &str, size: u64) -> Result<Arc<MmapRegion>, MemoryError> {
+/// Map a region. With `reserve`, hugetlbfs pages are reserved by the kernel
+/// now (mmap fails if they are not there) instead of failing at fault time.
+fn map(
+    backing: Backing,
+    name: &str,
+    size: u64,
+    reserve: bool,
+) -> Result<Arc<MmapRegion>, MemoryError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let region = match backing {
         Backing::Anonymous => MmapRegion::build(
@@ -175,11 +184,16 @@ fn map(backing: Backing, name: &str, size: u64) -> Result<Arc<MmapRegion>, Memor
             let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
             file.set_len(size)
                 .map_err(|source| MemoryError::Truncate { size, source })?;
+            let noreserve = if reserve && backing == Backing::Hugetlbfs {
+                0
+            } else {
+                libc::MAP_NORESERVE
+            };
             MmapRegion::build(
                 Some(FileOffset::new(file, 0)),
                 size as usize,
                 prot,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                libc::MAP_SHARED | noreserve,
             )
         }
     };
@@ -195,9 +209,18 @@ impl GuestRam {
         uffd: Option<Arc<Userfault>>,
         layout: Vec<(String, u64, u64, Content)>,
     ) -> Result<Self, MemoryError> {
+        if backing == Backing::Hugetlbfs {
+            // Checked up front: a shortage found at fault time leaves the
+            // guest faulting on a page that never comes.
+            let need = layout.iter().map(|l| l.2).sum::<u64>() / crate::layout::HUGE;
+            let free = free_huge_pages();
+            if free < need {
+                return Err(MemoryError::HugePages { need, free });
+            }
+        }
         let mut regions = Vec::new();
         for (name, gpa, size, content) in layout {
-            let current = map(backing, &name, size)?;
+            let current = map(backing, &name, size, true)?;
             match &uffd {
                 Some(u) => u.register(current.as_ptr() as u64, size)?,
                 None => {
@@ -391,7 +414,9 @@ impl GuestRam {
             let r = &self.regions.read()[index];
             (r.name.clone(), r.size)
         };
-        let fresh = map(self.backing, &name, size)?;
+        // Not reserved: the retired mapping still holds its reservation, and
+        // its pages return to the pool as the reclaimer releases them.
+        let fresh = map(self.backing, &name, size, false)?;
         if let Some(u) = &self.uffd {
             u.register(fresh.as_ptr() as u64, size)?;
         }
@@ -496,6 +521,20 @@ pub fn map_anonymous(len: u64, populate: bool) -> Result<u64, String> {
         ));
     }
     Ok(p as u64)
+}
+
+/// 2 MiB huge pages free and not reserved by anyone (`/proc/meminfo`).
+pub fn free_huge_pages() -> u64 {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        meminfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    field("HugePages_Free:").saturating_sub(field("HugePages_Rsvd:"))
 }
 
 /// Make sure `n` 2 MiB huge pages are free, raising

@@ -12,6 +12,7 @@
 //!
 //! Needs root (namespaces, nftables) and `ip`/`nft` (scripts/ensure-deps).
 
+use crate::api::{Num, Request};
 use crate::layout::PAYLOAD_RAM_GPA;
 use serde_json::{json, Value};
 use std::io::BufRead;
@@ -180,11 +181,14 @@ fn churn(sock: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
             let gpa = base + ((x >> 33) % (len / chunk)) * chunk;
             let req = if last_teardown.elapsed() > Duration::from_millis(250) {
                 last_teardown = Instant::now();
-                json!({"op": "teardown"})
+                Request::Teardown
             } else {
-                json!({"op": "invalidate", "gpa": gpa, "len": chunk})
+                Request::Invalidate {
+                    gpa: Num(gpa),
+                    len: Num(chunk),
+                }
             };
-            if crate::api::request(&sock, &req).is_ok() {
+            if crate::api::request(&sock, &req, Duration::from_secs(10)).is_ok() {
                 n += 1;
             }
             std::thread::sleep(Duration::from_millis(2));

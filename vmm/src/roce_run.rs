@@ -44,6 +44,28 @@ pub fn parse_bind(s: &str) -> Result<SocketAddrV4, String> {
         .map_err(|_| format!("{s:?} is not an IPv4 address (optionally with :port)"))
 }
 
+/// `odpvm run` with a RoCE link: build the VM, link its RNIC before the
+/// vCPUs start, then serve it as any run.
+pub fn run(
+    config: crate::vm::VmConfig,
+    api_sock: Option<&std::path::Path>,
+    limits: crate::api::Limits,
+    timeout: Option<std::time::Duration>,
+    args: &RoceArgs,
+) -> Result<(crate::cli::Outcome, RoceRun), String> {
+    let memory = config.memory;
+    let vm = crate::vm::Vm::new(config).map_err(|e| e.to_string())?;
+    let link = prepare(&vm.handle(), memory, args)?;
+    let server = match api_sock {
+        Some(path) => Some(
+            crate::api::ApiServer::bind(path, vm.handle(), limits)
+                .map_err(|e| format!("control socket: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok((crate::cli::serve(vm, server, timeout)?, link))
+}
+
 /// Link the VM's RNIC before its vCPUs start.
 pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, String> {
     let dev =

@@ -325,7 +325,7 @@ impl Vm {
         let mmu = Mmu::new(mmu::Config {
             lock: config.lock,
             ..mmu::Config::default()
-        });
+        })?;
         let mut slots = Vec::new();
         for (i, r) in ram.regions().iter().enumerate() {
             let id = mmu.add_region(mmu::RegionSpec {

@@ -67,8 +67,8 @@ impl FaultResolver for GuardResolver {
     fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
         let mmu = self.mmu.upgrade().expect("mmu alive");
         mmu.fault_in(gpa, len, |t, out| {
-            protect(t.gpa, t.len, true);
-            let mut p = t.gpa;
+            protect(t.gpa(), t.len(), true);
+            let mut p = t.gpa();
             while p < t.end() {
                 out.push(Translation::small(p, p));
                 p += PAGE_SIZE;
@@ -108,7 +108,7 @@ pub fn node_with(
     rnic_config: RnicConfig,
 ) -> Node {
     let base = mmap(len);
-    let mmu = Mmu::new(Config::default());
+    let mmu = Mmu::new(Config::default()).unwrap();
     mmu.add_region(RegionSpec {
         name: "buf".into(),
         gpa: base,

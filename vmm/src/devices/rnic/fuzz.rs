@@ -77,7 +77,7 @@ impl Harness {
             );
         }
         let hva = base + page as u64;
-        let mmu = Mmu::new(mmu::Config::default());
+        let mmu = Mmu::new(mmu::Config::default()).expect("mmu");
         mmu.add_region(RegionSpec {
             name: "fuzz-ram".into(),
             gpa: FUZZ_RAM_GPA,

@@ -79,7 +79,7 @@ impl HostPeer {
             // SAFETY: inside the mapping just created.
             unsafe { *((base + page * PAGE_SIZE) as *mut u64) = READ_STAMP_MAGIC | page };
         }
-        let mmu = Mmu::new(mmu::Config::default());
+        let mmu = Mmu::new(mmu::Config::default()).map_err(|e| e.to_string())?;
         mmu.add_region(RegionSpec {
             name: "host-peer".into(),
             gpa: base,
