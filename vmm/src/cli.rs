@@ -238,6 +238,10 @@ pub struct RunArgs {
     /// RoCEv2 path MTU: 1024 or 4096.
     #[arg(long, default_value_t = 4096)]
     pub roce_mtu: usize,
+    /// RoCEv2: the host answers each SEND from the peer with the same bytes
+    /// (for `--guest idle`; the peer's `send-lat` needs an echo).
+    #[arg(long, requires = "roce_bind")]
+    pub roce_echo: bool,
 }
 
 #[derive(Args, Debug)]
@@ -463,6 +467,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         listen: args.roce_listen,
         connect: args.roce_connect,
         mtu: args.roce_mtu,
+        echo: args.roce_echo,
     });
     let (Outcome { report, signal }, roce) = match &roce_args {
         None => (

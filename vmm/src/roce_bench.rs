@@ -1,4 +1,6 @@
-//! `odpvm bench roce`: guest RDMA between two odpvm processes over RoCEv2,
+//! `odpvm bench roce`: guest RDMA WRITE and READ (bandwidth workloads) and
+//! SEND (`send-lat`, one message at a time, echoed by the responder's host
+//! with `--roce-echo`) between two odpvm processes over RoCEv2,
 //! beside what a plain UDP socket pair moves on the same path with the same
 //! packet size.
 //!
@@ -230,6 +232,11 @@ fn pair(
             "--roce-listen",
             &exchange,
         ])
+        .args(if op == "send" {
+            &["--roce-echo"][..]
+        } else {
+            &[]
+        })
         .arg("--api-sock")
         .arg(&sock)
         .args(["--json", "--timeout", "600"])
@@ -239,10 +246,12 @@ fn pair(
         .map_err(|e| format!("starting the responder VMM: {e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let churner = churn_on.then(|| churn(sock.clone(), stop.clone()));
-    let guest = if op == "write" {
-        "rdma-write-bw"
-    } else {
-        "rdma-read-bw"
+    let guest = match op {
+        "write" => "rdma-write-bw",
+        "read" => "rdma-read-bw",
+        // One message at a time, echoed by the responder's host: a latency
+        // workload, so its bandwidth is not comparable to the others'.
+        _ => "send-lat",
     };
     let client = Command::new("ip")
         .args(["netns", "exec", &net.a])
@@ -321,8 +330,12 @@ pub fn run(o: &RoceBench) -> Result<(), String> {
         for msg in [4096u64, 64 << 10] {
             // A packet as RoCE sends it: BTH + payload + ICRC (RETH aside).
             let udp = udp_gbps(&net, 12 + msg.min(4096) as usize + 4, 1.0)?;
-            for op in ["write", "read"] {
-                let iters = if msg < 65536 { o.iters * 8 } else { o.iters };
+            for op in ["write", "read", "send"] {
+                let iters = match (op, msg < 65536) {
+                    ("send", _) => (o.iters / 4).max(1),
+                    (_, true) => o.iters * 8,
+                    _ => o.iters,
+                };
                 let mut row = pair(&net, &exe, op, msg, iters, o.churn)?;
                 row.loss = loss;
                 row.udp_gbps = udp;

@@ -23,12 +23,17 @@ pub struct RoceArgs {
     pub listen: Option<SocketAddr>,
     pub connect: Option<SocketAddr>,
     pub mtu: usize,
+    /// The host answers every SEND from the peer with the same bytes, on
+    /// the guest's queue pairs (for `--guest idle`).
+    pub echo: bool,
 }
 
 /// A running link: the port (for its counters) and the stamp check's
 /// result once the peer is gone.
 pub struct RoceRun {
     port: Arc<RocePort>,
+    /// SENDs echoed by the host (`--roce-echo`).
+    echoes: Arc<AtomicU64>,
     peer: SocketAddrV4,
     pages_checked: Arc<AtomicU64>,
     stale: Arc<AtomicU64>,
@@ -106,7 +111,18 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
         .as_ref()
         .map(|r| r.port.clone())
         .ok_or("the RoCE link did not attach")?;
+    let echo = if args.echo {
+        let qps = dev.take_roce_qps();
+        let (base, lkey) = (base + 3 * len / 4, dev.lkey());
+        if (qps.len() as u64) * ECHO_DEPTH * ECHO_SLOT > len / 4 {
+            return Err("the RoCE window is too small for the echo receive slots".into());
+        }
+        Some(spawn_echo(port.clone(), qps, base, lkey, vm.clone())?)
+    } else {
+        None
+    };
     let run = RoceRun {
+        echoes: echo.unwrap_or_default(),
         port,
         peer: link.peer.addr,
         pages_checked: Arc::new(AtomicU64::new(0)),
@@ -158,6 +174,83 @@ impl RoceRun {
             "out_of_window": s.out_of_window,
             "pages_checked": self.pages_checked.load(Ordering::Relaxed),
             "stale_accesses": self.stale.load(Ordering::Relaxed),
+            "echoes": self.echoes.load(Ordering::Relaxed),
         })
     }
+}
+
+/// Receives kept posted per queue pair by the echo service, and their size.
+const ECHO_DEPTH: u64 = 16;
+const ECHO_SLOT: u64 = 64 << 10;
+
+/// Keep receives posted on every connected queue pair (slots in the last
+/// quarter of our window) and send each message received straight back.
+/// Sleeps 100 µs when there is nothing to do.
+fn spawn_echo(
+    port: Arc<RocePort>,
+    qps: Vec<(rdma_passthrough::Qp, rdma_passthrough::Cq)>,
+    base: u64,
+    lkey: u32,
+    vm: VmHandle,
+) -> Result<Arc<AtomicU64>, String> {
+    use rdma_passthrough::{Opcode, RecvWr, SendWr, Sge, Wc, WcOpcode, WcStatus};
+    let slot_addr = move |q: usize, slot: u64| base + (q as u64 * ECHO_DEPTH + slot) * ECHO_SLOT;
+    let recv = move |q: usize, slot: u64| RecvWr {
+        wr_id: slot,
+        sges: vec![Sge {
+            addr: slot_addr(q, slot),
+            length: ECHO_SLOT as u32,
+            lkey,
+        }],
+    };
+    for (i, (qp, _)) in qps.iter().enumerate() {
+        for slot in 0..ECHO_DEPTH {
+            port.post_recv(qp, recv(i, slot))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    let echoes = Arc::new(AtomicU64::new(0));
+    let count = echoes.clone();
+    std::thread::Builder::new()
+        .name("roce-echo".into())
+        .spawn(move || {
+            let mut wcs = [Wc {
+                wr_id: 0,
+                status: WcStatus::Success,
+                opcode: WcOpcode::Recv,
+                byte_len: 0,
+                qp_num: 0,
+            }; 16];
+            while !vm.finished() {
+                let mut worked = false;
+                for (i, (qp, cq)) in qps.iter().enumerate() {
+                    let n = cq.poll(&mut wcs);
+                    for wc in &wcs[..n] {
+                        worked = true;
+                        if (wc.opcode, wc.status) != (WcOpcode::Recv, WcStatus::Success) {
+                            continue;
+                        }
+                        let echo = SendWr {
+                            wr_id: wc.wr_id,
+                            opcode: Opcode::Send,
+                            sges: vec![Sge {
+                                addr: slot_addr(i, wc.wr_id),
+                                length: wc.byte_len,
+                                lkey,
+                            }],
+                            signaled: false,
+                        };
+                        if port.post_send(qp, echo).is_ok() {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        let _ = port.post_recv(qp, recv(i, wc.wr_id));
+                    }
+                }
+                if !worked {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            }
+        })
+        .map_err(|e| format!("spawning the RoCE echo service: {e}"))?;
+    Ok(echoes)
 }

@@ -25,6 +25,11 @@ fn pair(net: u8, guest: &str, iters: u64) -> (Value, Value) {
     let server = odpvm()
         .args(["run", "--guest", "idle", "--memory", "128M", "--vcpus", "1"])
         .args(["--roce-bind", &ib, "--roce-listen", &exchange])
+        .args(if guest == "send-lat" {
+            &["--roce-echo"][..]
+        } else {
+            &[]
+        })
         .args(["--json", "--timeout", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -83,6 +88,20 @@ fn two_vmm_processes_rdma_read_over_roce() {
     assert_eq!(s["roce"]["bad_icrc"], 0);
 }
 
+/// SEND/RECV between the two guests' queue pairs: the client guest's
+/// `send-lat` sends and waits for each echo; the server's host answers on
+/// the server guest's queue pairs (`--roce-echo`).
+#[test]
+fn two_vmm_processes_send_recv_over_roce() {
+    let (c, s) = pair(43, "send-lat", 500);
+    println!("client {}\nserver {}", c["roce"], s["roce"]);
+    assert_eq!(c["guest_result"], "pass", "{c}");
+    let p = &c["perftest"][0];
+    assert_eq!(p["iterations"], 500, "{p}");
+    assert_eq!(p["errors"], 0, "{p}");
+    assert_eq!(s["roce"]["echoes"], 500, "{s}");
+}
+
 #[test]
 fn roce_flags_are_checked() {
     let out = odpvm()
@@ -135,7 +154,7 @@ fn two_vmm_processes_under_one_percent_loss_and_churn() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(rows.len(), 4, "{text}");
+    assert_eq!(rows.len(), 6, "{text}");
     let mut retransmits = 0;
     for r in &rows {
         println!("{r}");

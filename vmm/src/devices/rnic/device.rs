@@ -697,6 +697,20 @@ impl RnicDevice {
         Ok(())
     }
 
+    /// Take the RoCE-connected queue pairs (with their CQs) away from the
+    /// guest, for the host to drive (`odpvm run --roce-echo` answers the
+    /// peer's SENDs for an idle guest).
+    pub fn take_roce_qps(&self) -> Vec<(Qp, Cq)> {
+        self.qps
+            .iter()
+            .filter_map(|q| {
+                let mut q = q.lock();
+                let cq = q.cq.clone();
+                q.preconnected.take().map(|qp| (qp, cq))
+            })
+            .collect()
+    }
+
     fn kick_roce(&self) {
         if let Some(r) = self.roce.read().as_ref() {
             r.port.kick();
