@@ -15,7 +15,7 @@
 //!   in `RNR_RETRY_EXC_ERR`. Either puts the QP in the error state and
 //!   flushes the rest.
 //!
-//! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics`,
+//! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `retry_exhaustion_ends_in_retry_exc_err`,
 //! `missing_receive_ends_in_rnr_retry_exc_err`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`).
