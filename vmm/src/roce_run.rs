@@ -185,7 +185,7 @@ const ECHO_SLOT: u64 = 64 << 10;
 
 /// Keep receives posted on every connected queue pair (slots in the last
 /// quarter of our window) and send each message received straight back.
-/// Sleeps 100 µs when there is nothing to do.
+/// Sleeps (100 µs growing to 1 ms) when there is nothing to do.
 fn spawn_echo(
     port: Arc<RocePort>,
     qps: Vec<(rdma_passthrough::Qp, rdma_passthrough::Cq)>,
@@ -221,6 +221,7 @@ fn spawn_echo(
                 byte_len: 0,
                 qp_num: 0,
             }; 16];
+            let mut idle = 0u64;
             while !vm.finished() {
                 let mut worked = false;
                 for (i, (qp, cq)) in qps.iter().enumerate() {
@@ -246,8 +247,11 @@ fn spawn_echo(
                         let _ = port.post_recv(qp, recv(i, wc.wr_id));
                     }
                 }
-                if !worked {
-                    std::thread::sleep(std::time::Duration::from_micros(100));
+                // Sleep when idle, longer the longer it stays idle (100 µs
+                // up to 1 ms): no busy loop while the peer is quiet.
+                idle = if worked { 0 } else { (idle + 1).min(10) };
+                if idle > 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(100 * idle));
                 }
             }
         })
