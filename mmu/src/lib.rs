@@ -48,8 +48,13 @@
 //! **May sleep** (so never call them holding a spinlock of your own):
 //! `read_begin` (waits for colliding invalidations), `fault_in` (and the
 //! resolver it runs), `invalidate`, `teardown_*`, `remove_region` (mirror
-//! callbacks), `unregister_mirror` (waits for invalidations that may still
-//! call the mirror), and every [`Mirror`] callback.
+//! callbacks), `unregister_mirror` (waits for invalidations and the reclaim
+//! step that may still call the mirror), `reclaim_step`/`reclaim_all`
+//! (mirror callbacks; wait for another thread's step), and every [`Mirror`]
+//! callback. A wait that would be for the calling thread itself — a mirror
+//! callback calling `unregister_mirror`, or `read_begin` on the range being
+//! invalidated — returns [`Error::Reentrant`] instead of hanging
+//! (`tests/reclaim_order.rs`: `callbacks_calling_back_never_wait_for_themselves`).
 //!
 //! **Lock order:** a mirror's own *update lock* (the lock its invalidate
 //! callback takes and under which it programs its table) may be held while
@@ -124,6 +129,21 @@
 //! moves, the reclaimer always finishes, however fast faults create new
 //! leaves (the livelock KVM's fast zap was reintroduced to avoid).
 //!
+//! **When reclaimed memory may be released.** The reclaimer leaves a
+//! region alone while a teardown of it is in flight, so a leaf of the old
+//! generation reaches `Mirror::reclaimed` only after every mirror's
+//! `invalidate_wait` for that teardown's notice has returned: a `Backing`
+//! mirror may release what `reclaimed` reports — no device still uses it
+//! (loom `loom_reclaim_waits_for_the_cache_mirrors_confirmation`;
+//! `tests/reclaim_order.rs`
+//! `backing_memory_is_released_only_after_every_device_confirmed`).
+//! Reclaim steps run one at a time (a second one sleeps until the first
+//! made its last mirror call), so `generation_reclaimed(region, below)`
+//! comes after every `reclaimed` batch of those generations has returned,
+//! whoever runs the steps (loom
+//! `loom_overlapping_reclaim_steps_report_the_generation_last`;
+//! `overlapping_reclaim_steps_report_a_generation_after_its_last_batch`).
+//!
 //! ## Fan-out: two passes
 //!
 //! `invalidate` and `teardown_*` call `invalidate_start` on every `Cache`
@@ -131,9 +151,15 @@
 //! not in series), then the same two passes over `Backing` mirrors — only
 //! after every device has confirmed it stopped using the memory may the
 //! memory be released. Mirror callbacks run outside the lock and may sleep.
-//! The mirror list is copied when an invalidation starts; registering or
-//! unregistering never waits for an invalidation (unregistering waits, after
-//! the swap, for the invalidations that may still call the mirror).
+//! The mirror list is copied when an invalidation or a reclaim step starts;
+//! registering or unregistering never blocks one. **`unregister_mirror`**
+//! swaps the list, then waits for everything that copied the old one: every
+//! invalidation and teardown that started before the swap, and the reclaim
+//! step in flight at the swap. When it returns nothing calls the mirror
+//! again, and the caller may free it (loom
+//! `loom_unregister_waits_for_a_reclaim_step`; `tests.rs`
+//! `unregister_waits_for_invalidations_that_may_call_the_mirror`,
+//! `tests/reclaim_order.rs` `unregister_waits_for_a_reclaim_step_in_flight`).
 //!
 //! ## Guarantees
 //!
@@ -168,10 +194,12 @@
 //! (`regions_past_the_address_limit_are_rejected`).
 
 mod clock;
+mod config;
 mod error;
 pub mod hist;
 mod lock;
 mod mirror;
+mod seq;
 mod stats;
 mod sync;
 mod table;
@@ -179,14 +207,14 @@ mod tracker;
 mod types;
 
 pub use clock::{ticks, ticks_to_ns};
+pub use config::{Config, INSTALL_BATCH_MAX, RECLAIM_BATCH_MAX, RECLAIM_SCAN_MAX, ZAP_BATCH_MAX};
 pub use error::Error;
 pub use lock::LockPolicy;
 pub use mirror::{FaultResolver, Mirror, MirrorId, MirrorRole};
 pub use stats::{Stats, StatsSnapshot};
 pub use table::Extent;
 pub use tracker::{
-    Config, DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, INSTALL_BATCH_MAX,
-    MAX_REGIONS, RECLAIM_BATCH_MAX, RECLAIM_SCAN_MAX, ZAP_BATCH_MAX,
+    DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, MAX_REGIONS,
 };
 pub use types::*;
 

@@ -22,12 +22,15 @@ pub enum MirrorRole {
 ///
 /// Every callback is invoked **without** the mmu lock held, from the thread
 /// that called `invalidate`/`teardown_*`/`reclaim_step`, and may sleep.
-/// A callback must not call `read_begin`/`fault_in` on a range it is being
-/// told to invalidate (that waits for this very invalidation).
+/// A callback that calls `read_begin`/`fault_in` on a range it is being
+/// told to invalidate, or `unregister_mirror`, would wait for itself: those
+/// return `Err(Reentrant)` instead. `reclaim_step` from inside a reclaim
+/// callback does nothing.
 pub trait Mirror: Send + Sync {
     /// For logs and statistics.
     fn name(&self) -> &str;
 
+    /// Read once, when the mirror is registered.
     fn role(&self) -> MirrorRole {
         MirrorRole::Cache
     }

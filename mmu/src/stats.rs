@@ -26,7 +26,7 @@ pub struct Stats {
     pub(crate) leaves_reclaimed: AtomicU64,
     pub(crate) entries_reclaimed: AtomicU64,
     pub(crate) reclaim_batches: AtomicU64,
-    pub(crate) hold_all: Histogram,
+    pub(crate) reclaim_waits: AtomicU64,
     pub(crate) hold_fault: Histogram,
     pub(crate) hold_invalidate: Histogram,
     pub(crate) hold_teardown: Histogram,
@@ -64,7 +64,8 @@ impl Stats {
             leaves_reclaimed: get(&self.leaves_reclaimed),
             entries_reclaimed: get(&self.entries_reclaimed),
             reclaim_batches: get(&self.reclaim_batches),
-            lock_hold_ns: self.hold_all.summary(),
+            reclaim_waits: get(&self.reclaim_waits),
+            lock_hold_ns: self.lock_holds().summary(),
             fault_hold_ns: self.hold_fault.summary(),
             invalidate_hold_ns: self.hold_invalidate.summary(),
             teardown_hold_ns: self.hold_teardown.summary(),
@@ -79,15 +80,24 @@ impl Stats {
         &self.hold_reclaim
     }
 
-    /// Every lock hold.
-    pub fn lock_holds(&self) -> &Histogram {
-        &self.hold_all
+    /// Every lock hold (the per-kind histograms merged).
+    pub fn lock_holds(&self) -> Histogram {
+        let all = Histogram::new();
+        for h in [
+            &self.hold_fault,
+            &self.hold_invalidate,
+            &self.hold_teardown,
+            &self.hold_reclaim,
+            &self.hold_other,
+        ] {
+            all.merge_from(h);
+        }
+        all
     }
 
     /// Clear the histograms (counters keep counting).
     pub fn reset_histograms(&self) {
         for h in [
-            &self.hold_all,
             &self.hold_fault,
             &self.hold_invalidate,
             &self.hold_teardown,
@@ -122,6 +132,8 @@ pub struct StatsSnapshot {
     /// 4 KiB-equivalent entries in those leaves.
     pub entries_reclaimed: u64,
     pub reclaim_batches: u64,
+    /// Reclaim steps that waited for another thread's step to finish.
+    pub reclaim_waits: u64,
     pub lock_hold_ns: Summary,
     pub fault_hold_ns: Summary,
     pub invalidate_hold_ns: Summary,

@@ -33,6 +33,32 @@ pub(crate) fn yield_now() {
     std::thread::yield_now();
 }
 
+/// Names the calling thread, so the mmu can refuse to make a thread wait
+/// for work that thread itself is doing (a mirror callback calling back).
+#[cfg(loom)]
+pub(crate) type ThreadToken = loom::thread::ThreadId;
+/// Natively, the address of a thread-local byte: unique among live
+/// threads, and computing it reads no memory (`std::thread::current()`
+/// would touch the thread's handle — a cold cache line on the teardown
+/// path).
+#[cfg(not(loom))]
+pub(crate) type ThreadToken = usize;
+
+#[cfg(loom)]
+#[inline]
+pub(crate) fn thread_token() -> ThreadToken {
+    loom::thread::current().id()
+}
+
+#[cfg(not(loom))]
+#[inline]
+pub(crate) fn thread_token() -> ThreadToken {
+    thread_local! {
+        static TOKEN: u8 = const { 0 };
+    }
+    TOKEN.with(|t| t as *const u8 as usize)
+}
+
 #[cfg(loom)]
 pub(crate) use loom::cell::{MutPtr, UnsafeCell};
 

@@ -41,6 +41,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of `RunArgs` does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a microVM and run a built-in guest or a Linux kernel.
@@ -178,8 +180,16 @@ pub struct VmArgs {
 pub struct RunArgs {
     #[command(flatten)]
     pub vm: VmArgs,
-    #[arg(long, conflicts_with = "kernel", help = guest_help())]
+    #[arg(long, conflicts_with_all = ["kernel", "payload"], help = guest_help())]
     pub guest: Option<Guest>,
+    /// Your own guest program: a static x86-64 ELF run in ring 3 on every
+    /// vCPU (see guest/ and README "Write your own guest").
+    #[arg(long, conflicts_with = "kernel")]
+    pub payload: Option<PathBuf>,
+    /// A value for --payload (repeatable; decimal or 0x-hex), passed in the
+    /// parameter block `rdx` points to.
+    #[arg(long, requires = "payload", value_parser = api::parse_u64)]
+    pub payload_arg: Vec<u64>,
     /// A Linux bzImage to boot instead of a built-in guest.
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -327,9 +337,18 @@ impl RunArgs {
                 return Err("--initrd and --cmdline only apply to --kernel".into())
             }
             (None, Some(g)) => GuestConfig::Builtin(g),
-            (None, None) => {
-                return Err(format!("give --guest or --kernel PATH ({})", guest_help()))
-            }
+            (None, None) => match &self.payload {
+                Some(p) => GuestConfig::Program {
+                    path: p.clone(),
+                    args: self.payload_arg.clone(),
+                },
+                None => {
+                    return Err(format!(
+                        "give --guest, --payload FILE or --kernel PATH ({})",
+                        guest_help()
+                    ))
+                }
+            },
         };
         Ok(VmConfig {
             memory: self.vm.memory,
@@ -447,6 +466,20 @@ fn human(r: &RunReport) -> String {
         r.invalidations,
         r.teardowns
     );
+    if r.guest.starts_with("payload:") {
+        for (i, v) in r.vcpu_reports.iter().enumerate() {
+            match (v.get("exit_code"), v.get("crash")) {
+                (Some(code), _) => s += &format!("vCPU {i}: exit {code}\n"),
+                (_, Some(crash)) => s += &format!("{}\n", crash.as_str().unwrap_or("crash")),
+                _ => {
+                    s += &format!(
+                        "vCPU {i}: {}\n",
+                        v.get("end").unwrap_or(&serde_json::Value::Null)
+                    )
+                }
+            }
+        }
+    }
     s += &format!("boot {:.1} ms, run {:.1} ms\n", r.boot_ms, r.run_ms);
     if !r.perftest.is_empty() {
         let latency = r.guest.ends_with("-lat");

@@ -24,7 +24,9 @@
 //! 4. `vstate` — the KVM VM, vCPU threads and the pause gate;
 //! 5. `devices` — test device, serial, paravirtual RNIC (its `mod.rs`
 //!    documents the guest-visible registers and rings);
-//! 6. `payload`, `arch`, `layout`, `linux` — what runs in the guest;
+//! 6. `payload`, `arch`, `layout`, `linux` — what runs in the guest
+//!    (`payload::user`: users' own ELF programs, `payload::sdk`: the
+//!    guest SDK's generated ABI files in `guest/`);
 //! 7. `api` (control socket), `demo`, `bench`, `perftest` — the commands.
 
 pub mod api;

@@ -164,6 +164,8 @@ pub fn load(
         cr3: PML4,
         gdt: GDT,
         tss: TSS,
+        idt: None,
+        gs_base: 0,
         user: false,
         runnable: true,
     })

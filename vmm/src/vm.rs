@@ -102,6 +102,12 @@ pub const PEER_BUFFER: u64 = 64 << 20;
 #[derive(Clone, Debug)]
 pub enum GuestConfig {
     Builtin(Guest),
+    /// A user's static x86-64 ELF (`--payload`), run in ring 3 on every
+    /// vCPU with these `--payload-arg`s (`payload::user`).
+    Program {
+        path: PathBuf,
+        args: Vec<u64>,
+    },
     Linux {
         kernel: PathBuf,
         initrd: Option<PathBuf>,
@@ -305,10 +311,18 @@ impl Vm {
                         cr3: PML4_GPA,
                         gdt: GDT_GPA,
                         tss: TSS_GPA,
+                        idt: None,
+                        gs_base: 0,
                         user: true,
                         runnable: true,
                     });
                 }
+            }
+            GuestConfig::Program { path, args } => {
+                let prog = payload::user::load(path, args, config.memory, config.vcpus)
+                    .map_err(Error::Config)?;
+                layout = prog.regions(config.memory);
+                boot = prog.boot;
             }
             GuestConfig::Linux { .. } => {
                 for (i, (gpa, size)) in ram_ranges(0, config.memory).iter().enumerate() {
@@ -422,7 +436,10 @@ impl Vm {
             }
         };
         let devices = Arc::new(Devices {
-            testdev: Arc::new(TestDevice::new(config.vcpus)),
+            testdev: Arc::new(TestDevice::with_console(
+                config.vcpus,
+                config.console.clone(),
+            )),
             serial: Some(Arc::new(SerialPort::new(
                 serial_irq,
                 config.console.clone(),
@@ -553,6 +570,11 @@ impl Vm {
 
 impl Core {
     fn vcpu_ended(&self, index: usize, end: VcpuEnd) {
+        if let VcpuEnd::Finished(r) = &end {
+            if let Some(c) = payload::user::Crash::of(r) {
+                log::warn!("{}", c.describe(index));
+            }
+        }
         let reason = match &end {
             VcpuEnd::Finished(_) | VcpuEnd::Stopped => None,
             VcpuEnd::Halted => Some("hlt".to_string()),
@@ -788,6 +810,9 @@ pub struct RunReport {
     pub vcpu_reports: Vec<serde_json::Value>,
     /// RDMA workloads: per-vCPU perftest figures.
     pub perftest: Vec<crate::perftest::Figures>,
+    /// What user programs printed (`CONSOLE`), and bytes past the bound.
+    pub console: String,
+    pub console_dropped_bytes: u64,
     pub stats: LiveStats,
 }
 
@@ -796,8 +821,9 @@ impl RunReport {
         let ends = c.ends.lock().clone();
         let guest = match &c.config.guest {
             GuestConfig::Builtin(g) => Some(*g),
-            GuestConfig::Linux { .. } => None,
+            GuestConfig::Program { .. } | GuestConfig::Linux { .. } => None,
         };
+        let program = matches!(c.config.guest, GuestConfig::Program { .. });
         let fields = guest.map(|g| g.report_fields()).unwrap_or(&[]);
         let reports: Vec<Option<&VcpuReport>> = ends
             .iter()
@@ -806,7 +832,7 @@ impl RunReport {
                 _ => None,
             })
             .collect();
-        let guest_result = if guest.is_none() || fields.is_empty() {
+        let guest_result = if !program && (guest.is_none() || fields.is_empty()) {
             "n/a"
         } else if reports.iter().all(|r| r.is_some_and(|r| r.passed)) {
             "pass"
@@ -824,7 +850,9 @@ impl RunReport {
         };
         let vcpu_reports: Vec<serde_json::Value> = ends
             .iter()
-            .map(|e| match e {
+            .enumerate()
+            .map(|(i, e)| match e {
+                _ if program => payload::user::vcpu_json(i, e.as_ref()),
                 Some(VcpuEnd::Finished(r)) => {
                     let mut o = serde_json::Map::new();
                     o.insert("passed".into(), r.passed.into());
@@ -855,9 +883,15 @@ impl RunReport {
         };
         let stats = LiveStats::new(c);
         let per_region = |i: usize| FaultStats::get(&c.faults.per_region[i]);
-        let payload_pages = if guest.is_some() { per_region(0) } else { 0 };
+        let payload_pages = if guest.is_some() || program {
+            per_region(0)
+        } else {
+            0
+        };
+        c.devices.testdev.console.flush();
+        let (console, console_dropped_bytes) = c.devices.testdev.console.text();
         let exit = c.stop_reason.lock().clone().unwrap_or_else(|| {
-            if guest.is_some() {
+            if guest.is_some() || program {
                 "guest-done".into()
             } else {
                 "stopped".into()
@@ -868,6 +902,7 @@ impl RunReport {
             guest: match &c.config.guest {
                 GuestConfig::Builtin(g) => g.name().into(),
                 GuestConfig::Linux { kernel, .. } => format!("linux:{}", kernel.display()),
+                GuestConfig::Program { path, .. } => format!("payload:{}", path.display()),
             },
             pages_touched,
             faults_tracked: stats.faults_tracked,
@@ -886,6 +921,8 @@ impl RunReport {
             run_ms: c.started.elapsed().as_secs_f64() * 1e3,
             vcpu_reports,
             perftest,
+            console,
+            console_dropped_bytes,
             stats,
         }
     }

@@ -7,8 +7,11 @@
 //! results through the test device's MMIO registers — never by the VMM reading
 //! guest memory.
 
+pub mod elf;
 mod programs;
 pub mod rdma;
+pub mod sdk;
+pub mod user;
 
 use crate::arch::{self, PTE_P, PTE_PS, PTE_U, PTE_W};
 use crate::layout::*;
@@ -69,7 +72,7 @@ impl BootImage {
         }
     }
 
-    fn write_u64(&mut self, gpa: u64, v: u64) {
+    pub(crate) fn write_u64(&mut self, gpa: u64, v: u64) {
         self.write(gpa, &v.to_le_bytes());
     }
 

@@ -37,6 +37,11 @@ pub struct BootState {
     pub cr3: u64,
     pub gdt: u64,
     pub tss: u64,
+    /// Interrupt descriptor table (base, limit); none: an exception is a
+    /// triple fault.
+    pub idt: Option<(u64, u16)>,
+    /// GS base (user programs: this vCPU's read-only info block).
+    pub gs_base: u64,
     /// Ring 3 (built-in payloads) or ring 0 (Linux).
     pub user: bool,
     /// Start running at once. With an in-kernel LAPIC, KVM otherwise holds
@@ -81,6 +86,11 @@ impl Vcpu {
         arch::setup_cpuid(kvm, &fd, index as u8).map_err(cfg("CPUID"))?;
         let mut sregs = fd.get_sregs().map_err(cfg("reading sregs"))?;
         arch::long_mode_sregs(&mut sregs, boot.cr3, boot.gdt, boot.tss, boot.user);
+        if let Some((base, limit)) = boot.idt {
+            sregs.idt.base = base;
+            sregs.idt.limit = limit;
+        }
+        sregs.gs.base = boot.gs_base;
         fd.set_sregs(&sregs).map_err(cfg("sregs"))?;
         let regs = kvm_regs {
             rip: boot.rip,

@@ -2,8 +2,9 @@
 //! values, and the layouts of the send WQE and the receive entry in guest
 //! memory. The device decodes rings with these types (`read_obj`), the
 //! built-in payloads assemble their stores with `offset_of!` on them, and
-//! the guest SDK's header (`guest/include/odpvm_abi.h`) is generated from
-//! them.
+//! the guest SDK's files (`guest/include/odpvm_abi.h`,
+//! `guest/rust/src/abi.rs`) are generated from them by `payload::sdk`
+//! (test `payload::sdk::tests::checked_in_sdk_abi_is_current`).
 //!
 //! Everything is little endian. The layouts are checked at compile time
 //! below, so a field moved here moves everywhere or the build fails.

@@ -1,6 +1,7 @@
 //! Test-device state: per-vCPU argument buffers, results and the barrier.
 
 use super::*;
+use crate::devices::serial::Sink;
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -12,6 +13,19 @@ pub struct VcpuReport {
     pub args: Vec<u32>,
     /// Latency samples (cycles) it recorded.
     pub samples: Vec<u32>,
+    pub ending: Ending,
+}
+
+/// How a vCPU's program ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ending {
+    /// A built-in payload's PASS or FAIL (its args are its results).
+    #[default]
+    Verdict,
+    /// A user program's `EXIT` with this status.
+    Exit(u32),
+    /// A user program took an exception; its args are `CRASH_ARGS`.
+    Crash,
 }
 
 /// What the vCPU loop should do after an I/O exit to the device.
@@ -30,6 +44,11 @@ struct BarrierState {
     /// Phase announced by the last arrival.
     phase: u32,
     stopped: bool,
+    /// `CMD_SYNC`: vCPUs still running (the meeting is complete when all
+    /// of them are there), those there now, and its releases.
+    live: usize,
+    meeting: usize,
+    meetings: u64,
 }
 
 /// Payload barriers: vCPUs wait until the host releases them.
@@ -55,22 +74,57 @@ impl Barrier {
         s.waiting -= 1;
     }
 
-    /// vCPUs waiting now, and the phase they announced.
+    /// vCPUs waiting now (at either kind of barrier), and the phase
+    /// they announced.
     pub fn waiting(&self) -> (usize, u32) {
         let s = self.state.lock();
-        (s.waiting, s.phase)
+        (s.waiting + s.meeting, s.phase)
+    }
+
+    /// `CMD_SYNC`: wait until every running vCPU is here; the last one in
+    /// releases the others.
+    fn meet(&self, phase: u32) {
+        let mut s = self.state.lock();
+        if s.stopped {
+            return;
+        }
+        s.meeting += 1;
+        s.phase = phase;
+        self.cv.notify_all();
+        if s.meeting >= s.live {
+            return Self::complete(&mut s, &self.cv);
+        }
+        let meetings = s.meetings;
+        while s.meetings == meetings && !s.stopped {
+            self.cv.wait(&mut s);
+        }
+    }
+
+    fn complete(s: &mut BarrierState, cv: &Condvar) {
+        s.meeting = 0;
+        s.meetings += 1;
+        cv.notify_all();
+    }
+
+    /// A vCPU's program ended: the others no longer wait for it.
+    fn leave(&self) {
+        let mut s = self.state.lock();
+        s.live = s.live.saturating_sub(1);
+        if s.meeting > 0 && s.meeting >= s.live {
+            Self::complete(&mut s, &self.cv);
+        }
     }
 
     /// Wait until `n` vCPUs are at the barrier (or `timeout`).
     pub fn wait_for(&self, n: usize, timeout: Duration) -> bool {
         let mut s = self.state.lock();
         let deadline = std::time::Instant::now() + timeout;
-        while s.waiting < n && !s.stopped {
+        while s.waiting + s.meeting < n && !s.stopped {
             if self.cv.wait_until(&mut s, deadline).timed_out() {
                 break;
             }
         }
-        s.waiting >= n
+        s.waiting + s.meeting >= n
     }
 
     /// Let every waiting vCPU go on.
@@ -100,11 +154,19 @@ pub struct TestDevice {
     samples: Vec<Mutex<Vec<u32>>>,
     stop_requested: std::sync::atomic::AtomicBool,
     pub barrier: Barrier,
+    pub console: Console,
     protocol_errors: AtomicU64,
 }
 
 impl TestDevice {
     pub fn new(vcpus: usize) -> Self {
+        Self::with_console(vcpus, Sink::Buffer(Default::default()))
+    }
+
+    /// A device whose `CONSOLE` text goes to `sink`.
+    pub fn with_console(vcpus: usize, sink: Sink) -> Self {
+        let barrier = Barrier::default();
+        barrier.state.lock().live = vcpus;
         TestDevice {
             first_command: std::sync::OnceLock::new(),
             args: (0..vcpus)
@@ -112,7 +174,8 @@ impl TestDevice {
                 .collect(),
             samples: (0..vcpus).map(|_| Mutex::new(Vec::new())).collect(),
             stop_requested: std::sync::atomic::AtomicBool::new(false),
-            barrier: Barrier::default(),
+            barrier,
+            console: Console::new(vcpus, sink),
             protocol_errors: AtomicU64::new(0),
         }
     }
@@ -121,6 +184,10 @@ impl TestDevice {
     /// trusted: bad sizes and offsets, too many arguments and unknown
     /// commands are counted and ignored.
     pub fn write(&self, vcpu: usize, offset: u64, data: &[u8]) -> Outcome {
+        if offset == CONSOLE {
+            self.console.write(vcpu, data);
+            return Outcome::Continue;
+        }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             self.protocol_error(vcpu, "access that is not 32 bits wide");
             return Outcome::Continue;
@@ -128,6 +195,14 @@ impl TestDevice {
         let value = u32::from_le_bytes(bytes);
         if offset == CMD {
             self.first_command.get_or_init(std::time::Instant::now);
+        }
+        if offset == EXIT {
+            return self.finish(VcpuReport {
+                passed: value == 0,
+                args: vec![value],
+                samples: Vec::new(),
+                ending: Ending::Exit(value),
+            });
         }
         let mut args = self.args[vcpu].lock();
         match offset {
@@ -138,11 +213,31 @@ impl TestDevice {
             }
             CMD => match value {
                 CMD_PASS | CMD_FAIL => {
-                    return Outcome::Finished(VcpuReport {
+                    let report = VcpuReport {
                         passed: value == CMD_PASS,
                         args: std::mem::take(&mut *args),
                         samples: std::mem::take(&mut *self.samples[vcpu].lock()),
-                    })
+                        ending: Ending::Verdict,
+                    };
+                    drop(args);
+                    return self.finish(report);
+                }
+                CMD_CRASH if args.len() == CRASH_ARGS => {
+                    let report = VcpuReport {
+                        passed: false,
+                        args: std::mem::take(&mut *args),
+                        samples: Vec::new(),
+                        ending: Ending::Crash,
+                    };
+                    drop(args);
+                    return self.finish(report);
+                }
+                CMD_CLEAR => args.clear(),
+                CMD_SYNC => {
+                    let phase = args.first().copied().unwrap_or(0);
+                    args.clear();
+                    drop(args);
+                    self.barrier.meet(phase);
                 }
                 CMD_SAMPLE => {
                     let v = args.first().copied().unwrap_or(0);
@@ -176,6 +271,12 @@ impl TestDevice {
             }
         }
         Outcome::Continue
+    }
+
+    /// The program on `vcpu` ended: it leaves the barrier's meetings.
+    fn finish(&self, report: VcpuReport) -> Outcome {
+        self.barrier.leave();
+        Outcome::Finished(report)
     }
 
     fn protocol_error(&self, vcpu: usize, what: &str) {
@@ -235,7 +336,8 @@ mod tests {
             Outcome::Finished(VcpuReport {
                 passed: true,
                 args: vec![7, 9],
-                samples: vec![]
+                samples: vec![],
+                ending: Ending::Verdict,
             })
         );
         // vCPU 0's buffer is separate and empty.
@@ -244,7 +346,8 @@ mod tests {
             Outcome::Finished(VcpuReport {
                 passed: false,
                 args: vec![],
-                samples: vec![]
+                samples: vec![],
+                ending: Ending::Verdict,
             })
         );
     }
@@ -275,5 +378,56 @@ mod tests {
         assert_eq!(d.barrier.waiting(), (1, 5));
         d.barrier.release();
         assert_eq!(t.join().unwrap(), Outcome::Continue);
+    }
+
+    #[test]
+    fn sync_releases_when_every_running_vcpu_is_there() {
+        let d = Arc::new(TestDevice::new(3));
+        let meet = |v: usize| {
+            let d = d.clone();
+            std::thread::spawn(move || d.write(v, CMD, &CMD_SYNC.to_le_bytes()))
+        };
+        let (a, b) = (meet(0), meet(1));
+        assert!(d.barrier.wait_for(2, Duration::from_secs(10)));
+        // vCPU 2 ends instead of meeting: the two others go on.
+        assert!(matches!(
+            d.write(2, EXIT, &3u32.to_le_bytes()),
+            Outcome::Finished(VcpuReport {
+                passed: false,
+                ending: Ending::Exit(3),
+                ..
+            })
+        ));
+        assert_eq!(a.join().unwrap(), Outcome::Continue);
+        assert_eq!(b.join().unwrap(), Outcome::Continue);
+        // Now two are running: a meeting of both completes by itself.
+        let (a, b) = (meet(0), meet(1));
+        assert_eq!(a.join().unwrap(), Outcome::Continue);
+        assert_eq!(b.join().unwrap(), Outcome::Continue);
+    }
+
+    #[test]
+    fn a_crash_needs_its_full_report_and_console_bytes_of_any_width_are_text() {
+        let d = TestDevice::new(1);
+        d.write(0, CMD, &CMD_CLEAR.to_le_bytes());
+        for v in 0..CRASH_ARGS as u32 - 1 {
+            d.write(0, ARG, &v.to_le_bytes());
+        }
+        assert_eq!(d.write(0, CMD, &CMD_CRASH.to_le_bytes()), Outcome::Continue);
+        d.write(0, CMD, &CMD_CLEAR.to_le_bytes());
+        for v in 0..CRASH_ARGS as u32 {
+            d.write(0, ARG, &v.to_le_bytes());
+        }
+        assert!(matches!(
+            d.write(0, CMD, &CMD_CRASH.to_le_bytes()),
+            Outcome::Finished(VcpuReport {
+                ending: Ending::Crash,
+                ..
+            })
+        ));
+        d.write(0, CONSOLE, b"hi there");
+        d.write(0, CONSOLE, b"!");
+        d.write(0, CONSOLE, b"\n");
+        assert_eq!(d.console.text().0, "hi there!\n");
     }
 }

@@ -1,17 +1,27 @@
-//! The test device: how built-in payloads talk to the VMM. One MMIO page
-//! at `layout::TESTDEV_MMIO_GPA` with two 32-bit registers: the payload
-//! writes arguments to `ARG`, then a command to `CMD`. Arguments are per
-//! vCPU (the exit arrives on the vCPU's own thread).
+//! The test device: how payloads talk to the VMM. One MMIO page at
+//! `layout::TESTDEV_MMIO_GPA`: the payload writes arguments to `ARG`, then
+//! a command to `CMD` (32-bit registers); user programs (`--payload`) also
+//! print through `CONSOLE` and end with `EXIT`. Arguments and console lines
+//! are per vCPU (the exit arrives on the vCPU's own thread).
+//!
+//! The guest SDK (`guest/include/odpvm_abi.h`) is generated from these
+//! constants (test `payload::sdk::tests::checked_in_sdk_abi_is_current`).
 
+mod console;
 mod device;
 
-pub use device::{Barrier, Outcome, TestDevice, VcpuReport};
+pub use console::Console;
+pub use device::{Barrier, Ending, Outcome, TestDevice, VcpuReport};
 
 /// Register offsets in the MMIO page.
 pub const CMD: u64 = 0x0;
 pub const ARG: u64 = 0x4;
 /// Read: non-zero once the host wants looping payloads to finish.
 pub const STOP: u64 = 0x8;
+/// Write (32-bit): end this vCPU's program with this status (0 = pass).
+pub const EXIT: u64 = 0xc;
+/// Write (1, 2, 4 or 8 bytes): console text; every byte written is text.
+pub const CONSOLE: u64 = 0x10;
 
 /// The vCPU finished successfully; args are payload-specific results.
 pub const CMD_PASS: u32 = 1;
@@ -23,6 +33,18 @@ pub const CMD_BARRIER: u32 = 3;
 pub const CMD_IDLE: u32 = 4;
 /// Record one latency sample (arg: cycles).
 pub const CMD_SAMPLE: u32 = 5;
+/// Wait until every vCPU still running has arrived here too; the last
+/// one to arrive, or the end of the last one missing, releases them all
+/// (arg: phase number; test `sync_releases_when_every_running_vcpu_is_there`).
+pub const CMD_SYNC: u32 = 6;
+/// Drop this vCPU's pending arguments.
+pub const CMD_CLEAR: u32 = 7;
+/// The vCPU took an exception (sent by the exception handlers of user
+/// programs); args: `CRASH_ARGS`. Ends the vCPU.
+pub const CMD_CRASH: u32 = 8;
+/// A crash report's arguments: vector, error code, rip (low, high),
+/// faulting address (cr2; low, high), code segment selector.
+pub const CRASH_ARGS: usize = 7;
 
 /// Samples kept per vCPU.
 pub const MAX_SAMPLES: usize = 1 << 20;

@@ -1,0 +1,296 @@
+//! The reclaimer: frees the leaves that teardowns made obsolete, in bounded
+//! batches, and tells the mirrors (the "Generations" and "Reclaim" sections
+//! of the crate documentation).
+//!
+//! Three rules make its calls safe to act on:
+//!
+//! * **Fence.** A region with a teardown still being fanned out is skipped,
+//!   so an old generation's leaves reach `Mirror::reclaimed` only after every
+//!   mirror's `invalidate_wait` for that teardown returned (a `Backing`
+//!   mirror may release the memory: no device still uses it). Leaves on the
+//!   obsolete list need no check: an install detaches a leaf only when no
+//!   teardown of its region is in flight.
+//! * **One step at a time.** A step owns the reclaimer from taking its
+//!   batch to its last mirror call; another step waits. So
+//!   `generation_reclaimed` follows every `reclaimed` batch of that
+//!   generation, and `unregister_mirror` knows which step to wait for.
+//! * **No self-wait.** A step called from inside a reclaim callback (same
+//!   thread) does nothing instead of waiting for itself.
+
+use super::{Hold, MirrorList, Mmu, State, Stats};
+use crate::error::Error;
+use crate::sync::thread_token;
+use crate::table::{Leaf, Slot};
+use crate::types::RegionId;
+use std::sync::{Arc, Weak};
+
+/// What one `reclaim_step` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReclaimProgress {
+    pub leaves: u64,
+    pub entries: u64,
+    /// Whether obsolete state that can be reclaimed now remains. Work held
+    /// back until a teardown in flight ends is not counted: that teardown
+    /// kicks the reclaimer when it ends.
+    pub more: bool,
+}
+
+/// Wakes the background reclaimer thread.
+#[derive(Default)]
+pub(super) struct ReclaimSignal {
+    /// (work pending, stop)
+    flags: std::sync::Mutex<(bool, bool)>,
+    cv: std::sync::Condvar,
+}
+
+/// What a step took from the table in its lock hold.
+struct Batch {
+    finished: Option<(RegionId, u64)>,
+    dead_dir: Vec<Slot>,
+    mirrors: MirrorList,
+    more: bool,
+}
+
+/// Ends a step's ownership of the reclaimer, even if a mirror callback
+/// panics (otherwise every later step and `unregister_mirror` would wait
+/// forever).
+struct Owned<'a>(&'a Mmu);
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        self.0.lock(Hold::Reclaim).reclaim_owner = None;
+        self.0.wake_waiters();
+    }
+}
+
+impl State {
+    /// Whether region `ri` holds obsolete state (leaves, or a generation
+    /// not yet reported).
+    fn reclaim_due(&self, ri: usize) -> bool {
+        let r = &self.regions[ri];
+        r.reclaim_cursor < r.dir.len() || r.reclaimed_below != r.valid_gen || r.removed
+    }
+
+    /// Obsolete state a step may take now (not fenced by a teardown).
+    fn reclaimable(&self) -> bool {
+        !self.obsolete.is_empty()
+            || (0..self.regions.len()).any(|ri| self.reclaim_due(ri) && !self.fenced(ri))
+    }
+
+    /// One lock hold's work: detach at most `batch` obsolete leaves into
+    /// `out`, examining at most `scan` directory slots, and pick at most
+    /// one region whose old generations are now all detached.
+    fn detach(&mut self, batch: usize, scan: usize, out: &mut Vec<Box<Leaf>>) -> Batch {
+        while out.len() < batch {
+            match self.obsolete.pop() {
+                Some(leaf) => out.push(leaf),
+                None => break,
+            }
+        }
+        let mut scanned = 0;
+        while out.len() < batch && scanned < scan {
+            let n = self.regions.len();
+            let Some(ri) = (0..n).map(|k| (self.scan_region + k) % n).find(|&i| {
+                self.regions[i].reclaim_cursor < self.regions[i].dir.len() && !self.fenced(i)
+            }) else {
+                break;
+            };
+            self.scan_region = ri;
+            let r = &mut self.regions[ri];
+            while r.reclaim_cursor < r.dir.len() && out.len() < batch && scanned < scan {
+                let i = r.reclaim_cursor;
+                if r.slot_obsolete(i) {
+                    if let Some(leaf) = r.dir[i].leaf.take() {
+                        out.push(leaf);
+                    }
+                }
+                r.reclaim_cursor += 1;
+                scanned += 1;
+            }
+        }
+        // Report a region once its scan is complete and no leaf of it can
+        // still sit on the obsolete list.
+        let mut finished = None;
+        let mut dead_dir = Vec::new();
+        if self.obsolete.is_empty() {
+            let done = (0..self.regions.len()).find(|&ri| {
+                let r = &self.regions[ri];
+                r.reclaim_cursor == r.dir.len()
+                    && (r.reclaimed_below != r.valid_gen || r.removed)
+                    && !self.fenced(ri)
+            });
+            if let Some(ri) = done {
+                let r = &mut self.regions[ri];
+                r.reclaimed_below = r.valid_gen;
+                finished = Some((r.id, r.valid_gen));
+                if r.removed {
+                    // Freed by the caller once the lock is dropped.
+                    dead_dir = std::mem::take(&mut self.regions.remove(ri).dir);
+                    self.scan_region = 0;
+                }
+            }
+        }
+        Batch {
+            finished,
+            dead_dir,
+            mirrors: self.mirrors.clone(),
+            more: self.reclaimable(),
+        }
+    }
+}
+
+impl Mmu {
+    pub(super) fn kick_reclaimer(&self) {
+        let mut f = self.reclaim.flags.lock().unwrap_or_else(|e| e.into_inner());
+        f.0 = true;
+        self.reclaim.cv.notify_one();
+    }
+
+    /// One reclaim batch: in one lock hold, detach at most `reclaim_batch`
+    /// obsolete leaves (examining at most `reclaim_scan` directory slots);
+    /// then, without the lock, report them to the mirrors and free them.
+    /// Waits (sleeps) while another thread's step is in progress; called
+    /// from inside one of this mmu's reclaim callbacks it does nothing.
+    pub fn reclaim_step(&self) -> ReclaimProgress {
+        self.step().unwrap_or_else(|_| ReclaimProgress {
+            more: self.reclaim_pending(),
+            ..ReclaimProgress::default()
+        })
+    }
+
+    /// `reclaim_step`, or `Err(Reentrant)` from inside a reclaim callback.
+    fn step(&self) -> Result<ReclaimProgress, Error> {
+        let batch_max = self.config.reclaim_batch;
+        // Preallocated so detaching neither allocates nor writes to the
+        // (cold) leaves under the lock.
+        let mut detached: Vec<Box<Leaf>> = Vec::with_capacity(batch_max);
+        let me = thread_token();
+        let batch = loop {
+            {
+                let mut st = self.lock(Hold::Reclaim);
+                match st.reclaim_owner {
+                    Some(owner) if owner == me => return Err(Error::Reentrant("reclaim_step")),
+                    Some(_) => {}
+                    None => {
+                        st.reclaim_owner = Some(me);
+                        st.reclaim_epoch += 1;
+                        break st.detach(batch_max, self.config.reclaim_scan, &mut detached);
+                    }
+                }
+            }
+            Stats::bump(&self.stats.reclaim_waits, 1);
+            self.wait_until(|st| st.reclaim_owner.is_none());
+        };
+        let owned = Owned(self);
+
+        let mut extents = Vec::new();
+        let mut entries = 0;
+        let leaves = detached.len() as u64;
+        for leaf in detached.iter_mut() {
+            entries += leaf.extents(&mut extents);
+            leaf.reset(RegionId(0), 0);
+        }
+        if !extents.is_empty() {
+            for (_, _, m) in batch.mirrors.iter() {
+                m.reclaimed(&extents);
+            }
+        }
+        if let Some((region, below)) = batch.finished {
+            for (_, _, m) in batch.mirrors.iter() {
+                m.generation_reclaimed(region, below);
+            }
+        }
+        if !detached.is_empty() {
+            let mut st = self.lock(Hold::Reclaim);
+            while st.free.len() < super::FREE_LEAVES_MAX {
+                match detached.pop() {
+                    Some(leaf) => st.free.push(leaf),
+                    None => break,
+                }
+            }
+        }
+        drop(owned);
+        drop(detached);
+        drop(batch.dead_dir);
+        if leaves > 0 || batch.finished.is_some() {
+            Stats::bump(&self.stats.reclaim_batches, 1);
+            Stats::bump(&self.stats.leaves_reclaimed, leaves);
+            Stats::bump(&self.stats.entries_reclaimed, entries);
+        }
+        Ok(ReclaimProgress {
+            leaves,
+            entries,
+            more: batch.more,
+        })
+    }
+
+    /// Run `reclaim_step` until nothing reclaimable is left (tests and
+    /// benchmarks; the background thread does this on its own). Returns at
+    /// once from inside a reclaim callback, and leaves regions alone whose
+    /// teardown is still in flight.
+    pub fn reclaim_all(&self) -> ReclaimProgress {
+        let mut total = ReclaimProgress::default();
+        loop {
+            let Ok(p) = self.step() else {
+                total.more = self.reclaim_pending();
+                return total;
+            };
+            total.leaves += p.leaves;
+            total.entries += p.entries;
+            if !p.more {
+                return total;
+            }
+        }
+    }
+
+    /// Whether obsolete state is still waiting for the reclaimer.
+    pub fn reclaim_pending(&self) -> bool {
+        let st = self.lock(Hold::Other);
+        !st.obsolete.is_empty() || (0..st.regions.len()).any(|ri| st.reclaim_due(ri))
+    }
+}
+
+impl Drop for Mmu {
+    fn drop(&mut self) {
+        {
+            let mut f = self.reclaim.flags.lock().unwrap_or_else(|e| e.into_inner());
+            f.1 = true;
+            self.reclaim.cv.notify_one();
+        }
+        let handle = self
+            .reclaimer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            // The reclaimer may itself hold the last reference.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+pub(super) fn reclaimer_thread(mmu: Weak<Mmu>, signal: Arc<ReclaimSignal>) {
+    let stopped = || signal.flags.lock().unwrap_or_else(|e| e.into_inner()).1;
+    loop {
+        {
+            let mut f = signal.flags.lock().unwrap_or_else(|e| e.into_inner());
+            while !f.0 && !f.1 {
+                f = signal.cv.wait(f).unwrap_or_else(|e| e.into_inner());
+            }
+            if f.1 {
+                return;
+            }
+            f.0 = false;
+        }
+        let Some(mmu) = mmu.upgrade() else { return };
+        while mmu.reclaim_step().more {
+            if stopped() {
+                return;
+            }
+            // Let faulting threads at the lock between batches.
+            std::thread::yield_now();
+        }
+    }
+}
