@@ -119,6 +119,41 @@ pub enum BenchKind {
         #[arg(long)]
         json: bool,
     },
+    /// Whole-VM teardown against memory size, as a running guest feels it:
+    /// guest stall, completion and each mirror's share, release time,
+    /// guest progress; methods generation / invalidate-all / walk, mirrors
+    /// kvm / rnic / kvm+rnic. Progress on stderr.
+    Teardown {
+        /// Guest RAM sizes, comma-separated (all of it written by the
+        /// running guest before each measurement).
+        #[arg(long, default_value = "256M,1G,4G,16G", value_delimiter = ',', value_parser = parse_size)]
+        memory: Vec<u64>,
+        /// Methods: generation, invalidate-all, walk.
+        #[arg(
+            long,
+            default_value = "generation,invalidate-all,walk",
+            value_delimiter = ','
+        )]
+        methods: Vec<crate::bench::teardown::Method>,
+        /// Mirror sets: kvm, rnic, kvm+rnic.
+        #[arg(long, default_value = "kvm,rnic,kvm+rnic", value_delimiter = ',')]
+        mirrors: Vec<crate::bench::teardown::Mirrors>,
+        /// Repetitions per row (p50/p99 over them; at least 5).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Also draw stall and completion against memory (log-log SVG).
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// First empty KVM's shadow tables through a throwaway memslot,
+        /// vCPUs running (off in the product: measured slower with a busy
+        /// guest, which rebuilds them meanwhile).
+        #[arg(long)]
+        prezap: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Guest RDMA WRITE/READ between two odpvm processes over RoCEv2 in two
     /// network namespaces, at 0 % and 1 % real (nftables) loss, beside a
     /// plain UDP socket pair on the same path. Needs root.
@@ -419,6 +454,7 @@ pub fn serve(
         if let Some(why) = watchdog.check() {
             log::error!("{why}; stopping the VM");
             handle.stop(&why);
+            watchdog.release(&handle);
         }
     }
     drop(em);
@@ -582,6 +618,25 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
                 ..Default::default()
             })?
         }
+        BenchKind::Teardown {
+            memory,
+            methods,
+            mirrors,
+            reps,
+            vcpus,
+            plot,
+            prezap,
+            json,
+        } => crate::bench::teardown(&crate::bench::TeardownBench {
+            prezap,
+            sizes: memory,
+            methods,
+            mirrors,
+            reps,
+            vcpus,
+            json,
+            plot,
+        })?,
         BenchKind::Roce {
             iters,
             loss,

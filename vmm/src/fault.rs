@@ -14,9 +14,14 @@
 //! `MADV_DONTNEED` waits until this thread has read the REMOVE event it
 //! generates. So a fault colliding with a range invalidation is deferred
 //! and retried, never waited for. A fault colliding with a teardown that
-//! is replacing the faulting mapping is served without tracking: the page
-//! dies with the retired mapping, and the vCPU must not stay blocked in
-//! the kernel while the teardown pauses vCPUs.
+//! is retiring the faulting region is served without tracking (fresh
+//! memory: a zero page or the boot image's page): when the teardown moves
+//! the old pages out in place, the vCPU must not wait for every chunk of
+//! RAM to move (test `teardown::stamped_writers_see_no_stale_page_and_lose_no_write`);
+//! when it swaps the mapping, the page dies with the retired one and the
+//! vCPU must not stay blocked in the kernel while vCPUs are paused. An
+//! untracked page is never seen by a device (devices fault through the
+//! mmu, which then tracks it) and goes at the next invalidation.
 //!
 //! Supervision: the thread beats a heartbeat on every pass and records why
 //! it can no longer serve the guest (it ended on an error, or guest memory
@@ -132,6 +137,28 @@ impl Watchdog {
             waiting_since: None,
             reported: false,
         }
+    }
+
+    /// Let every thread blocked on guest memory go on without the fault
+    /// thread: guest RAM is unregistered from userfaultfd, which wakes the
+    /// faulting threads and leaves later faults to the kernel. Only for a
+    /// VM being stopped because its fault thread failed: nothing is tracked
+    /// after.
+    /// Events already queued are read here and dropped: that completes
+    /// any `madvise` waiting for its REMOVE event to be read (an
+    /// invalidation in flight), so the VM can be torn down.
+    pub fn release(&self, vm: &crate::vm::VmHandle) {
+        let Some(uffd) = &self.uffd else {
+            return;
+        };
+        for r in vm.0.ram.regions() {
+            uffd.unregister(r.hva, r.size);
+        }
+        let mut dropped = 0u64;
+        while let Ok(Some(_)) = uffd.read_event() {
+            dropped += 1;
+        }
+        log::warn!("fault thread failed: guest RAM released from userfaultfd, {dropped} queued events dropped");
     }
 
     /// Why the VM must stop, once (then None).
@@ -628,7 +655,11 @@ impl Handler {
     }
 
     fn drain(&mut self) -> Result<(), crate::uffd::UffdError> {
-        while let Some(ev) = self.uffd.read_event()? {
+        // An injected failure takes effect before the next event is read.
+        while self.stats.inject.load(Ordering::SeqCst) == 0 {
+            let Some(ev) = self.uffd.read_event()? else {
+                break;
+            };
             match ev {
                 Event::Pagefault { addr, rw, .. } => {
                     let write = rw == userfaultfd::ReadWrite::Write;
@@ -802,4 +833,60 @@ pub(crate) fn present(hva: u64, len: u64) -> bool {
         )
     };
     rc == 0 && vec.iter().all(|b| b & 1 == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Backing, Content};
+
+    /// Issue 11 item 14: a fault at gpa 0 matched an unused stream slot
+    /// (expecting gpa 0 with no window), got an empty fault-around window
+    /// and was never tracked ("empty range at 0x0" on every Linux boot).
+    /// Real userfaultfd, guest RAM and mmu; the fault is resolved as the
+    /// fault thread would, from this thread.
+    #[test]
+    fn the_first_fault_at_gpa_zero_is_tracked() {
+        let uffd = Arc::new(Userfault::new().expect("userfaultfd"));
+        let size = 2 << 20;
+        let ram = Arc::new(
+            GuestRam::new(
+                Backing::Anonymous,
+                Some(uffd.clone()),
+                vec![("ram0".into(), 0, size, Content::Zero)],
+            )
+            .unwrap(),
+        );
+        let mmu = Mmu::new(mmu::Config::default()).unwrap();
+        let r = &ram.regions()[0];
+        mmu.add_region(mmu::RegionSpec {
+            name: r.name.clone(),
+            gpa: 0,
+            size,
+            hva: r.hva,
+        })
+        .unwrap();
+        let stats = Arc::new(FaultStats::new(1));
+        let mut h = Handler {
+            tracking: Tracking::Mmu,
+            fault_around: 64,
+            zero_region: vec![true],
+            region_ends: vec![size],
+            streams: vec![[Stream::default(); STREAMS]],
+            clock: 1,
+            uffd,
+            ram: ram.clone(),
+            mmu: mmu.clone(),
+            stats: stats.clone(),
+            page_size: crate::layout::PAGE,
+            pending: Vec::new(),
+        };
+        assert!(matches!(h.handle(r.hva, false), Step::Done));
+        assert_eq!(FaultStats::get(&stats.errors), 0);
+        assert!(mmu.lookup(0).is_some(), "gpa 0 is not tracked");
+        // The next fault continues the stream: a wider window.
+        assert!(matches!(h.handle(r.hva + 4096, false), Step::Done));
+        assert!(mmu.lookup(4096).is_some());
+        assert_eq!(FaultStats::get(&stats.faults), 2);
+    }
 }

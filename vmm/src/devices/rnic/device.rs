@@ -1,24 +1,57 @@
 //! Register handling, ring fetching and WQE validation of the paravirtual
 //! RNIC. Runs on the vCPU thread that took the MMIO exit; each queue pair
 //! has its own lock.
+//!
+//! Guarantees (tests in `vmm/tests/hostile.rs`, hostile guests driving the
+//! registers):
+//! * per queue pair the device keeps state bounded by its ring sizes, and
+//!   each WQE costs O(1) to retire, signaled or not
+//!   (`unsignaled_write_flood_keeps_device_memory_bounded`);
+//! * a completion queue that overruns is an error the guest sees
+//!   (`STATUS_CQ_OVERRUN` and `STATUS_QP_ERROR`), never a silent drop
+//!   (`cq_overrun_is_reported_to_the_guest`);
+//! * a guest-to-guest peer reaches exactly the advertised window of the
+//!   other guest (`a_guest_peer_reaches_only_the_advertised_window`).
 
-use super::peer::HostPeer;
+use super::peer::{HostPeer, PeerError, PeerWindow};
 use super::*;
 use parking_lot::Mutex;
 use rdma_passthrough::{
-    Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge, Wc,
-    WcOpcode, WcStatus,
+    Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge,
+    VerbsError, Wc, WcOpcode, WcStatus,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+/// A guest-memory access outside guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{len:#x} bytes at {gpa:#x} are not guest RAM")]
+pub struct NotGuestRam {
+    pub gpa: u64,
+    pub len: u64,
+}
+
 /// How the device reads guest memory (its rings). The VMM's guest RAM in
 /// production; a plain buffer in the fuzzer.
 pub trait GuestMemory: Send + Sync {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotGuestRam>;
     /// Whether `[gpa, gpa + len)` is guest RAM.
     fn contains(&self, gpa: u64, len: u64) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RnicDeviceError {
+    #[error("registering guest RAM with the RNIC: {0}")]
+    RegisterRam(VerbsError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("guest peers must share one emulated RNIC")]
+    NotSharedRnic,
+    #[error("peer window [{base:#x}, +{len:#x}) is not usable guest memory")]
+    BadWindow { base: u64, len: u64 },
+    #[error("registering the peer window: {0}")]
+    PeerWindow(VerbsError),
 }
 
 /// Read one ABI structure (a ring entry) from guest memory: its bytes as
@@ -26,7 +59,7 @@ pub trait GuestMemory: Send + Sync {
 fn read_obj<T: vm_memory::ByteValued + Default>(
     mem: &dyn GuestMemory,
     gpa: u64,
-) -> Result<T, String> {
+) -> Result<T, NotGuestRam> {
     let mut v = T::default();
     mem.read(gpa, v.as_mut_slice())?;
     Ok(v)
@@ -35,6 +68,12 @@ fn read_obj<T: vm_memory::ByteValued + Default>(
 /// Completions the device buffers per queue pair before leaving the rest
 /// in the RNIC's CQ.
 const MAX_PENDING_CQES: usize = 4096;
+/// Largest window of another guest's memory a device may peer with.
+pub const MAX_GUEST_WINDOW: u64 = 64 << 20;
+/// Depth of each queue pair's CQ on the RNIC. With the buffer above, a
+/// guest that never pops sees an overrun after this many plus
+/// `MAX_PENDING_CQES` completions.
+const CQ_DEPTH: usize = 4 * MAX_PENDING_CQES;
 
 #[derive(Default, Debug)]
 pub struct RnicDeviceStats {
@@ -58,8 +97,10 @@ pub struct RnicDeviceStats {
     pub bytes_written: AtomicU64,
 }
 
+/// An RDMA WRITE posted to the RNIC, to check on the host once it retires.
 struct Posted {
-    wr_id: u64,
+    /// Its place in the QP's send queue (0-based, in posting order).
+    seq: u64,
     remote: u64,
     len: u64,
 }
@@ -82,6 +123,14 @@ struct QpCtx {
     guest_peer_qp: Option<Qp>,
     cq: Cq,
     cqes: VecDeque<Wc>,
+    /// A completion the device synthesized found `cqes` full.
+    cq_overrun: bool,
+    /// Send WQEs posted to the RNIC QP.
+    posted: u64,
+    /// WRITEs posted and not yet retired: every doorbell and completion
+    /// read first retires what the RNIC finished, so at most what its send
+    /// queue (ring-sized) and execution held then, plus one ring posted by
+    /// the doorbell: `2 * sq_size + 1`.
     writes: VecDeque<Posted>,
     /// A queue pair already connected over RoCE (`roce.rs`), taken by the
     /// next enable.
@@ -105,21 +154,30 @@ impl QpCtx {
             guest_peer_qp: None,
             cq,
             cqes: VecDeque::new(),
+            cq_overrun: false,
+            posted: 0,
             writes: VecDeque::new(),
             preconnected: None,
         }
     }
 }
 
-/// Another guest as the peer: its protection domain, the rkey of its
-/// guest-RAM MR, a window of its guest-physical memory, and its memory
-/// (to check stamps of what landed there).
+/// Another guest as the peer: a window of its guest-physical memory, an MR
+/// covering exactly that window in a protection domain of its own (the
+/// responder QPs live there, so no other key of that guest works), and its
+/// memory (to check stamps of what landed there).
 pub struct GuestPeer {
-    pub pd: Pd,
-    pub rkey: u32,
+    mr: Mr,
+    pd: Pd,
     pub base: u64,
     pub len: u64,
     pub mem: Arc<dyn GuestMemory>,
+}
+
+impl GuestPeer {
+    pub fn rkey(&self) -> u32 {
+        self.mr.rkey()
+    }
 }
 
 pub struct RnicDevice {
@@ -127,7 +185,8 @@ pub struct RnicDevice {
     mem: Arc<dyn GuestMemory>,
     pd: Pd,
     mr: Mr,
-    peer: Arc<HostPeer>,
+    /// This guest's part of the host peer.
+    window: PeerWindow,
     /// When set, queue pairs connect to another guest instead of the host.
     guest_peer: parking_lot::RwLock<Option<GuestPeer>>,
     /// Last stamp iteration seen per peer page (stale detection).
@@ -171,24 +230,28 @@ impl RnicDevice {
         mem: Arc<dyn GuestMemory>,
         peer: Arc<HostPeer>,
         qps: usize,
-    ) -> Result<RnicDevice, String> {
+    ) -> Result<RnicDevice, RnicDeviceError> {
         let pd = rnic.alloc_pd(space);
         // One implicit ODP MR covers all guest RAM.
         let mr = rnic
             .reg_mr(&pd, 0, u64::MAX, Access::ALL_REMOTE | Access::ON_DEMAND)
-            .map_err(|e| e.to_string())?;
-        let seen = (0..peer.len / mmu::PAGE_SIZE)
+            .map_err(RnicDeviceError::RegisterRam)?;
+        // One window unit per queue pair (the RDMA payloads use at most 8).
+        let window = peer.window(&rnic, super::peer::WINDOW_UNIT * qps.clamp(1, 8) as u64)?;
+        // Room to check stamps in the host window, or in a guest peer's
+        // window of up to `MAX_GUEST_WINDOW`.
+        let seen = (0..window.len.max(MAX_GUEST_WINDOW) / mmu::PAGE_SIZE)
             .map(|_| AtomicU64::new(0))
             .collect();
         let qps = (0..qps)
-            .map(|_| Mutex::new(QpCtx::new(rnic.create_cq(MAX_PENDING_CQES * 4))))
+            .map(|_| Mutex::new(QpCtx::new(rnic.create_cq(CQ_DEPTH))))
             .collect();
         Ok(RnicDevice {
             rnic,
             mem,
             pd,
             mr,
-            peer,
+            window,
             guest_peer: parking_lot::RwLock::new(None),
             roce: parking_lot::RwLock::new(None),
             seen,
@@ -225,7 +288,7 @@ impl RnicDevice {
     fn reset(&self, q: &mut QpCtx) {
         // Dropping the QP flushes its work; a fresh CQ drops stale completions.
         if let Some(qpn) = q.peer_qpn.take() {
-            self.peer.detach(qpn);
+            self.window.peer().detach(qpn);
         }
         q.guest_peer_qp = None;
         // A RoCE connection cannot be re-made from here: a healthy
@@ -248,7 +311,7 @@ impl RnicDevice {
                 while q.cq.poll(&mut sink) > 0 {}
                 q.cq.clone()
             }
-            None => self.rnic.create_cq(MAX_PENDING_CQES * 4),
+            None => self.rnic.create_cq(CQ_DEPTH),
         };
         *q = QpCtx::new(cq);
         q.preconnected = keep;
@@ -280,7 +343,7 @@ impl RnicDevice {
             max_send_wr: q.sq_size as usize,
             max_recv_wr: q.rq_size as usize,
             max_sge: 1,
-            rnr_retry: 7,
+            ..QpCaps::default()
         };
         let qp = match self.rnic.create_qp(&self.pd, &q.cq, &q.cq, caps) {
             Ok(qp) => qp,
@@ -304,7 +367,7 @@ impl RnicDevice {
                 }
             }
         } else {
-            match self.peer.attach(&self.rnic, &qp) {
+            match self.window.peer().attach(&self.rnic, &self.window, &qp) {
                 Ok(qpn) => q.peer_qpn = Some(qpn),
                 Err(e) => {
                     log::error!("rnic device: attaching the host peer: {e}");
@@ -328,6 +391,27 @@ impl RnicDevice {
                 byte_len: 0,
                 qp_num: 0,
             });
+        } else {
+            q.cq_overrun = true;
+        }
+    }
+
+    /// Check and forget the WRITEs the RNIC finished (in order, signaled or
+    /// not): O(1) per WRITE. After an error nothing is checked: what a
+    /// failed or flushed WRITE left behind is not the guest's to vouch for.
+    fn retire_writes(&self, q: &mut QpCtx) {
+        let Some(qp) = q.qp.as_ref() else {
+            q.writes.clear();
+            return;
+        };
+        if qp.in_error() {
+            q.writes.clear();
+            return;
+        }
+        let retired = qp.send_retired();
+        while q.writes.front().is_some_and(|p| p.seq < retired) {
+            let p = q.writes.pop_front().expect("checked");
+            self.verify_write(&p);
         }
     }
 
@@ -340,6 +424,7 @@ impl RnicDevice {
             return self.device_error(q, ERR_DOORBELL);
         }
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+        self.retire_writes(q);
         for _ in 0..n {
             let slot = u64::from(q.sq_ci & (q.sq_size - 1));
             let Ok(wqe) = read_obj::<SendWqe>(&*self.mem, q.sq_base + slot * WQE_SIZE) else {
@@ -385,11 +470,12 @@ impl RnicDevice {
                     }
                     if opcode == OP_WRITE {
                         q.writes.push_back(Posted {
-                            wr_id,
+                            seq: q.posted,
                             remote: remote_addr,
                             len: u64::from(length),
                         });
                     }
+                    q.posted += 1;
                     self.stats.wqes_posted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -434,7 +520,7 @@ impl RnicDevice {
         let guest = self.guest_peer.read();
         let (base, len) = match guest.as_ref() {
             Some(g) => (g.base, g.len),
-            None => (self.peer.base, self.peer.len),
+            None => (self.window.base, self.window.len),
         };
         let Some(off) = p.remote.checked_sub(base) else {
             return;
@@ -443,7 +529,7 @@ impl RnicDevice {
             return; // outside the write half: nothing of ours to check
         }
         let first = off.div_ceil(mmu::PAGE_SIZE);
-        let last = (off + p.len) / mmu::PAGE_SIZE;
+        let last = off.saturating_add(p.len) / mmu::PAGE_SIZE;
         for page in first..last {
             let at = base + page * mmu::PAGE_SIZE;
             let v = match guest.as_ref() {
@@ -493,19 +579,11 @@ impl RnicDevice {
                 self.stats.completions.fetch_add(1, Ordering::Relaxed);
                 if wc.status != WcStatus::Success {
                     self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
-                    q.writes.clear();
-                } else if wc.opcode == WcOpcode::RdmaWrite {
-                    // RC completes in order: everything up to this WQE landed.
-                    while let Some(p) = q.writes.pop_front() {
-                        self.verify_write(&p);
-                        if p.wr_id == wc.wr_id {
-                            break;
-                        }
-                    }
                 }
                 q.cqes.push_back(*wc);
             }
         }
+        self.retire_writes(q);
     }
 
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
@@ -529,10 +607,10 @@ impl RnicDevice {
                     match (offset, g.as_ref()) {
                         (REG_PEER_ADDR, Some(g)) => g.base,
                         (REG_PEER_LEN, Some(g)) => g.len,
-                        (_, Some(g)) => u64::from(g.rkey),
-                        (REG_PEER_ADDR, None) => self.peer.base,
-                        (REG_PEER_LEN, None) => self.peer.len,
-                        (_, None) => u64::from(self.peer.rkey()),
+                        (_, Some(g)) => u64::from(g.rkey()),
+                        (REG_PEER_ADDR, None) => self.window.base,
+                        (REG_PEER_LEN, None) => self.window.len,
+                        (_, None) => u64::from(self.window.rkey()),
                     }
                 }
                 _ => 0,
@@ -556,6 +634,9 @@ impl RnicDevice {
                 }
                 if qp_err {
                     st |= STATUS_QP_ERROR;
+                }
+                if q.cq_overrun || q.cq.is_overrun() {
+                    st |= STATUS_CQ_OVERRUN | STATUS_QP_ERROR;
                 }
                 u64::from(st)
             }
@@ -647,18 +728,27 @@ impl RnicDevice {
         mem: Arc<dyn GuestMemory>,
         base: u64,
         len: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), RnicDeviceError> {
         if !Arc::ptr_eq(&self.rnic, &other.rnic) {
-            return Err("guest peers must share one emulated RNIC".into());
+            return Err(RnicDeviceError::NotSharedRnic);
         }
-        if !mem.contains(base, len) || len / mmu::PAGE_SIZE > self.seen.len() as u64 {
-            return Err(format!(
-                "peer window [{base:#x}, +{len:#x}) is not usable guest memory"
-            ));
+        if len == 0
+            || !mem.contains(base, len)
+            || len / mmu::PAGE_SIZE > self.seen.len() as u64
+            || !base.is_multiple_of(mmu::PAGE_SIZE)
+        {
+            return Err(RnicDeviceError::BadWindow { base, len });
         }
+        // A domain of the other guest's memory holding nothing but the
+        // window: our responder QPs live there.
+        let pd = self.rnic.alloc_pd(other.pd.space().clone());
+        let mr = self
+            .rnic
+            .reg_mr(&pd, base, len, Access::ALL_REMOTE | Access::ON_DEMAND)
+            .map_err(RnicDeviceError::PeerWindow)?;
         *self.guest_peer.write() = Some(GuestPeer {
-            pd: other.pd.clone(),
-            rkey: other.mr.rkey(),
+            mr,
+            pd,
             base,
             len,
             mem,
@@ -679,6 +769,7 @@ impl RnicDevice {
             max_recv_wr: MAX_RING as usize,
             max_sge: 1,
             rnr_retry: 7,
+            ..QpCaps::default()
         };
         let mut qps = Vec::with_capacity(self.qps.len());
         for q in &self.qps {
@@ -722,7 +813,26 @@ impl RnicDevice {
     }
 
     pub fn peer(&self) -> &Arc<HostPeer> {
-        &self.peer
+        self.window.peer()
+    }
+
+    /// This guest's window of the host peer.
+    pub fn peer_window(&self) -> &PeerWindow {
+        &self.window
+    }
+
+    /// Entries the device holds for queue pair `q` beyond the RNIC's own
+    /// bounded queues: (WRITEs awaiting their check, buffered completions).
+    pub fn pending(&self, q: usize) -> Option<(usize, usize)> {
+        let q = self.qps.get(q)?.lock();
+        Some((q.writes.len(), q.cqes.len()))
+    }
+
+    /// Send WQEs queue pair `q` posted to the RNIC and how many of them the
+    /// RNIC has finished.
+    pub fn progress(&self, q: usize) -> Option<(u64, u64)> {
+        let q = self.qps.get(q)?.lock();
+        Some((q.posted, q.qp.as_ref().map_or(0, |qp| qp.send_retired())))
     }
 
     /// Queue pairs currently stopped by a device error.

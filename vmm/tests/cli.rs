@@ -1,0 +1,152 @@
+//! What a user typing flags can do to `odpvm` (issue 11 items 11, 13, 14):
+//! one clear line and a non-zero exit, never a panic or a hang.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmm::payload::Guest;
+
+fn odpvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_odpvm"))
+}
+
+fn assert_clear_failure(args: &[&str], expect: &str) {
+    let out = odpvm().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(err.contains(expect), "{args:?}: {err}");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    assert!(!err.contains("backtrace"), "{args:?}: {err}");
+}
+
+/// Item 13: these panicked (`Duration::from_secs_f64` overflow, the demo's
+/// chaos thread adding a huge gap to an Instant).
+#[test]
+fn huge_durations_are_refused_not_panicked_on() {
+    for (args, expect) in [
+        (
+            &["run", "--guest", "idle", "--timeout", "1e19"][..],
+            "too long",
+        ),
+        (&["run", "--guest", "idle", "--timeout", "1e20"], "too long"),
+        (&["run", "--guest", "idle", "--timeout", "inf"], "positive"),
+        (&["run", "--guest", "idle", "--timeout", "NaN"], "positive"),
+        (&["demo", "--seconds", "1e20"], "too long"),
+        (&["demo", "--invalidate-ms", "1e300"], "too long"),
+        (&["demo", "--teardown-ms", "1e22"], "too long"),
+        (&["demo", "--teardown-ms=-1"], "positive"),
+        (
+            &["ctl", "--api-sock", "/x", "--timeout", "1e30", "stats"],
+            "too long",
+        ),
+    ] {
+        assert_clear_failure(args, expect);
+    }
+}
+
+/// Item 14: `--initrd`/`--cmdline` without `--kernel` were silently
+/// ignored.
+#[test]
+fn linux_only_flags_need_a_kernel() {
+    // (--timeout: before the fix the idle guest simply ran.)
+    for flag in [
+        ["--cmdline", "console=ttyS0"],
+        ["--initrd", "/etc/hostname"],
+    ] {
+        let mut args = vec!["run", "--guest", "idle", "--timeout", "5"];
+        args.extend(flag);
+        assert_clear_failure(&args, "--kernel");
+    }
+}
+
+/// Item 14: `--guest`'s help listed 4 of the built-in guests.
+#[test]
+fn guest_help_lists_every_guest() {
+    let out = odpvm().args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for g in Guest::ALL {
+        assert!(
+            help.contains(g.name()),
+            "{} missing from:\n{help}",
+            g.name()
+        );
+    }
+}
+
+/// Item 13: `demo --invalidate-ms 1e9` slept 23 days in its chaos thread,
+/// which the demo joined.
+#[test]
+fn a_long_invalidation_gap_does_not_keep_the_demo_from_ending() {
+    let mut child = odpvm()
+        .args(["demo", "--seconds", "1", "--memory", "64M", "--json"])
+        .args(["--invalidate-ms", "1e9", "--teardown-ms", "1e9"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(150) {
+            let _ = child.kill();
+            panic!("the demo did not end");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+/// Item 13: `odpvm demo | head -1` panicked with "Broken pipe".
+#[test]
+fn a_closed_stdout_stops_the_demo_cleanly() {
+    let mut child = odpvm()
+        .args(["demo", "--seconds", "20", "--memory", "64M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("odpvm demo"), "{first}");
+    // The reader is gone now (dropped with the BufReader).
+    let t0 = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("standard output is closed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+}
+
+/// Item 11: without enough free huge pages a hugetlbfs VM started anyway
+/// (MAP_NORESERVE hid the shortage) and its vCPU faulted forever.
+#[test]
+fn hugetlbfs_without_enough_huge_pages_is_a_clear_error() {
+    let free = vmm::memory::free_huge_pages();
+    let memory = ((free + 16) * (2 << 20)).to_string();
+    let out = odpvm()
+        .args([
+            "run",
+            "--guest",
+            "touch",
+            "--backing",
+            "hugetlbfs",
+            "--vcpus",
+            "1",
+        ])
+        .args(["--memory", &memory, "--timeout", "20"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains("huge pages"), "{err}");
+    assert!(err.contains("nr_hugepages"), "{err}");
+}
