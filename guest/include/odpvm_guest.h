@@ -21,6 +21,9 @@
  * from params->free_start to params->ram_low_end (and, with more than ~3
  * GiB, from 4 GiB to params->ram_high_end) is free. Device registers are
  * at ODPVM_TESTDEV_BASE and ODPVM_RNIC_BASE. Anything else is unmapped.
+ * Below ODPVM_LOAD_BASE is the VMM's (parameters, page tables, IDT): the
+ * RNIC refuses it too — a WQE buffer there completes with an error and a
+ * ring there is ODPVM_RNIC_ERR_BAD_RING.
  * A host-side teardown (or invalidation) may discard any page at any time:
  * afterwards the program's own pages (code, .data, .bss, stacks) read as
  * loaded and the rest of RAM as zero. State that must survive one lives in

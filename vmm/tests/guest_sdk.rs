@@ -660,3 +660,26 @@ fn sdk_register_accessors_survive_the_optimiser_and_a_hostile_sweep() {
     );
     assert!(o.status.success());
 }
+
+/// Regression (hostile-guest review): the RNIC's MR covered all of
+/// guest-physical space, so ring 3 could READ over the parameter block and
+/// the IDT, copy the page tables out with a WRITE and place its rings in
+/// the VMM's boot region (and from there take over ring 0). The device
+/// reaches only the program's RAM now; see the program for each case.
+#[test]
+fn the_rnic_cannot_reach_the_vmms_boot_region() {
+    let dir = scratch("reserved_region");
+    let prog = dir.join("reserved_region");
+    cc(
+        Path::new("vmm/tests/guest_progs/reserved_region.c"),
+        &prog,
+        &[],
+    );
+    let (r, o) = run(&prog, &["--vcpus", "1", "--timeout", "60"]);
+    assert_eq!(
+        r["guest_result"],
+        "pass",
+        "{r}\nstderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
