@@ -2,10 +2,17 @@
 //! region, never populated up front.
 //!
 //! Each region has a *current* mapping (what KVM's memslot points at) and
-//! possibly *retired* ones: a teardown gives the region a fresh mapping in
-//! O(1) (KVM's memslot is moved to it) and the old one is released later,
-//! in batches, by the mmu's reclaimer (`release_retired`, then
-//! `drop_retired` once every page of it is gone).
+//! possibly *retired* ones holding the pages of earlier generations. A
+//! teardown of private anonymous RAM keeps the current mapping and moves its
+//! pages out to a retired range (`retire_in_place`: `mremap` with
+//! `MREMAP_DONTUNMAP`, chunk by chunk, vCPUs running; the range stays
+//! registered with userfaultfd, so the guest next sees fresh memory); those
+//! are given back by `release_moved` on the KVM mirror's releaser thread.
+//! Shared backings instead get a fresh mapping (`swap`; KVM's memslot is
+//! moved to it with the vCPUs paused) and the old one is released by the
+//! mmu's reclaimer (`release_retired`, then `drop_retired`). Tests:
+//! `teardown::stamped_writers_see_no_stale_page_and_lose_no_write`,
+//! `kvm::memfd_backing_runs_the_same_guest`, `kvm::teardown_while_*`.
 
 use crate::payload::BootImage;
 use crate::uffd::{UffdError, Userfault};

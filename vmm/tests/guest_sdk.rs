@@ -635,3 +635,28 @@ fn the_control_socket_invalidates_and_tears_down_a_programs_memory_at_host_barri
         assert!(console.contains(line), "{console}");
     }
 }
+
+/// Regression (hostile-guest review): the SDK's register accessors were
+/// plain volatile stores, which GCC 12 at -O2 compiled to `movq %xmm,
+/// (mmio)` in this program; KVM cannot emulate that and vCPU 0 died with
+/// "KVM internal error". The sweep itself (every register width and
+/// offset, bad rings, wild doorbells, reset storms, a valid WRITE after
+/// each group) must leave the device working.
+#[test]
+fn sdk_register_accessors_survive_the_optimiser_and_a_hostile_sweep() {
+    let dir = scratch("register_sweep");
+    let prog = dir.join("register_sweep");
+    cc(
+        Path::new("vmm/tests/guest_progs/register_sweep.c"),
+        &prog,
+        &[],
+    );
+    let (r, o) = run(&prog, &["--vcpus", "2"]);
+    assert_eq!(
+        r["guest_result"],
+        "pass",
+        "{r}\nstderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success());
+}

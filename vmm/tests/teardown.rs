@@ -80,3 +80,40 @@ fn stamped_writers_see_no_stale_page_and_lose_no_write() {
         r.faults_tracked, r.stats.faults_deferred
     );
 }
+
+/// Shared memory cannot move its pages out in place (the file would still
+/// show them): its teardowns pause the vCPUs and move the memslots to
+/// fresh mappings. Same stamped-writer checks, 64 MiB of memfd RAM.
+#[test]
+fn shared_memory_teardowns_move_memslots_and_lose_no_write() {
+    let cfg = VmConfig {
+        guest: GuestConfig::Builtin(Guest::Writer),
+        memory: 64 << 20,
+        vcpus: 2,
+        rounds: 0,
+        backing: vmm::memory::Backing::Memfd,
+        rnic: RnicChoice::None,
+        console: Sink::Buffer(Default::default()),
+        ..VmConfig::default()
+    };
+    let mut vm = Vm::new(cfg).expect("VM");
+    let h = vm.handle();
+    vm.start().expect("start");
+    let mut teardowns = 0;
+    while teardowns < 20 {
+        std::thread::sleep(Duration::from_millis(15));
+        h.teardown().expect("teardown");
+        teardowns += 1;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    h.request_stop();
+    let r = vm.wait(Some(Duration::from_secs(60)));
+    assert_eq!(r.exit, "guest-done", "{r:?}");
+    let (stale, lost) = (
+        field(&r, 0, "stale") + field(&r, 1, "stale"),
+        field(&r, 0, "lost") + field(&r, 1, "lost"),
+    );
+    assert_eq!((stale, lost), (0, 0), "stale pages / lost writes: {r:?}");
+    assert!(r.stats.kvm_slot_moves >= 20, "{r:?}");
+    assert!(r.stats.teardown_pause_ns_max > 0);
+}

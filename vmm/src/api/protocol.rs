@@ -105,14 +105,6 @@ pub enum Request {
     Shutdown,
 }
 
-impl Request {
-    /// Whether serving it may wait on the guest's memory (madvise, the
-    /// fault thread, vCPU pauses): such requests run off the event loop.
-    pub fn may_block(&self) -> bool {
-        !matches!(self, Request::Shutdown)
-    }
-}
-
 /// What a successful request answers (besides `"ok":true`).
 #[derive(Debug, Serialize)]
 #[serde(untagged)]

@@ -122,6 +122,8 @@ pub struct TeardownBench {
     /// Empty KVM's shadow tables through a throwaway memslot first (for
     /// comparison; off in the product).
     pub prezap: bool,
+    /// What backs guest RAM (shared backings take the paused path).
+    pub backing: crate::memory::Backing,
 }
 
 /// What one repetition measured (nanoseconds unless named otherwise).
@@ -135,6 +137,7 @@ struct Rep {
     retire: u64,
     chunk_max: u64,
     pause: u64,
+    kick: u64,
     mmu_rnic: u64,
     release: u64,
     progress_ratio: f64,
@@ -320,6 +323,7 @@ fn repetition(h: &VmHandle, marks: &mut Marks, method: Method, memory: u64) -> R
     rep.retire = parts.retire_ns;
     rep.chunk_max = parts.chunk_max_ns;
     rep.pause = parts.pause_ns;
+    rep.kick = parts.kick_ns;
     rep.mmu_rnic = rep.complete.saturating_sub(rep.kvm + rep.prezap);
     // Release: every retired mapping given back.
     wait_until("retired memory to be given back", limit, || {
@@ -372,6 +376,7 @@ fn size_and_mirrors(
         vcpus: o.vcpus,
         rounds: 0,
         rnic: RnicChoice::None,
+        backing: o.backing,
         console: Sink::Buffer(Default::default()),
         ..VmConfig::default()
     };
@@ -419,7 +424,7 @@ fn size_and_mirrors(
                 );
                 reps.push(r);
             }
-            let mut row = summarize(memory, method, mirrors, &reps);
+            let mut row = summarize(memory, method, mirrors, o.backing, &reps);
             row.0["rnic_mr_fenced"] = fenced.into();
             emit(o.json, &row.0);
             rows.push(row.1);
@@ -438,7 +443,13 @@ fn size_and_mirrors(
     Ok(())
 }
 
-fn summarize(memory: u64, method: Method, mirrors: Mirrors, reps: &[Rep]) -> (Value, Row) {
+fn summarize(
+    memory: u64,
+    method: Method,
+    mirrors: Mirrors,
+    backing: crate::memory::Backing,
+    reps: &[Rep],
+) -> (Value, Row) {
     let col = |f: fn(&Rep) -> u64| reps.iter().map(f).collect::<Vec<_>>();
     let p50 = |f: fn(&Rep) -> u64| quantile(col(f), 0.5);
     let p99 = |f: fn(&Rep) -> u64| quantile(col(f), 0.99);
@@ -447,6 +458,7 @@ fn summarize(memory: u64, method: Method, mirrors: Mirrors, reps: &[Rep]) -> (Va
         "memory_bytes": memory,
         "method": method.name(),
         "mirrors": mirrors.name(),
+        "backing": backing.as_str(),
         "reps": reps.len(),
         "stall_ns_p50": p50(|r| r.stall),
         "stall_ns_p99": p99(|r| r.stall),
@@ -458,6 +470,7 @@ fn summarize(memory: u64, method: Method, mirrors: Mirrors, reps: &[Rep]) -> (Va
         "retire_ns_p50": p50(|r| r.retire),
         "retire_chunk_max_ns_p50": p50(|r| r.chunk_max),
         "pause_ns_p50": p50(|r| r.pause),
+        "pause_kick_ns_p50": p50(|r| r.kick),
         "mmu_rnic_ns_p50": p50(|r| r.mmu_rnic),
         "release_ns_p50": p50(|r| r.release),
         "progress_ratio_p50": median_f(reps.iter().map(|r| r.progress_ratio).collect()),

@@ -127,6 +127,9 @@ struct QpCtx {
     /// queue (ring-sized) and execution held then, plus one ring posted by
     /// the doorbell: `2 * sq_size + 1`.
     writes: VecDeque<Posted>,
+    /// A queue pair already connected over RoCE (`roce.rs`), taken by the
+    /// next enable.
+    preconnected: Option<Qp>,
 }
 
 impl QpCtx {
@@ -149,6 +152,7 @@ impl QpCtx {
             cq_overrun: false,
             posted: 0,
             writes: VecDeque::new(),
+            preconnected: None,
         }
     }
 }
@@ -184,6 +188,8 @@ pub struct RnicDevice {
     seen: Vec<AtomicU64>,
     qps: Vec<Mutex<QpCtx>>,
     pub stats: RnicDeviceStats,
+    /// Set when queue pairs reach another odpvm over RoCEv2.
+    roce: parking_lot::RwLock<Option<super::roce::RoceRemote>>,
 }
 
 fn u32_of(data: &[u8]) -> Option<u32> {
@@ -242,6 +248,7 @@ impl RnicDevice {
             mr,
             window,
             guest_peer: parking_lot::RwLock::new(None),
+            roce: parking_lot::RwLock::new(None),
             seen,
             qps,
             stats: RnicDeviceStats::default(),
@@ -279,8 +286,30 @@ impl RnicDevice {
             self.window.peer().detach(qpn);
         }
         q.guest_peer_qp = None;
+        // A RoCE connection cannot be re-made from here: a healthy
+        // connected QP (and its CQ, drained) survives the reset; one in
+        // the error state is dropped and the bank stays unconnected.
+        let keep = match q.preconnected.take().or_else(|| q.qp.take()) {
+            Some(qp) if self.roce.read().is_some() && !qp.in_error() => Some(qp),
+            _ => None,
+        };
         q.qp = None;
-        *q = QpCtx::new(self.rnic.create_cq(CQ_DEPTH));
+        let cq = match keep {
+            Some(_) => {
+                let mut sink = [Wc {
+                    wr_id: 0,
+                    status: WcStatus::Success,
+                    opcode: WcOpcode::Send,
+                    byte_len: 0,
+                    qp_num: 0,
+                }; 64];
+                while q.cq.poll(&mut sink) > 0 {}
+                q.cq.clone()
+            }
+            None => self.rnic.create_cq(CQ_DEPTH),
+        };
+        *q = QpCtx::new(cq);
+        q.preconnected = keep;
         self.stats.resets.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -299,6 +328,11 @@ impl RnicDevice {
             || !self.ring_ok(q.rq_base, q.rq_size, RQE_SIZE)
         {
             return self.device_error(q, ERR_BAD_RING);
+        }
+        if let Some(qp) = q.preconnected.take() {
+            q.qp = Some(qp);
+            q.enabled = true;
+            return;
         }
         let caps = QpCaps {
             max_send_wr: q.sq_size as usize,
@@ -488,6 +522,15 @@ impl RnicDevice {
                 REG_VERSION => u64::from(RNIC_VERSION),
                 REG_NUM_QPS => self.qps.len() as u64,
                 REG_LKEY => u64::from(self.mr.lkey()),
+                REG_PEER_ADDR | REG_PEER_LEN | REG_PEER_RKEY if self.roce.read().is_some() => {
+                    let r = self.roce.read();
+                    let w = &r.as_ref().expect("checked").window;
+                    match offset {
+                        REG_PEER_ADDR => w.base,
+                        REG_PEER_LEN => w.len,
+                        _ => u64::from(w.rkey),
+                    }
+                }
                 REG_PEER_ADDR | REG_PEER_LEN | REG_PEER_RKEY => {
                     let g = self.guest_peer.read();
                     match (offset, g.as_ref()) {
@@ -583,8 +626,14 @@ impl RnicDevice {
             QP_SQ_SIZE => q.sq_size = v as u32,
             QP_RQ_BASE => q.rq_base = v,
             QP_RQ_SIZE => q.rq_size = v as u32,
-            QP_SQ_PI => self.send_doorbell(q, v as u32),
-            QP_RQ_PI => self.recv_doorbell(q, v as u32),
+            QP_SQ_PI => {
+                self.send_doorbell(q, v as u32);
+                self.kick_roce();
+            }
+            QP_RQ_PI => {
+                self.recv_doorbell(q, v as u32);
+                self.kick_roce();
+            }
             QP_CQ_POP => {
                 q.cqes.pop_front();
             }
@@ -634,6 +683,62 @@ impl RnicDevice {
             mem,
         });
         Ok(())
+    }
+
+    /// Queue pairs go to another odpvm over RoCE: one QP per bank is
+    /// created now (on the bank's CQ) and handed to `connect`, which
+    /// returns the link; the guest's next enable of a bank takes its QP.
+    /// A reset drops it (the connection is not re-established).
+    pub(super) fn attach_roce(
+        &self,
+        connect: impl FnOnce(&Pd, &[&Qp]) -> Result<super::roce::RoceRemote, String>,
+    ) -> Result<(), String> {
+        let caps = QpCaps {
+            max_send_wr: MAX_RING as usize,
+            max_recv_wr: MAX_RING as usize,
+            max_sge: 1,
+            rnr_retry: 7,
+            ..QpCaps::default()
+        };
+        let mut qps = Vec::with_capacity(self.qps.len());
+        for q in &self.qps {
+            let cq = q.lock().cq.clone();
+            qps.push(
+                self.rnic
+                    .create_qp(&self.pd, &cq, &cq, caps)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let remote = connect(&self.pd, &qps.iter().collect::<Vec<_>>())?;
+        for (q, qp) in self.qps.iter().zip(qps) {
+            q.lock().preconnected = Some(qp);
+        }
+        *self.roce.write() = Some(remote);
+        Ok(())
+    }
+
+    /// Take the RoCE-connected queue pairs (with their CQs) away from the
+    /// guest, for the host to drive (`odpvm run --roce-echo` answers the
+    /// peer's SENDs for an idle guest).
+    pub fn take_roce_qps(&self) -> Vec<(Qp, Cq)> {
+        self.qps
+            .iter()
+            .filter_map(|q| {
+                let mut q = q.lock();
+                let cq = q.cq.clone();
+                q.preconnected.take().map(|qp| (qp, cq))
+            })
+            .collect()
+    }
+
+    fn kick_roce(&self) {
+        if let Some(r) = self.roce.read().as_ref() {
+            r.port.kick();
+        }
+    }
+
+    pub fn roce(&self) -> parking_lot::RwLockReadGuard<'_, Option<super::roce::RoceRemote>> {
+        self.roce.read()
     }
 
     pub fn peer(&self) -> &Arc<HostPeer> {

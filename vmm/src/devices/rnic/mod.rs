@@ -65,6 +65,7 @@ pub mod abi;
 mod device;
 pub mod fuzz;
 mod peer;
+pub mod roce;
 
 pub use abi::*;
 pub use device::{
