@@ -1,8 +1,13 @@
 //! Teardown cost: generation bump (O(1)) against the zap-everything walk
 //! (O(n)), for tables of any size, plus the reclaimer's lock holds and what
-//! a concurrent fault waits meanwhile.
+//! a concurrent fault waits meanwhile — beside the scheduling delay of an
+//! idle control thread measured at the same time, so host preemption is
+//! told apart from waits the design causes.
 //!
-//! cargo run --release -p mmu --example teardown -- --sizes 1G,64G --json
+//! cargo run --release -p mmu --example teardown -- --sizes 1G,64G --lock spin,mutex
+//!
+//! 1 TiB of 4 KiB entries needs about 2.1 GiB of leaves; check free memory
+//! first.
 
 use clap::Parser;
 use mmu::hist::Histogram;
@@ -17,16 +22,16 @@ struct Args {
     /// Guest memory sizes to map fully with 4 KiB entries (K, M, G, T suffixes).
     #[arg(long, value_delimiter = ',', default_value = "1G,64G")]
     sizes: Vec<String>,
-    /// Lock policy: spin or mutex.
-    #[arg(long, default_value = "spin")]
-    lock: LockPolicy,
+    /// Lock policies to measure, in turn: spin, mutex or both.
+    #[arg(long, value_delimiter = ',', default_value = "spin")]
+    lock: Vec<LockPolicy>,
     /// Repetitions per size (medians are reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Leaves detached per reclaimer lock hold.
     #[arg(long, default_value_t = 10)]
     reclaim_batch: usize,
-    /// Print one JSON object per size instead of a table.
+    /// Print one JSON object per (lock, size) instead of tables.
     #[arg(long)]
     json: bool,
 }
@@ -69,6 +74,8 @@ const HVA: u64 = 1 << 44;
 /// A small region a concurrent "vCPU" keeps faulting in.
 const PROBE_GPA: u64 = 0;
 const PROBE_PAGES: u64 = 4096;
+/// How long the idle control thread sleeps between wake-ups.
+const IDLE_SLEEP: Duration = Duration::from_micros(200);
 
 fn fill(m: &Mmu, size: u64) {
     let mut out = Vec::with_capacity(512);
@@ -99,12 +106,28 @@ fn median(v: &mut [u64]) -> u64 {
     v[v.len() / 2]
 }
 
-/// Fault latencies of a concurrent prober while `phase` runs.
-fn with_prober<T>(m: &Arc<Mmu>, phase: impl FnOnce() -> T) -> (T, Histogram) {
+/// Latencies seen while one phase ran: a concurrent fault (the "vCPU"),
+/// and how late an idle control thread woke up from a short sleep.
+#[derive(Default)]
+struct Seen {
+    fault: Histogram,
+    idle: Histogram,
+}
+
+impl Seen {
+    fn merge(&self, other: &Seen) {
+        self.fault.merge_from(&other.fault);
+        self.idle.merge_from(&other.idle);
+    }
+}
+
+/// Run `phase` with a prober faulting in pages and an idle thread timing
+/// its wake-ups.
+fn observed<T>(m: &Arc<Mmu>, phase: impl FnOnce() -> T) -> (T, Seen) {
     let stop = Arc::new(AtomicBool::new(false));
-    let hist = Arc::new(Histogram::new());
+    let seen = Arc::new(Seen::default());
     let prober = {
-        let (m, stop, hist) = (m.clone(), stop.clone(), hist.clone());
+        let (m, stop, seen) = (m.clone(), stop.clone(), seen.clone());
         std::thread::spawn(move || {
             let mut page = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -115,8 +138,19 @@ fn with_prober<T>(m: &Arc<Mmu>, phase: impl FnOnce() -> T) -> (T, Histogram) {
                     Ok(())
                 })
                 .unwrap();
-                hist.record(t0.elapsed().as_nanos() as u64);
+                seen.fault.record(t0.elapsed().as_nanos() as u64);
                 page += 1;
+            }
+        })
+    };
+    let idle = {
+        let (stop, seen) = (stop.clone(), seen.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                std::thread::sleep(IDLE_SLEEP);
+                let late = t0.elapsed().saturating_sub(IDLE_SLEEP);
+                seen.idle.record(late.as_nanos() as u64);
             }
         })
     };
@@ -124,8 +158,83 @@ fn with_prober<T>(m: &Arc<Mmu>, phase: impl FnOnce() -> T) -> (T, Histogram) {
     let r = phase();
     stop.store(true, Ordering::Relaxed);
     prober.join().unwrap();
-    let hist = Arc::try_unwrap(hist).unwrap_or_default();
-    (r, hist)
+    idle.join().unwrap();
+    let seen = Arc::try_unwrap(seen).unwrap_or_default();
+    (r, seen)
+}
+
+fn wait_reclaimed(m: &Mmu) {
+    while m.reclaim_pending() {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// One (lock policy, size) measurement.
+struct Row {
+    lock: LockPolicy,
+    size: u64,
+    gen_ns: Vec<u64>,
+    walk_ns: Vec<u64>,
+    reclaim_hold: Histogram,
+    reclaim: Seen,
+    walk: Seen,
+    notices: u64,
+}
+
+fn measure(args: &Args, lock: LockPolicy, size: u64, evict: &mut [u8]) -> Result<Row, Error> {
+    let m = Mmu::new(Config {
+        lock,
+        reclaim_batch: args.reclaim_batch,
+        ..Config::default()
+    })?;
+    m.add_region(RegionSpec {
+        name: "probe".into(),
+        gpa: PROBE_GPA,
+        size: PROBE_PAGES * PAGE_SIZE,
+        hva: HVA,
+    })?;
+    m.add_region(RegionSpec {
+        name: "ram".into(),
+        gpa: BASE,
+        size,
+        hva: HVA + BASE,
+    })?;
+    let counter = Arc::new(Counter(AtomicU64::new(0)));
+    m.register_mirror(counter.clone());
+    let mut row = Row {
+        lock,
+        size,
+        gen_ns: Vec::new(),
+        walk_ns: Vec::new(),
+        reclaim_hold: Histogram::new(),
+        reclaim: Seen::default(),
+        walk: Seen::default(),
+        notices: 0,
+    };
+    for _ in 0..args.reps.max(1) {
+        fill(&m, size);
+        m.stats().reset_histograms();
+        evict_caches(evict);
+        row.gen_ns.push(m.teardown_all()?.ns);
+        // The background reclaimer frees the old generation while the
+        // prober keeps faulting.
+        let ((), seen) = observed(&m, || wait_reclaimed(&m));
+        row.reclaim.merge(&seen);
+        row.reclaim_hold.merge_from(m.stats().reclaim_holds());
+        fill(&m, size);
+        evict_caches(evict);
+        let (walk, seen) = observed(&m, || m.teardown_all_by_walk());
+        row.walk_ns.push(walk?.ns);
+        row.walk.merge(&seen);
+        wait_reclaimed(&m);
+    }
+    row.notices = counter.0.load(Ordering::Relaxed);
+    Ok(row)
+}
+
+fn quantiles(h: &Histogram) -> [u64; 4] {
+    let s = h.summary();
+    [s.p50, s.p99, s.p999, s.max]
 }
 
 fn main() {
@@ -137,113 +246,125 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if !args.json {
-        println!(
-            "{:>8} {:>11} {:>12} {:>14} {:>9} {:>15} {:>18} {:>16}",
-            "size",
-            "entries",
-            "gen_ns",
-            "walk_ns",
-            "walk/gen",
-            "reclaim p99.9",
-            "fault max reclaim",
-            "fault max walk"
-        );
-    }
-    for size in sizes {
-        let m = Mmu::new(Config {
-            lock: args.lock,
-            reclaim_batch: args.reclaim_batch,
-            ..Config::default()
-        })
-        .unwrap();
-        m.add_region(RegionSpec {
-            name: "probe".into(),
-            gpa: PROBE_GPA,
-            size: PROBE_PAGES * PAGE_SIZE,
-            hva: HVA,
-        })
-        .unwrap();
-        m.add_region(RegionSpec {
-            name: "ram".into(),
-            gpa: BASE,
-            size,
-            hva: HVA + BASE,
-        })
-        .unwrap();
-        let counter = Arc::new(Counter(AtomicU64::new(0)));
-        m.register_mirror(counter.clone());
-        let reps = args.reps.max(1);
-        let (mut gen_ns, mut walk_ns) = (Vec::new(), Vec::new());
-        let reclaim_hold = Histogram::new();
-        let (mut fault_max_reclaim, mut fault_max_walk) = (0u64, 0u64);
-        let mut evict = vec![0u8; 128 << 20];
-        for _ in 0..reps {
-            fill(&m, size);
-            m.stats().reset_histograms();
-            evict_caches(&mut evict);
-            gen_ns.push(m.teardown_all().unwrap().ns);
-            let ((), probe) = with_prober(&m, || {
-                // The background reclaimer frees the old generation while
-                // the prober keeps faulting.
-                while m.reclaim_pending() {
-                    std::thread::sleep(Duration::from_micros(200));
+    let mut evict = vec![0u8; 128 << 20];
+    let mut rows = Vec::new();
+    for &lock in &args.lock {
+        for &size in &sizes {
+            match measure(&args, lock, size, &mut evict) {
+                Ok(row) => rows.push(row),
+                Err(e) => {
+                    eprintln!("teardown: {e}");
+                    std::process::exit(1);
                 }
-            });
-            fault_max_reclaim = fault_max_reclaim.max(probe.summary().max);
-            reclaim_hold.merge_from(m.stats().reclaim_holds());
-            fill(&m, size);
-            evict_caches(&mut evict);
-            let ((), probe) = with_prober(&m, || {
-                walk_ns.push(m.teardown_all_by_walk().unwrap().ns);
-            });
-            fault_max_walk = fault_max_walk.max(probe.summary().max);
-            while m.reclaim_pending() {
-                std::thread::sleep(Duration::from_micros(200));
             }
         }
-        let entries = size / PAGE_SIZE;
-        let samples = gen_ns.clone();
-        let (g, w) = (median(&mut gen_ns), median(&mut walk_ns));
-        let r = reclaim_hold.summary();
-        if args.json {
+    }
+    if args.json {
+        for r in &rows {
+            print_json(r);
+        }
+    } else {
+        print_tables(&rows);
+    }
+}
+
+fn print_json(r: &Row) {
+    let (mut g, mut w) = (r.gen_ns.clone(), r.walk_ns.clone());
+    let (g, w) = (median(&mut g), median(&mut w));
+    let hold = r.reclaim_hold.summary();
+    let q = |h: &Histogram| {
+        let [p50, p99, p999, max] = quantiles(h);
+        serde_json::json!({"p50": p50, "p99": p99, "p999": p999, "max": max})
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "lock": r.lock.as_str(),
+            "size_bytes": r.size,
+            "entries": r.size / PAGE_SIZE,
+            "gen_teardown_ns": g,
+            "gen_teardown_ns_samples": r.gen_ns,
+            "walk_teardown_ns": w,
+            "walk_over_gen": w as f64 / g.max(1) as f64,
+            "reclaim_hold_ns_p999": hold.p999,
+            "reclaim_hold_ns_max": hold.max,
+            "reclaim_holds": hold.count,
+            "fault_ns_during_reclaim": q(&r.reclaim.fault),
+            "idle_delay_ns_during_reclaim": q(&r.reclaim.idle),
+            "fault_ns_during_walk": q(&r.walk.fault),
+            "idle_delay_ns_during_walk": q(&r.walk.idle),
+            "mirror_notices": r.notices,
+            "reps": r.gen_ns.len(),
+        })
+    );
+}
+
+fn print_tables(rows: &[Row]) {
+    println!(
+        "{:>5} {:>6} {:>11} {:>9} {:>12} {:>9} {:>13} {:>12}",
+        "lock", "size", "entries", "gen_ns", "walk_ns", "walk/gen", "hold p99.9", "hold max"
+    );
+    let base = rows.first().map(|r| median(&mut r.gen_ns.clone()));
+    for r in rows {
+        let (g, w) = (
+            median(&mut r.gen_ns.clone()),
+            median(&mut r.walk_ns.clone()),
+        );
+        let hold = r.reclaim_hold.summary();
+        println!(
+            "{:>5} {:>6} {:>11} {:>9} {:>12} {:>9.0} {:>13} {:>12}",
+            r.lock.as_str(),
+            human(r.size),
+            r.size / PAGE_SIZE,
+            g,
+            w,
+            w as f64 / g.max(1) as f64,
+            hold.p999,
+            hold.max
+        );
+    }
+    if let (Some(base), Some(last)) = (base, rows.last()) {
+        let g = median(&mut last.gen_ns.clone());
+        println!(
+            "gen teardown, last row over first: {:.2}x",
+            g as f64 / base.max(1) as f64
+        );
+    }
+    println!();
+    println!(
+        "{:>5} {:>6} {:>8} | {:>31} | {:>31}",
+        "", "", "", "concurrent fault wait, ns", "idle thread wake-up delay, ns"
+    );
+    println!(
+        "{:>5} {:>6} {:>8} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} {:>7}",
+        "lock", "size", "phase", "p50", "p99", "p99.9", "max", "p50", "p99", "p99.9", "max"
+    );
+    for r in rows {
+        for (phase, seen) in [("reclaim", &r.reclaim), ("walk", &r.walk)] {
+            let f = quantiles(&seen.fault);
+            let i = quantiles(&seen.idle);
             println!(
-                "{}",
-                serde_json::json!({
-                    "size_bytes": size,
-                    "entries": entries,
-                    "gen_teardown_ns": g,
-                    "gen_teardown_ns_samples": samples,
-                    "walk_teardown_ns": w,
-                    "walk_over_gen": w as f64 / g.max(1) as f64,
-                    "reclaim_hold_ns_p999": r.p999,
-                    "reclaim_hold_ns_max": r.max,
-                    "reclaim_holds": r.count,
-                    "fault_ns_max_during_reclaim": fault_max_reclaim,
-                    "fault_ns_max_during_walk": fault_max_walk,
-                    "mirror_notices": counter.0.load(Ordering::Relaxed),
-                    "reps": reps,
-                    "lock": args.lock.as_str(),
-                })
-            );
-        } else {
-            println!(
-                "{:>8} {:>11} {:>12} {:>14} {:>9.0} {:>15} {:>18} {:>16}",
-                human(size),
-                entries,
-                g,
-                w,
-                w as f64 / g.max(1) as f64,
-                r.p999,
-                fault_max_reclaim,
-                fault_max_walk
+                "{:>5} {:>6} {:>8} | {:>7} {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} {:>7}",
+                r.lock.as_str(),
+                human(r.size),
+                phase,
+                f[0],
+                f[1],
+                f[2],
+                f[3],
+                i[0],
+                i[1],
+                i[2],
+                i[3]
             );
         }
     }
 }
 
 fn human(b: u64) -> String {
-    if b >= 1 << 30 {
+    if b >= 1 << 40 {
+        format!("{}T", b >> 40)
+    } else if b >= 1 << 30 {
         format!("{}G", b >> 30)
     } else {
         format!("{}M", b >> 20)

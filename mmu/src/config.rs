@@ -18,7 +18,7 @@ pub struct Config {
     /// 4 KiB entries examined per lock hold while zapping a range.
     pub zap_batch: usize,
     /// Run the reclaimer on its own thread (otherwise call
-    /// [`Mmu::reclaim_step`]).
+    /// [`Mmu::reclaim_step`](crate::Mmu::reclaim_step)).
     pub background_reclaim: bool,
     /// `fault_in` gives up after this many consecutive races.
     pub max_fault_retries: u32,

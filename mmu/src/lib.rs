@@ -26,7 +26,8 @@
 //!
 //! One lock, the *mmu lock*, protects the region list, every table, the
 //! sequence number, the in-flight and recently-ended invalidations, the
-//! mirror list pointer, and the leaf free/obsolete lists. It is a
+//! mirror list pointer, the leaf free/obsolete lists and which thread runs
+//! the reclaim step. It is a
 //! **spinlock** ([`LockPolicy::Spin`]; [`LockPolicy::Mutex`] exists for
 //! comparison) and every hold is short and bounded:
 //!
@@ -37,7 +38,7 @@
 //! | invalidation start / end      | take or drop one in-flight slot (≤ 64), log it         |
 //! | invalidation zap              | ≤ `zap_batch` entries examined                         |
 //! | teardown                      | one generation bump per region (≤ 64 regions)          |
-//! | reclaim                       | ≤ `reclaim_batch` leaves detached, ≤ `reclaim_scan` slots examined |
+//! | reclaim                       | ≤ `reclaim_batch` leaves detached, ≤ `reclaim_scan` slots examined; then ≤ 256 leaves recycled |
 //!
 //! **Never under the lock:** calling a mirror, calling a resolver, sleeping,
 //! waiting for anything, allocating or freeing memory (leaves are allocated

@@ -50,14 +50,16 @@ pub trait Mirror: Send + Sync {
 
     /// The reclaimer freed obsolete translations (older generations). For a
     /// `Backing` mirror that gave every generation its own host memory,
-    /// `extents` is memory it may now release. Called in batches, never
-    /// under the lock.
+    /// `extents` is memory it may now release: every mirror's
+    /// `invalidate_wait` for the teardown that made them obsolete has
+    /// returned. Called in batches, one reclaim step at a time, never under
+    /// the lock.
     fn reclaimed(&self, extents: &[Extent]) {
         let _ = extents;
     }
 
     /// Every translation of `region` older than generation `below` has been
-    /// reclaimed (all batches reported through `reclaimed`).
+    /// reclaimed: every `reclaimed` batch of them has returned.
     fn generation_reclaimed(&self, region: RegionId, below: u64) {
         let _ = (region, below);
     }

@@ -13,6 +13,8 @@ pub struct RnicStats {
     pub(crate) invalidations_skipped: AtomicU64,
     pub(crate) generations: AtomicU64,
     pub(crate) fenced_mrs: AtomicU64,
+    pub(crate) mr_recoveries: AtomicU64,
+    pub(crate) cq_overruns: AtomicU64,
     pub(crate) bytes_moved: AtomicU64,
     pub(crate) wqes: AtomicU64,
     pub(crate) wc_errors: AtomicU64,
@@ -37,6 +39,10 @@ pub struct RnicStatsSnapshot {
     pub invalidations_skipped: u64,
     pub generations: u64,
     pub fenced_mrs: u64,
+    /// Fenced MRs re-registered after their device answered again.
+    pub mr_recoveries: u64,
+    /// Queue pairs put in error because a CQ they complete into overran.
+    pub cq_overruns: u64,
     pub bytes_moved: u64,
     pub wqes: u64,
     pub wc_errors: u64,
@@ -64,6 +70,8 @@ impl RnicStats {
             invalidations_skipped: g(&self.invalidations_skipped),
             generations: g(&self.generations),
             fenced_mrs: g(&self.fenced_mrs),
+            mr_recoveries: g(&self.mr_recoveries),
+            cq_overruns: g(&self.cq_overruns),
             bytes_moved: g(&self.bytes_moved),
             wqes: g(&self.wqes),
             wc_errors: g(&self.wc_errors),

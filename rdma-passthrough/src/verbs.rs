@@ -171,6 +171,10 @@ pub struct QpCaps {
     /// Receiver-not-ready retries before RNR_RETRY_EXC_ERR (7 = forever,
     /// as in IB).
     pub rnr_retry: u8,
+    /// As a responder: the IBTA-encoded RNR timer this QP's "receiver not
+    /// ready" NAKs carry (`min_rnr_timer`, see [`rnr_timer`]); the requester
+    /// waits that long before it retries.
+    pub min_rnr_timer: u8,
 }
 
 impl Default for QpCaps {
@@ -180,8 +184,22 @@ impl Default for QpCaps {
             max_recv_wr: 256,
             max_sge: 16,
             rnr_retry: 7,
+            min_rnr_timer: 12,
         }
     }
+}
+
+/// The RNR NAK timer of IBTA table 45 (`ibv_qp_attr::min_rnr_timer`): a
+/// 5-bit code for how long a requester waits before retrying a SEND the
+/// responder had no receive for. Code 0 is the longest (655.36 ms); codes
+/// above 31 are read modulo 32, as the field is 5 bits wide.
+pub fn rnr_timer(code: u8) -> std::time::Duration {
+    /// In units of 10 µs, by code.
+    const TENS_OF_US: [u64; 32] = [
+        65536, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+        1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152,
+    ];
+    std::time::Duration::from_micros(10 * TENS_OF_US[usize::from(code & 31)])
 }
 
 /// Errors returned synchronously by verbs calls (`errno`-like).

@@ -359,8 +359,8 @@ fn capture_parses_with_scapy_and_icrc_verifies() {
         .post_send(&ea.qp, write(9, vec![sge(a.base, 8, &ma)], b.base, 0xbad))
         .unwrap();
     assert_eq!(one(&ea.cq, T).status, WcStatus::RemAccessErr);
-    let (sa, sb) = (a.port.stats(), b.port.stats());
     std::thread::sleep(Duration::from_millis(300));
+    let (sa, sb) = (a.port.stats(), b.port.stats());
     // SAFETY: signalling the tcpdump child this test started.
     unsafe { libc::kill(dump.id() as i32, libc::SIGINT) };
     dump.wait().unwrap();

@@ -46,7 +46,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Boot a microVM and run a built-in guest or a Linux kernel.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one request to a running VM's control socket.
     Ctl(CtlArgs),
     /// Benchmarks (one JSON object per line with --json).
@@ -116,6 +116,61 @@ pub enum BenchKind {
         /// Message size.
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         msg: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whole-VM teardown against memory size, as a running guest feels it:
+    /// guest stall, completion and each mirror's share, release time,
+    /// guest progress; methods generation / invalidate-all / walk, mirrors
+    /// kvm / rnic / kvm+rnic. Progress on stderr.
+    Teardown {
+        /// Guest RAM sizes, comma-separated (all of it written by the
+        /// running guest before each measurement).
+        #[arg(long, default_value = "256M,1G,4G,16G", value_delimiter = ',', value_parser = parse_size)]
+        memory: Vec<u64>,
+        /// Methods: generation, invalidate-all, walk.
+        #[arg(
+            long,
+            default_value = "generation,invalidate-all,walk",
+            value_delimiter = ','
+        )]
+        methods: Vec<crate::bench::teardown::Method>,
+        /// Mirror sets: kvm, rnic, kvm+rnic.
+        #[arg(long, default_value = "kvm,rnic,kvm+rnic", value_delimiter = ',')]
+        mirrors: Vec<crate::bench::teardown::Mirrors>,
+        /// Repetitions per row (p50/p99 over them; at least 5).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        #[arg(long, default_value_t = 2)]
+        vcpus: usize,
+        /// Also draw stall and completion against memory (log-log SVG).
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// First empty KVM's shadow tables through a throwaway memslot,
+        /// vCPUs running (off in the product: measured slower with a busy
+        /// guest, which rebuilds them meanwhile).
+        #[arg(long)]
+        prezap: bool,
+        /// What backs guest RAM: anonymous (moved out in place) or memfd
+        /// (vCPUs paused while memslots move).
+        #[arg(long, default_value = "anonymous")]
+        backing: Backing,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Guest RDMA WRITE/READ between two odpvm processes over RoCEv2 in two
+    /// network namespaces, at 0 % and 1 % real (nftables) loss, beside a
+    /// plain UDP socket pair on the same path. Needs root.
+    Roce {
+        /// Messages per 64 KiB row (4 KiB rows send 8x as many).
+        #[arg(long, default_value_t = 3000)]
+        iters: u64,
+        /// Loss percentages (comma separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,1")]
+        loss: Vec<u32>,
+        /// Invalidate and tear down the responder's memory during traffic.
+        #[arg(long)]
+        churn: bool,
         #[arg(long)]
         json: bool,
     },
@@ -219,6 +274,23 @@ pub struct RunArgs {
     /// Print the final report as one JSON object (the last stdout line).
     #[arg(long)]
     pub json: bool,
+    /// RoCEv2: the RNIC's port at IP[:PORT] (UDP, 4791 by default); guest
+    /// queue pairs then reach another odpvm (see --roce-listen/--roce-connect).
+    #[arg(long, value_parser = crate::roce_run::parse_bind)]
+    pub roce_bind: Option<std::net::SocketAddrV4>,
+    /// RoCEv2: wait for the peer's out-of-band exchange on ADDR:PORT (TCP).
+    #[arg(long, requires = "roce_bind", conflicts_with = "roce_connect")]
+    pub roce_listen: Option<std::net::SocketAddr>,
+    /// RoCEv2: exchange with a peer listening on ADDR:PORT (TCP).
+    #[arg(long, requires = "roce_bind")]
+    pub roce_connect: Option<std::net::SocketAddr>,
+    /// RoCEv2 path MTU: 1024 or 4096.
+    #[arg(long, default_value_t = 4096)]
+    pub roce_mtu: usize,
+    /// RoCEv2: the host answers each SEND from the peer with the same bytes
+    /// (for `--guest idle`; the peer's `send-lat` needs an echo).
+    #[arg(long, requires = "roce_bind")]
+    pub roce_echo: bool,
 }
 
 #[derive(Args, Debug)]
@@ -463,15 +535,36 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
         idle: args.api_idle_timeout,
         ..Default::default()
     };
-    let Outcome { report, signal } =
-        run_vm(config, args.api_sock.as_deref(), limits, args.timeout)?;
+    let roce_args = args.roce_bind.map(|bind| crate::roce_run::RoceArgs {
+        bind,
+        listen: args.roce_listen,
+        connect: args.roce_connect,
+        mtu: args.roce_mtu,
+        echo: args.roce_echo,
+    });
+    let (Outcome { report, signal }, roce) = match &roce_args {
+        None => (
+            run_vm(config, args.api_sock.as_deref(), limits, args.timeout)?,
+            None,
+        ),
+        Some(r) => {
+            let (outcome, link) =
+                crate::roce_run::run(config, args.api_sock.as_deref(), limits, args.timeout, r)?;
+            (outcome, Some(link))
+        }
+    };
     let text = if args.json {
-        format!(
-            "{}\n",
-            serde_json::to_string(&report).map_err(|e| e.to_string())?
-        )
+        let mut v = serde_json::to_value(&report).map_err(|e| e.to_string())?;
+        if let (Some(r), Some(o)) = (&roce, v.as_object_mut()) {
+            o.insert("roce".into(), r.report());
+        }
+        format!("{v}\n")
     } else {
-        human(&report)
+        let mut t = human(&report);
+        if let Some(r) = &roce {
+            t += &format!("roce {}\n", r.report());
+        }
+        t
     };
     print_text(&text).map_err(|e| e.to_string())?;
     if let Some(sig) = signal {
@@ -527,6 +620,43 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
                 budget,
                 json,
                 ..Default::default()
+            })?
+        }
+        BenchKind::Teardown {
+            memory,
+            methods,
+            mirrors,
+            reps,
+            vcpus,
+            plot,
+            prezap,
+            backing,
+            json,
+        } => crate::bench::teardown(&crate::bench::TeardownBench {
+            prezap,
+            backing,
+            sizes: memory,
+            methods,
+            mirrors,
+            reps,
+            vcpus,
+            json,
+            plot,
+        })?,
+        BenchKind::Roce {
+            iters,
+            loss,
+            churn,
+            json,
+        } => {
+            if iters == 0 || loss.iter().any(|&l| l > 100) {
+                return Err("--iters must be positive and --loss percentages at most 100".into());
+            }
+            crate::roce_bench::run(&crate::roce_bench::RoceBench {
+                iters,
+                losses: loss,
+                churn,
+                json,
             })?
         }
     }

@@ -14,9 +14,14 @@
 //! `MADV_DONTNEED` waits until this thread has read the REMOVE event it
 //! generates. So a fault colliding with a range invalidation is deferred
 //! and retried, never waited for. A fault colliding with a teardown that
-//! is replacing the faulting mapping is served without tracking: the page
-//! dies with the retired mapping, and the vCPU must not stay blocked in
-//! the kernel while the teardown pauses vCPUs.
+//! is retiring the faulting region is served without tracking (fresh
+//! memory: a zero page or the boot image's page): when the teardown moves
+//! the old pages out in place, the vCPU must not wait for every chunk of
+//! RAM to move (test `teardown::stamped_writers_see_no_stale_page_and_lose_no_write`);
+//! when it swaps the mapping, the page dies with the retired one and the
+//! vCPU must not stay blocked in the kernel while vCPUs are paused. An
+//! untracked page is never seen by a device (devices fault through the
+//! mmu, which then tracks it) and goes at the next invalidation.
 //!
 //! Supervision: the thread beats a heartbeat on every pass and records why
 //! it can no longer serve the guest (it ended on an error, or guest memory

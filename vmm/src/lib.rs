@@ -42,6 +42,8 @@ pub mod linux;
 pub mod memory;
 pub mod payload;
 pub mod perftest;
+pub mod roce_bench;
+pub mod roce_run;
 pub mod uffd;
 pub mod vm;
 pub mod vstate;

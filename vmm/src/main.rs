@@ -7,7 +7,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => cli::run(args),
+        Command::Run(args) => cli::run(*args),
         Command::Ctl(args) => cli::ctl(args),
         Command::Bench(args) => cli::bench(args),
         Command::Demo(args) => cli::demo(args),

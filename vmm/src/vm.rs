@@ -5,7 +5,7 @@
 
 use crate::devices::rnic::{HostPeer, RnicDevice};
 use crate::devices::serial::{SerialPort, Sink, COM1_IRQ};
-use crate::devices::testdev::{Barrier, TestDevice, VcpuReport};
+use crate::devices::testdev::{Barrier, Epochs, TestDevice, VcpuReport};
 use crate::devices::Devices;
 use crate::fault::{FaultStats, FaultThread, Tracking};
 use crate::kvm_mirror::{KvmMirror, Slot};
@@ -234,6 +234,8 @@ pub struct Core {
     pub gate: Arc<RunGate>,
     pub devices: Arc<Devices>,
     pub mirror: Arc<KvmMirror>,
+    /// The KVM mirror's registration (None once a benchmark detached it).
+    kvm_mirror_id: Mutex<Option<MirrorId>>,
     pub faults: Arc<FaultStats>,
     pub config: VmConfig,
     ends: Mutex<Vec<Option<VcpuEnd>>>,
@@ -253,7 +255,6 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
     fault_thread: Option<FaultThread>,
-    mirror_id: MirrorId,
     boot_ms: f64,
 }
 
@@ -276,7 +277,12 @@ impl Vm {
                 let params = PayloadParams {
                     vcpus: config.vcpus as u64,
                     seed: config.seed,
-                    rounds: config.rounds.max(1),
+                    // 0: `writer` runs until asked to stop.
+                    rounds: if *guest == Guest::Writer {
+                        config.rounds
+                    } else {
+                        config.rounds.max(1)
+                    },
                     work_pages: config.work_pages.unwrap_or(config.memory / PAGE),
                     msg: config.msg,
                     // Bandwidth payloads settle whole signaled batches.
@@ -372,6 +378,7 @@ impl Vm {
             None => None,
         };
         let gate = Arc::new(RunGate::default());
+        let epochs = Arc::new(Epochs::default());
         let slots_len = slots.len();
         let mirror = Arc::new(KvmMirror::new(
             ram.clone(),
@@ -379,6 +386,7 @@ impl Vm {
             gate.clone(),
             slots,
             Arc::downgrade(&mmu),
+            epochs.clone(),
         ));
         let mirror_id = mmu.register_mirror(mirror.clone());
 
@@ -418,7 +426,8 @@ impl Vm {
                     RnicChoice::Shared(nic, peer) => (nic.clone(), peer.clone()),
                     _ => {
                         let nic = rdma_passthrough::EmulatedRnic::new(Default::default());
-                        let peer = HostPeer::new(&nic, PEER_BUFFER).map_err(Error::Config)?;
+                        let peer = HostPeer::new(&nic, PEER_BUFFER)
+                            .map_err(|e| Error::Config(e.to_string()))?;
                         (nic, peer)
                     }
                 };
@@ -431,7 +440,7 @@ impl Vm {
                 let space =
                     rdma_passthrough::AddressSpace::new("guest", mmu.clone(), Arc::new(resolver));
                 let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus)
-                    .map_err(Error::Config)?;
+                    .map_err(|e| Error::Config(e.to_string()))?;
                 (Some(Arc::new(dev)), None)
             }
         };
@@ -439,6 +448,7 @@ impl Vm {
             testdev: Arc::new(TestDevice::with_console(
                 config.vcpus,
                 config.console.clone(),
+                epochs,
             )),
             serial: Some(Arc::new(SerialPort::new(
                 serial_irq,
@@ -483,6 +493,7 @@ impl Vm {
             gate,
             devices,
             mirror,
+            kvm_mirror_id: Mutex::new(Some(mirror_id)),
             ends: Mutex::new(vec![None; config.vcpus]),
             done: Condvar::new(),
             stop_reason: Mutex::new(None),
@@ -495,7 +506,6 @@ impl Vm {
             vcpus,
             threads: Vec::new(),
             fault_thread,
-            mirror_id,
             boot_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -562,7 +572,9 @@ impl Vm {
             .wasted_pages
             .fetch_add(unwritten, Ordering::Relaxed);
         let report = RunReport::new(&self.core, self.boot_ms);
-        let _ = self.core.mmu.unregister_mirror(self.mirror_id);
+        if let Some(id) = self.core.kvm_mirror_id.lock().take() {
+            let _ = self.core.mmu.unregister_mirror(id);
+        }
         self.fault_thread.take();
         report
     }
@@ -619,13 +631,60 @@ impl VmHandle {
         self.0.mmu.invalidate(gpa, len)
     }
 
-    /// O(1) teardown of every translation; returns its latency in ns.
+    /// Teardown of every translation: KVM's shadow pages are emptied with
+    /// the vCPUs running (`KvmMirror::prezap`), then the mmu's O(1)
+    /// generation teardown reaches every mirror. Returns the mmu
+    /// teardown's latency in ns.
     pub fn teardown(&self) -> Result<u64, mmu::Error> {
+        if self.0.uffd.is_some() && self.0.kvm_mirror_id.lock().is_some() {
+            self.0.mirror.prezap();
+        }
         self.0.mmu.teardown_all().map(|r| r.ns)
     }
 
     pub fn pause(&self) {
         self.0.gate.pause();
+    }
+
+    /// Benchmarks only: stop telling KVM's side about invalidations, so
+    /// they reach the devices alone (guest memory is then not made fresh).
+    pub fn detach_kvm_mirror(&self) -> Result<(), mmu::Error> {
+        match self.0.kvm_mirror_id.lock().take() {
+            Some(id) => self.0.mmu.unregister_mirror(id),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether teardowns first empty KVM's shadow tables with the vCPUs
+    /// running (`KvmMirror::prezap`, the default).
+    pub fn set_prezap(&self, on: bool) {
+        self.0.mirror.set_prezap(on);
+    }
+
+    /// Ask looping payloads (`writer`, RDMA workloads) to finish.
+    pub fn request_stop(&self) {
+        self.0.devices.testdev.request_stop();
+    }
+
+    /// The guest's progress marks since the last call (`writer`).
+    pub fn take_progress(&self) -> Vec<crate::devices::testdev::ProgressMark> {
+        self.0.devices.testdev.take_marks()
+    }
+
+    /// Where the KVM mirror's time went since the last call (teardowns and
+    /// range invalidations), then reset.
+    pub fn take_teardown_parts(&self) -> crate::kvm_mirror::TeardownParts {
+        std::mem::take(&mut *self.0.mirror.stats.last.lock())
+    }
+
+    /// Retired guest-memory mappings not yet given back.
+    pub fn retired_mappings(&self) -> usize {
+        self.0.ram.retired_count()
+    }
+
+    /// vCPU threads the run gate can still kick (0 once they have ended).
+    pub fn kickable_vcpus(&self) -> usize {
+        self.0.gate.registered()
     }
 
     /// Undo a `pause`, and let vCPUs waiting at a payload barrier go on.

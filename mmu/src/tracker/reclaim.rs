@@ -56,6 +56,27 @@ struct Batch {
 /// forever).
 struct Owned<'a>(&'a Mmu);
 
+impl Owned<'_> {
+    /// The normal end of a step: give back up to `FREE_LEAVES_MAX` leaves
+    /// for reuse and end the ownership in one lock hold (every hold is a
+    /// chance for the holder to be preempted with faults waiting).
+    fn release(self, recycled: &mut Vec<Box<Leaf>>) {
+        let mmu = self.0;
+        std::mem::forget(self);
+        {
+            let mut st = mmu.lock(Hold::Reclaim);
+            while st.free.len() < super::FREE_LEAVES_MAX {
+                match recycled.pop() {
+                    Some(leaf) => st.free.push(leaf),
+                    None => break,
+                }
+            }
+            st.reclaim_owner = None;
+        }
+        mmu.wake_waiters();
+    }
+}
+
 impl Drop for Owned<'_> {
     fn drop(&mut self) {
         self.0.lock(Hold::Reclaim).reclaim_owner = None;
@@ -200,16 +221,8 @@ impl Mmu {
                 m.generation_reclaimed(region, below);
             }
         }
-        if !detached.is_empty() {
-            let mut st = self.lock(Hold::Reclaim);
-            while st.free.len() < super::FREE_LEAVES_MAX {
-                match detached.pop() {
-                    Some(leaf) => st.free.push(leaf),
-                    None => break,
-                }
-            }
-        }
-        drop(owned);
+        owned.release(&mut detached);
+        // Freed outside the lock.
         drop(detached);
         drop(batch.dead_dir);
         if leaves > 0 || batch.finished.is_some() {

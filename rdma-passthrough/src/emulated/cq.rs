@@ -3,26 +3,33 @@
 use crate::verbs::Wc;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) struct CqState {
     q: Mutex<VecDeque<Wc>>,
     depth: usize,
-    /// Completions dropped because the CQ was full (a CQ overrun).
+    /// Completions dropped because the CQ was full.
     pub(crate) overruns: AtomicU64,
+    /// The CQ overran (as `IBV_EVENT_CQ_ERR`): it stays in error, and the
+    /// device moves every queue pair completing into it to the error state
+    /// (`engine.rs`). Sticky: a verbs CQ in error is destroyed, not reused.
+    pub(crate) overrun: AtomicBool,
     waiters: AtomicUsize,
     cv: Condvar,
 }
 
 impl CqState {
-    pub(crate) fn push(&self, wc: Wc) {
+    /// Queue a completion; false (and the CQ is in error from now on) if
+    /// it was full.
+    pub(crate) fn push(&self, wc: Wc) -> bool {
         {
             let mut q = self.q.lock();
             if q.len() >= self.depth {
                 self.overruns.fetch_add(1, Ordering::Relaxed);
-                return;
+                self.overrun.store(true, Ordering::Release);
+                return false;
             }
             q.push_back(wc);
         }
@@ -30,6 +37,11 @@ impl CqState {
             let _g = self.q.lock();
             self.cv.notify_all();
         }
+        true
+    }
+
+    pub(crate) fn is_overrun(&self) -> bool {
+        self.overrun.load(Ordering::Acquire)
     }
 }
 
@@ -43,6 +55,7 @@ impl Cq {
             q: Mutex::new(VecDeque::with_capacity(depth.min(1 << 16))),
             depth: depth.max(1),
             overruns: AtomicU64::new(0),
+            overrun: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
             cv: Condvar::new(),
         }))
@@ -105,5 +118,11 @@ impl Cq {
     /// Completions dropped because the CQ was full.
     pub fn overruns(&self) -> u64 {
         self.0.overruns.load(Ordering::Relaxed)
+    }
+
+    /// Whether the CQ overran (`IBV_EVENT_CQ_ERR`); its queue pairs are
+    /// then in the error state.
+    pub fn is_overrun(&self) -> bool {
+        self.0.is_overrun()
     }
 }

@@ -2,11 +2,22 @@
 //! round-robin over queue pairs. Because one thread does both, an
 //! invalidation command is executed only between chunks of DMA: when the
 //! device confirms it, no access through the zapped pages is in flight.
+//! Each page is copied under both MRs' update locks, after checking both
+//! are live under them, so a fence (which takes the lock) also waits for
+//! the copy in progress.
+//!
+//! The thread sleeps whenever nothing is runnable: queue pairs waiting for
+//! a device fault or a receiver-not-ready timer are not work; it wakes on
+//! the doorbell or at the earliest RNR timer.
+
+mod dma;
 
 use super::mr::MrState;
 use super::{Command, FaultRequest, QpState, Shared};
 use crate::verbs::*;
+use dma::{copy_page, CopyOutcome};
 use mmu::PAGE_SIZE;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,6 +72,17 @@ struct Engine {
     epoch: u64,
     /// Faults queued and not yet done: (mr, start, end).
     inflight: Vec<(u32, u64, u64)>,
+    /// Commands held back by the `ignore_invalidations` test hook.
+    held: VecDeque<Command>,
+}
+
+/// What taking a receive for a SEND came to.
+enum RecvOutcome {
+    Ready,
+    /// Receiver not ready: the QP waits on its RNR timer.
+    Waiting,
+    /// The WQE ended with an error.
+    Failed,
 }
 
 pub(crate) fn run(shared: Arc<Shared>) {
@@ -69,6 +91,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         runs: Vec::new(),
         epoch: u64::MAX,
         inflight: Vec::new(),
+        held: VecDeque::new(),
     };
     let mut last_work = Instant::now();
     loop {
@@ -101,7 +124,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
         if e.shared.may_sleep(seen) {
             std::thread::park_timeout(timer.unwrap_or(Duration::from_millis(100)));
             e.shared.woke();
-            last_work = Instant::now();
+            // Not `last_work`: a wake-up that finds nothing runnable (an
+            // RNR timer whose receive is still missing) sleeps again at
+            // once instead of polling.
         }
     }
 }
@@ -116,6 +141,15 @@ fn locate(segs: &[Seg], done: u64) -> (usize, u64) {
         left -= s.len;
     }
     (segs.len(), 0)
+}
+
+/// The error status of an access failing on the remote side or the local.
+fn side_error(remote: bool) -> WcStatus {
+    if remote {
+        WcStatus::RemAccessErr
+    } else {
+        WcStatus::LocProtErr
+    }
 }
 
 fn wc(wr_id: u64, status: WcStatus, opcode: WcOpcode, byte_len: u64, qpn: u32) -> Wc {
@@ -158,9 +192,25 @@ impl Engine {
     }
 
     fn commands(&mut self) -> bool {
-        let batch: Vec<Command> = self.shared.commands.lock().drain(..).collect();
+        let hold = self.shared.ignore_invalidations.load(Ordering::SeqCst);
+        let mut batch: Vec<Command> = Vec::new();
+        if !hold {
+            batch.extend(self.held.drain(..));
+        }
+        batch.extend(self.shared.commands.lock().drain(..));
         let worked = !batch.is_empty();
         for cmd in batch {
+            if hold
+                && matches!(
+                    cmd,
+                    Command::Invalidate { .. }
+                        | Command::Generation { .. }
+                        | Command::Recover { .. }
+                )
+            {
+                self.held.push_back(cmd);
+                continue;
+            }
             match cmd {
                 Command::Invalidate {
                     mr,
@@ -168,9 +218,6 @@ impl Engine {
                     end,
                     done,
                 } => {
-                    if self.shared.ignore_invalidations.load(Ordering::SeqCst) {
-                        continue;
-                    }
                     mr.zap(start, end);
                     self.shared
                         .stats
@@ -179,9 +226,6 @@ impl Engine {
                     done.signal();
                 }
                 Command::Generation { mr, done } => {
-                    if self.shared.ignore_invalidations.load(Ordering::SeqCst) {
-                        continue;
-                    }
                     mr.zap_all();
                     self.shared
                         .stats
@@ -194,9 +238,44 @@ impl Engine {
                     self.inflight.retain(|f| f.0 != mr);
                     done.signal();
                 }
+                Command::Recover { mr } => self.recover(&mr),
             }
         }
         worked
+    }
+
+    /// Re-register a fenced MR: the device has answered every command
+    /// queued before this one, including the invalidation it missed. Its
+    /// table starts empty (it was emptied by the fence, and nothing can be
+    /// installed while fenced); faults refill it through the mmu protocol,
+    /// whose `read_retry` catches any invalidation that went by meanwhile.
+    fn recover(&mut self, mr: &MrState) {
+        let mut table = mr.table.lock();
+        table.pages.clear();
+        if mr
+            .state
+            .compare_exchange(
+                super::mr::FENCED,
+                super::mr::LIVE,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            return; // deregistered meanwhile
+        }
+        drop(table);
+        let n = self
+            .shared
+            .stats
+            .mr_recoveries
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        log::warn!(
+            "rnic {}: MR {:#x} answered again; re-registered ({n} recoveries so far)",
+            self.shared.config.name,
+            mr.key
+        );
     }
 
     fn fault_done(&mut self, key: u32, start: u64, end: u64, ok: bool) {
@@ -336,6 +415,7 @@ impl Engine {
                 0,
                 run.qp.qpn,
             ));
+            run.qp.send_retired.fetch_add(1, Ordering::AcqRel);
             if let (Some(recv), Some(peer)) = (a.recv, a.peer) {
                 // The peer's receive was consumed: it completes with an error too.
                 peer.recv_cq.push(wc(
@@ -368,6 +448,7 @@ impl Engine {
                 0,
                 qp.qpn,
             ));
+            qp.send_retired.fetch_add(1, Ordering::AcqRel);
             worked = true;
         }
         let rq: Vec<RecvWr> = qp.rq.lock().drain(..).collect();
@@ -385,7 +466,9 @@ impl Engine {
     }
 
     /// Queue a device fault for `seg` at `iova` unless one covering it is
-    /// already in flight; stall run `i` on it.
+    /// already in flight; stall run `i` on it. The WQE fails instead if
+    /// the page cannot be named as a range (the last page of the address
+    /// space, which no memory region can back).
     fn fault(
         &mut self,
         i: usize,
@@ -396,17 +479,28 @@ impl Engine {
         remote: bool,
     ) {
         let page = iova & !(PAGE_SIZE - 1);
+        let Some(page_after) = page.checked_add(PAGE_SIZE) else {
+            let status = if remote {
+                WcStatus::RemAccessErr
+            } else {
+                WcStatus::LocProtErr
+            };
+            return self.fail(i, status);
+        };
         let key = seg_mr.key;
         if !self
             .inflight
             .iter()
             .any(|&(k, s, e)| k == key && page >= s && page < e)
         {
-            let limit = page + self.shared.config.max_fault_pages * PAGE_SIZE;
-            let end = seg_end
-                .next_multiple_of(PAGE_SIZE)
-                .min(limit)
-                .max(page + PAGE_SIZE);
+            let limit =
+                page.saturating_add(self.shared.config.max_fault_pages.saturating_mul(PAGE_SIZE));
+            // A segment ending in the last page rounds down instead of
+            // wrapping: the fault covers at least this page either way.
+            let seg_end = seg_end
+                .checked_next_multiple_of(PAGE_SIZE)
+                .unwrap_or(!(PAGE_SIZE - 1));
+            let end = seg_end.min(limit).max(page_after);
             self.inflight.push((key, page, end));
             self.shared
                 .stats
@@ -432,6 +526,21 @@ impl Engine {
         // A RoCE port drives this QP's queues.
         if qp.destroyed.load(Ordering::Acquire) || qp.roce.load(Ordering::Acquire) {
             return false;
+        }
+        if !qp.error.load(Ordering::Acquire) && (qp.send_cq.is_overrun() || qp.recv_cq.is_overrun())
+        {
+            // As verbs: a CQ overrun is a CQ error, and the queue pairs
+            // completing into it go to the error state.
+            qp.error.store(true, Ordering::Release);
+            self.shared
+                .stats
+                .cq_overruns
+                .fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "rnic {}: QP {} completes into a CQ that overran; QP in error",
+                self.shared.config.name,
+                qp.qpn
+            );
         }
         if qp.error.load(Ordering::Acquire) {
             return self.flush(i);
@@ -468,15 +577,19 @@ impl Engine {
             let a = self.runs[i].active.as_ref().expect("set above");
             matches!(a.wr.opcode, Opcode::Send) && a.recv.is_none()
         };
-        if needs_recv && !self.take_recv(i) {
-            return true;
+        if needs_recv {
+            match self.take_recv(i) {
+                RecvOutcome::Ready => {}
+                // Not work: the device may sleep until the timer.
+                RecvOutcome::Waiting => return false,
+                RecvOutcome::Failed => return true,
+            }
         }
         self.move_data(i)
     }
 
     /// Pop the peer's next receive for run `i`'s SEND and validate it.
-    /// False if the WQE ended (error) or must wait (RNR).
-    fn take_recv(&mut self, i: usize) -> bool {
+    fn take_recv(&mut self, i: usize) -> RecvOutcome {
         let (peer, total) = {
             let a = self.runs[i].active.as_ref().expect("active");
             (a.peer.clone().expect("SEND has a peer"), a.total)
@@ -486,15 +599,17 @@ impl Engine {
             let run = &mut self.runs[i];
             run.rnr_tries = run.rnr_tries.saturating_add(1);
             self.shared.stats.rnr_waits.fetch_add(1, Ordering::Relaxed);
+            // rnr_retry counts retries after the first attempt; 7 is forever.
             if rnr_retry != 7 && run.rnr_tries > rnr_retry {
                 run.rnr_tries = 0;
                 self.fail(i, WcStatus::RnrRetryExcErr);
-            } else {
-                run.wait = Wait::Rnr {
-                    until: Instant::now() + self.shared.config.rnr_timer,
-                };
+                return RecvOutcome::Failed;
             }
-            return false;
+            // The responder's RNR NAK carries its timer.
+            run.wait = Wait::Rnr {
+                until: Instant::now() + rnr_timer(peer.caps.min_rnr_timer),
+            };
+            return RecvOutcome::Waiting;
         };
         self.runs[i].rnr_tries = 0;
         let checked = self.local_segs(peer.pd, &recv.sges, true);
@@ -503,7 +618,7 @@ impl Engine {
             Ok((segs, cap)) if cap >= total => {
                 a.dst = segs;
                 a.recv = Some(recv);
-                true
+                RecvOutcome::Ready
             }
             other => {
                 let (responder, requester) = match other {
@@ -514,7 +629,7 @@ impl Engine {
                 peer.recv_cq
                     .push(wc(recv.wr_id, responder, WcOpcode::Recv, 0, peer.qpn));
                 self.fail(i, requester);
-                false
+                RecvOutcome::Failed
             }
         }
     }
@@ -541,47 +656,30 @@ impl Engine {
                 .min(PAGE_SIZE - (diova & (PAGE_SIZE - 1)))
                 .min(chunk - moved);
             let src_remote = a.src_remote;
-            if !s.mr.live() {
-                self.fail(
-                    i,
-                    if src_remote {
-                        WcStatus::RemAccessErr
-                    } else {
-                        WcStatus::LocProtErr
-                    },
-                );
-                return true;
+            let delay = self.shared.copy_delay_us.load(Ordering::Relaxed);
+            match copy_page(&s.mr, siova, &d.mr, diova, n, delay) {
+                CopyOutcome::Copied => {}
+                // A fenced or deregistered MR: the side it is on decides
+                // the status.
+                CopyOutcome::SrcDead => {
+                    self.fail(i, side_error(src_remote));
+                    return true;
+                }
+                CopyOutcome::DstDead => {
+                    self.fail(i, side_error(!src_remote));
+                    return true;
+                }
+                CopyOutcome::SrcMissing => {
+                    let (mr, end) = (s.mr.clone(), s.addr + s.len);
+                    self.fault(i, &mr, end, siova, false, src_remote);
+                    return moved > 0;
+                }
+                CopyOutcome::DstMissing => {
+                    let (mr, end) = (d.mr.clone(), d.addr + d.len);
+                    self.fault(i, &mr, end, diova, true, !src_remote);
+                    return moved > 0;
+                }
             }
-            if !d.mr.live() {
-                self.fail(
-                    i,
-                    if src_remote {
-                        WcStatus::LocProtErr
-                    } else {
-                        WcStatus::RemAccessErr
-                    },
-                );
-                return true;
-            }
-            let Some(src_page) = s.mr.lookup(siova) else {
-                let (mr, end) = (s.mr.clone(), s.addr + s.len);
-                self.fault(i, &mr, end, siova, false, src_remote);
-                return moved > 0;
-            };
-            let Some(dst_page) = d.mr.lookup(diova) else {
-                let (mr, end) = (d.mr.clone(), d.addr + d.len);
-                self.fault(i, &mr, end, diova, true, !src_remote);
-                return moved > 0;
-            };
-            let src = src_page + (siova & (PAGE_SIZE - 1));
-            let dst = dst_page + (diova & (PAGE_SIZE - 1));
-            // SAFETY: both addresses come from the device page tables of
-            // MRs whose bounds, keys and rights were checked; the mmu
-            // resolved them to mapped host pages of the MR's address space,
-            // which stay mapped while translated (invalidations zap them
-            // from this thread, between chunks). `n` stays within both
-            // pages. The ranges may overlap (loopback), hence `copy`.
-            unsafe { std::ptr::copy(src as *const u8, dst as *mut u8, n as usize) };
             moved += n;
             so += n;
             doff += n;
@@ -622,6 +720,7 @@ impl Engine {
                 run.qp.qpn,
             ));
         }
+        run.qp.send_retired.fetch_add(1, Ordering::AcqRel);
         if let (Some(recv), Some(peer)) = (a.recv, a.peer) {
             peer.recv_cq.push(wc(
                 recv.wr_id,

@@ -14,6 +14,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Why a range could not be mapped into a device page table.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum MapError {
+    #[error("iova {0:#x} is not backed by memory")]
+    NotBacked(u64),
+    #[error(transparent)]
+    Mmu(#[from] MmuError),
+    #[error("the MR is fenced or deregistered")]
+    NotLive,
+    #[error("[{start:#x}, {end:#x}) kept racing with invalidations")]
+    Raced { start: u64, end: u64 },
+}
+
 /// Pages resolved per ticket (the mmu translates at most this many per
 /// lock hold).
 const SEGMENT_PAGES: u64 = 512;
@@ -64,7 +77,7 @@ pub(crate) fn map_range(
     end: u64,
     write: bool,
     allow_fault: bool,
-) -> Result<u64, String> {
+) -> Result<u64, MapError> {
     let mmu = &mr.space.mmu;
     let regions = mmu.regions();
     let mut pos = start;
@@ -75,7 +88,7 @@ pub(crate) fn map_range(
             .find(|r| r.gpa <= pos && pos < r.gpa + r.size)
         else {
             if allow_fault {
-                return Err(format!("iova {pos:#x} is not backed by memory"));
+                return Err(MapError::NotBacked(pos));
             }
             // Nothing to map here; skip to the next region.
             match regions.iter().filter(|r| r.gpa > pos).map(|r| r.gpa).min() {
@@ -86,7 +99,9 @@ pub(crate) fn map_range(
                 None => break,
             }
         };
-        let seg_end = end.min(r.gpa + r.size).min(pos + SEGMENT_PAGES * PAGE_SIZE);
+        let seg_end = end
+            .min(r.gpa + r.size)
+            .min(pos.saturating_add(SEGMENT_PAGES * PAGE_SIZE));
         mapped += map_segment(mr, pos, seg_end, write, allow_fault)?;
         pos = seg_end;
     }
@@ -103,33 +118,28 @@ fn map_segment(
     end: u64,
     write: bool,
     allow_fault: bool,
-) -> Result<u64, String> {
+) -> Result<u64, MapError> {
     let mmu = &mr.space.mmu;
     let mut entries = Vec::with_capacity(((end - start) / PAGE_SIZE) as usize);
     'retry: for _ in 0..MAX_RACES {
-        let t = mmu
-            .read_begin(start, end - start)
-            .map_err(|e| e.to_string())?;
+        let t = mmu.read_begin(start, end - start)?;
         entries.clear();
         let mut pos = start;
         while pos < end {
             match mmu.translate_range(&t, pos, end, &mut entries) {
                 Err(MmuError::Stale) => continue 'retry,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
                 Ok(None) => break,
                 Ok(Some(hole)) if allow_fault => {
-                    mr.space
-                        .resolver
-                        .resolve(hole, end - hole, write)
-                        .map_err(|e| e.to_string())?;
+                    mr.space.resolver.resolve(hole, end - hole, write)?;
                     continue 'retry;
                 }
-                Ok(Some(hole)) => pos = hole + PAGE_SIZE,
+                Ok(Some(hole)) => pos = hole.saturating_add(PAGE_SIZE),
             }
         }
         let mut table = mr.table.lock();
         if !mr.live() {
-            return Err("the MR is fenced or deregistered".into());
+            return Err(MapError::NotLive);
         }
         if mmu.read_retry(&t) {
             continue;
@@ -139,9 +149,7 @@ fn map_segment(
         }
         return Ok(entries.len() as u64);
     }
-    Err(format!(
-        "[{start:#x}, {end:#x}) kept racing with invalidations"
-    ))
+    Err(MapError::Raced { start, end })
 }
 
 /// The host ranges behind a (pinned) MR's table, coalesced.

@@ -15,6 +15,25 @@
 //! confirm in time. A generation notice swaps the MR's table for an empty
 //! one: O(1).
 //!
+//! Guarantees, each with the test that proves it (`tests/hardening.rs`
+//! unless named otherwise):
+//! * a fence waits for the page copy in progress, and no copy through a
+//!   fenced MR starts after it (`no_copy_lands_after_the_fence`); a fenced
+//!   MR is re-registered (empty table, same key) once the device answers a
+//!   command queued behind the missed invalidation, counted in
+//!   `mr_recoveries` (`a_fenced_mr_recovers_once_the_device_answers`);
+//! * receiver-not-ready waits sleep on the responder's IBTA RNR timer; the
+//!   device thread sleeps when nothing is runnable
+//!   (`rnr_waits_sleep_on_the_timer`), and `rnr_retry` 0..=6 are retries,
+//!   7 is forever (`rnr_retry_counts_retries`);
+//! * a CQ that overruns is in error and so is every queue pair completing
+//!   into it (`cq_overrun_puts_the_queue_pair_in_error`);
+//! * every address computation on a work request is checked: buffers at
+//!   the top of the address space complete with an error
+//!   (`addresses_at_the_top_of_the_space_complete_with_an_error`);
+//! * per queue pair, the device keeps O(1) state beyond its bounded queues
+//!   and counts retired send WQEs (`send_wqes_retire_in_order`).
+//!
 //! Everything a work request names is checked on every access: keys,
 //! protection domains, access rights and bounds. A violation is an error
 //! completion, never an access outside the MR.
@@ -54,8 +73,6 @@ pub struct RnicConfig {
     /// Bytes a WQE moves per scheduling turn (other QPs and commands get
     /// the device in between).
     pub chunk_bytes: u64,
-    /// Receiver-not-ready back-off.
-    pub rnr_timer: Duration,
 }
 
 impl Default for RnicConfig {
@@ -66,7 +83,6 @@ impl Default for RnicConfig {
             fence_timeout: Duration::from_millis(100),
             max_fault_pages: 256,
             chunk_bytes: 64 << 10,
-            rnr_timer: Duration::from_micros(20),
         }
     }
 }
@@ -139,6 +155,9 @@ pub(crate) enum Command {
     },
     /// Stop using `mr`.
     Dereg { mr: u32, done: Arc<Completion> },
+    /// `mr` was fenced; the device reaching this command answers again, so
+    /// it is re-registered.
+    Recover { mr: Arc<MrState> },
 }
 
 impl Command {
@@ -147,7 +166,7 @@ impl Command {
             Command::Invalidate { done, .. }
             | Command::Generation { done, .. }
             | Command::Dereg { done, .. } => Some(done),
-            Command::FaultDone { .. } => None,
+            Command::FaultDone { .. } | Command::Recover { .. } => None,
         }
     }
 }
@@ -172,6 +191,10 @@ pub(crate) struct QpState {
     pub(crate) remote: AtomicU32,
     pub(crate) error: AtomicBool,
     pub(crate) destroyed: AtomicBool,
+    /// Send WQEs finished (completed, failed or flushed), in posting order:
+    /// RC executes a send queue in order, so WQE `n` (0-based) has
+    /// finished once this exceeds `n`, signaled or not.
+    pub(crate) send_retired: AtomicU64,
     /// Driven by a RoCE port (`crate::roce`), not by the device thread.
     pub(crate) roce: AtomicBool,
 }
@@ -193,9 +216,12 @@ pub(crate) struct Shared {
     next_key: AtomicU32,
     next_qpn: AtomicU32,
     next_pd: AtomicU32,
-    /// Test hook: drop invalidation commands (a device that never
-    /// confirms).
+    /// Test hook: hold invalidation and recovery commands (a device that
+    /// stopped answering them) until it is cleared.
     pub(crate) ignore_invalidations: AtomicBool,
+    /// Test hook: microseconds the device pauses inside each page copy
+    /// (widens the window a fence must close).
+    pub(crate) copy_delay_us: AtomicU64,
 }
 
 impl Shared {
@@ -250,6 +276,11 @@ pub struct Pd {
 impl Pd {
     pub fn id(&self) -> u32 {
         self.id
+    }
+
+    /// The address space its memory regions translate in.
+    pub fn space(&self) -> &Arc<AddressSpace> {
+        &self.space
     }
 }
 
@@ -328,7 +359,9 @@ impl Mr {
         shared.stats.prefetches.fetch_add(1, Ordering::Relaxed);
         for sge in ranges {
             let start = sge.addr & !(mmu::PAGE_SIZE - 1);
-            let end = (sge.addr + u64::from(sge.length)).next_multiple_of(mmu::PAGE_SIZE);
+            let end = page_end(sge.addr, u64::from(sge.length)).ok_or_else(|| {
+                VerbsError::Invalid(format!("[{:#x}, +{:#x}) overflows", sge.addr, sge.length))
+            })?;
             if flags & ADVISE_FLAG_FLUSH != 0 || advice == Advice::PrefetchNoFault {
                 fault::map_range(
                     &shared,
@@ -338,7 +371,7 @@ impl Mr {
                     advice == Advice::PrefetchWrite,
                     advice != Advice::PrefetchNoFault,
                 )
-                .map_err(VerbsError::Memory)?;
+                .map_err(|e| VerbsError::Memory(e.to_string()))?;
             } else {
                 shared.queue_fault(FaultRequest {
                     mr: self.state.clone(),
@@ -381,6 +414,13 @@ impl Drop for Mr {
     }
 }
 
+/// The page boundary at or after `addr + len`; None if it is past the end
+/// of the address space.
+pub(crate) fn page_end(addr: u64, len: u64) -> Option<u64> {
+    addr.checked_add(len)?
+        .checked_next_multiple_of(mmu::PAGE_SIZE)
+}
+
 fn libc_mlock(hva: u64, len: u64) -> bool {
     // SAFETY: mlock only changes residency of an existing mapping; a bad
     // range makes it fail with ENOMEM.
@@ -410,6 +450,13 @@ impl Qp {
 
     pub fn in_error(&self) -> bool {
         self.state.error.load(Ordering::Acquire)
+    }
+
+    /// Send WQEs the device finished so far (completed, failed or
+    /// flushed; signaled or not). RC runs the send queue in order, so the
+    /// first `send_retired()` WQEs posted are done.
+    pub fn send_retired(&self) -> u64 {
+        self.state.send_retired.load(Ordering::Acquire)
     }
 
     fn check_sges(&self, sges: &[Sge]) -> Result<(), VerbsError> {
@@ -491,6 +538,7 @@ impl EmulatedRnic {
             next_qpn: AtomicU32::new(1),
             next_pd: AtomicU32::new(1),
             ignore_invalidations: AtomicBool::new(false),
+            copy_delay_us: AtomicU64::new(0),
         });
         let mut threads = Vec::new();
         let s = shared.clone();
@@ -566,6 +614,7 @@ impl EmulatedRnic {
             remote: AtomicU32::new(0),
             error: AtomicBool::new(false),
             destroyed: AtomicBool::new(false),
+            send_retired: AtomicU64::new(0),
             roce: AtomicBool::new(false),
         });
         self.shared.qps.write().insert(qpn, state.clone());
@@ -625,9 +674,10 @@ impl EmulatedRnic {
             *state.mirror.lock() = Some(pd.space.mmu.register_mirror(mirror));
         } else {
             let start = iova & !(mmu::PAGE_SIZE - 1);
-            let end = (iova + len).next_multiple_of(mmu::PAGE_SIZE);
+            let end = page_end(iova, len)
+                .ok_or_else(|| VerbsError::Invalid("MR range overflows".into()))?;
             fault::map_range(&self.shared, &state, start, end, true, true)
-                .map_err(VerbsError::Memory)?;
+                .map_err(|e| VerbsError::Memory(e.to_string()))?;
             let extents = fault::host_extents(&state);
             for &(hva, n) in &extents {
                 if !libc_mlock(hva, n) {
@@ -645,10 +695,18 @@ impl EmulatedRnic {
         })
     }
 
-    /// Test hook: make the device drop invalidation commands, like a device
-    /// that never confirms (its MRs get fenced).
+    /// Test hook: make the device hold back invalidation (and recovery)
+    /// commands, like a device that stopped answering (its MRs get fenced);
+    /// clearing it lets the device answer what it held, in order.
     pub fn set_ignore_invalidations(&self, on: bool) {
         self.shared.ignore_invalidations.store(on, Ordering::SeqCst);
+        self.shared.ring();
+    }
+
+    /// Test hook: make the device pause `delay` inside every page copy.
+    pub fn set_copy_delay(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.shared.copy_delay_us.store(us, Ordering::SeqCst);
     }
 }
 

@@ -13,7 +13,8 @@ use std::time::Instant;
 
 /// MR lifecycle as the device sees it.
 pub(crate) const LIVE: u8 = 0;
-/// Did not confirm an invalidation in time: every access fails.
+/// Did not confirm an invalidation in time: every access fails until the
+/// device answers again and the MR is re-registered (`Command::Recover`).
 pub(crate) const FENCED: u8 = 1;
 /// Deregistered.
 pub(crate) const DEAD: u8 = 2;
@@ -71,7 +72,10 @@ impl MrState {
             let mut p = start & !(PAGE_SIZE - 1);
             while p < end {
                 t.pages.remove(&p);
-                p += PAGE_SIZE;
+                let Some(next) = p.checked_add(PAGE_SIZE) else {
+                    break;
+                };
+                p = next;
             }
         } else {
             t.pages.retain(|p, _| *p < start || *p >= end);
@@ -180,20 +184,37 @@ impl Mirror for MrMirror {
                 .stats
                 .invalidate_rtt_ns
                 .record(done.posted.elapsed().as_nanos() as u64);
-        } else if self
+            return;
+        }
+        // The device copies a page only while holding this lock and after
+        // checking the MR is live under it (`engine.rs`, `copy_page`):
+        // taking it waits for a copy in progress, and once FENCED is set
+        // under it no copy through this MR can start. So when this returns
+        // nothing the device does lands in (or reads) the invalidated pages.
+        let mut table = self.mr.table.lock();
+        if self
             .mr
             .state
             .compare_exchange(LIVE, FENCED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+            .is_err()
         {
-            shared.stats.fenced_mrs.fetch_add(1, Ordering::Relaxed);
-            log::error!(
-                "rnic {}: MR {:#x} did not confirm invalidation {} within {:?}; fenced",
-                shared.config.name,
-                self.mr.key,
-                inv.id,
-                shared.config.fence_timeout
-            );
+            return; // already fenced (or dead) by someone else
         }
+        let dropped = std::mem::take(&mut *table);
+        drop(table);
+        drop(dropped);
+        shared.stats.fenced_mrs.fetch_add(1, Ordering::Relaxed);
+        log::error!(
+            "rnic {}: MR {:#x} did not confirm invalidation {} within {:?}; fenced until the device answers again",
+            shared.config.name,
+            self.mr.key,
+            inv.id,
+            shared.config.fence_timeout
+        );
+        // Queued behind the invalidation the device missed: the device
+        // reaches it only once it answers commands again.
+        shared.post(Command::Recover {
+            mr: self.mr.clone(),
+        });
     }
 }

@@ -19,7 +19,7 @@
 //! DF packet of a socket without a destination gets ID 0); rxe's own
 //! tunnel socket sends the same way, so a received packet is checked with
 //! the same assumption. Proven against scapy's RoCE layer on a `tcpdump`
-//! capture by `tests/roce_wire.rs::capture_parses_with_scapy_and_icrc_verifies`
+//! capture by `tests/roce_netns.rs::capture_parses_with_scapy_and_icrc_verifies`
 //! and against a scapy-computed vector by
 //! `roce::icrc::tests::matches_scapy_vector`.
 

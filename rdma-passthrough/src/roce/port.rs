@@ -6,7 +6,9 @@
 //!
 //! Every datagram is parsed ([`super::wire::parse`]) and its ICRC checked
 //! before anything reads it; bad ones are dropped and counted
-//! ([`RoceStatsSnapshot`]).
+//! ([`RoceStatsSnapshot`]; `tests/roce.rs::crafted_packets_are_dropped_or_naked_and_counted`).
+//! The window is clamped to the receive buffer the kernel grants
+//! (`tests/roce.rs::small_socket_buffers_do_not_livelock_reads`).
 
 use super::icrc::{self, Ipv4Meta};
 use super::memory::Faults;
@@ -14,7 +16,7 @@ use super::qp::{RcQp, RemoteEnd};
 use super::stats::{RoceStats, RoceStatsSnapshot};
 use super::wire::*;
 use super::RoceConfig;
-use crate::emulated::{EmulatedRnic, Qp, Shared};
+use crate::emulated::{EmulatedRnic, Qp};
 use crate::verbs::{RecvWr, SendWr, VerbsError};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -77,7 +79,10 @@ impl Wire {
 }
 
 struct PortInner {
-    shared: Arc<Shared>,
+    /// Held (not just its shared state) so the device thread outlives the
+    /// port: memory regions dropped meanwhile still get their deregistration
+    /// confirmed.
+    rnic: Arc<EmulatedRnic>,
     local: SocketAddrV4,
     config: RoceConfig,
     stats: Arc<RoceStats>,
@@ -202,7 +207,7 @@ impl RocePort {
         let doorbell = unsafe { OwnedFd::from_raw_fd(efd) };
         let stats = Arc::new(RoceStats::default());
         let inner = Arc::new(PortInner {
-            shared: rnic.shared.clone(),
+            rnic: rnic.clone(),
             local,
             config,
             stats: stats.clone(),
@@ -328,7 +333,7 @@ fn run(inner: Arc<PortInner>, mut wire: Wire) {
         let now = Instant::now();
         wire.blocked = false;
         for q in qps.values_mut() {
-            worked |= q.transmit(&inner.shared, &mut wire, &mut faults, now, TX_BURST);
+            worked |= q.transmit(&inner.rnic.shared, &mut wire, &mut faults, now, TX_BURST);
         }
         if worked {
             continue;
@@ -408,10 +413,10 @@ fn dispatch(
         return;
     }
     if pkt.bth.op.is_request() {
-        q.on_request(&inner.shared, wire, faults, &pkt);
+        q.on_request(&inner.rnic.shared, wire, faults, &pkt);
     } else if let (Op::Acknowledge, Some(aeth)) = (pkt.bth.op, pkt.aeth) {
         q.on_ack(pkt.bth.psn, aeth);
     } else {
-        q.on_read_response(&inner.shared, faults, &pkt);
+        q.on_read_response(&inner.rnic.shared, faults, &pkt);
     }
 }

@@ -9,12 +9,13 @@
 //! * Go-back-N: a PSN-sequence-error NAK, an RNR NAK (after its timer) or
 //!   the retransmit timer rewinds transmission to the oldest unacknowledged
 //!   PSN (a READ is re-requested from the first response not received).
-//! * Retry counts: `retry_cnt` timer expiries without progress end the
+//! * Retry counts: `retry_cnt` timer expiries without progress (each
+//!   waiting twice as long as the one before, at most 1 s) end the
 //!   oldest request in `RETRY_EXC_ERR`; `rnr_retry` RNR NAKs (7 = forever)
 //!   in `RNR_RETRY_EXC_ERR`. Either puts the QP in the error state and
 //!   flushes the rest.
 //!
-//! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics`,
+//! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `retry_exhaustion_ends_in_retry_exc_err`,
 //! `missing_receive_ends_in_rnr_retry_exc_err`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`).
@@ -374,7 +375,28 @@ impl RcQp {
         self.req.retry_left -= 1;
         let una = self.req.una;
         self.req.rewind(una);
-        self.req.deadline = Some(now + self.config.retransmit_timeout);
+        // Back off: each expiry without progress doubles the wait (at most
+        // 1 s), so a peer that is only slow — descheduled on a busy host —
+        // is not given up on after a few milliseconds.
+        let tries = u32::from(self.config.retry_cnt - self.req.retry_left);
+        let wait = self
+            .config
+            .retransmit_timeout
+            .saturating_mul(1 << tries.min(10))
+            .min(MAX_BACKOFF);
+        self.req.deadline = Some(now + wait);
+    }
+
+    /// A gap was seen at `psn`: go back to it, but only once until there is
+    /// progress — every later response in flight shows the same gap, and
+    /// rewinding for each of them resends the whole window each time
+    /// (exercised under real loss by
+    /// `tests/roce_netns.rs::two_hosts_under_one_percent_loss_and_invalidations`).
+    fn go_back_once(&mut self, psn: u32) {
+        if self.req.rewound_at != Some(psn) {
+            self.req.rewound_at = Some(psn);
+            self.req.rewind(psn);
+        }
     }
 
     /// Forward progress: reset the timer and the retry counts.
@@ -400,7 +422,7 @@ impl RcQp {
                 if psn_diff(psn, last) >= 0 {
                     // Acked past a READ whose responses did not all come.
                     let resume = psn_add(w.first_psn, w.read_done);
-                    self.req.rewind(resume);
+                    self.go_back_once(resume);
                 }
                 break;
             }
@@ -555,9 +577,8 @@ impl RcQp {
         let expected = psn_add(w.first_psn, w.read_done);
         if !matches!(w.kind, Kind::Read { .. }) || psn != expected {
             // Ahead: responses were lost. Re-request once per gap.
-            if psn_diff(psn, expected) > 0 && self.req.rewound_at != Some(expected) {
-                self.req.rewound_at = Some(expected);
-                self.req.rewind(expected);
+            if psn_diff(psn, expected) > 0 {
+                self.go_back_once(expected);
             }
             self.stats
                 .unexpected_responses
@@ -660,6 +681,9 @@ impl RcQp {
         }
     }
 }
+
+/// Longest retransmit wait after repeated expiries.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Pause after a local page fault before trying again.
 const LOCAL_FAULT_BACKOFF: Duration = Duration::from_micros(50);

@@ -17,7 +17,7 @@
 //!   queued and the requester gets an RNR NAK; it retries after the timer.
 //!   No receive posted: RNR NAK too.
 //!
-//! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics`,
+//! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`,
 //! `odp_faults_on_the_responder_answer_with_rnr_naks`,
 //! `crafted_packets_are_dropped_or_naked_and_counted`).

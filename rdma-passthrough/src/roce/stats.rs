@@ -68,8 +68,8 @@ counters! {
     out_of_window,
     /// Dropped: an ACK or response that matches nothing outstanding.
     unexpected_responses,
-    /// Sends the socket refused for lack of buffer (retried or recovered
-    /// by retransmission).
+    /// Sends the socket refused: no buffer (retried or recovered by
+    /// retransmission) or an error such as a datagram over the path's MTU.
     send_would_block,
     /// Work requests completed successfully / with an error.
     wqes_completed,

@@ -320,26 +320,16 @@ impl Aeth {
     }
 }
 
-/// The RNR NAK timer values of the IBTA spec (table 45), in microseconds,
-/// indexed by the 5-bit code. Code 0 is the longest.
-const RNR_TIMER_US: [u32; 32] = [
-    655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1280, 1920, 2560, 3840,
-    5120, 7680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880, 163_840, 245_760,
-    327_680, 491_520,
-];
-
-/// The delay an RNR NAK timer code asks for.
+/// The delay an RNR NAK timer code asks for (IBTA table 45; the one table
+/// is [`crate::verbs::rnr_timer`]).
 pub fn rnr_timer_duration(code: u8) -> std::time::Duration {
-    std::time::Duration::from_micros(u64::from(RNR_TIMER_US[usize::from(code & 0x1f)]))
+    crate::verbs::rnr_timer(code)
 }
 
 /// The smallest code whose delay is at least `d` (code 0, the longest,
 /// when nothing shorter suffices).
 pub fn rnr_timer_code(d: std::time::Duration) -> u8 {
-    let us = d.as_micros();
-    (1u8..32)
-        .find(|&c| u128::from(RNR_TIMER_US[usize::from(c)]) >= us)
-        .unwrap_or(0)
+    (1u8..32).find(|&c| rnr_timer_duration(c) >= d).unwrap_or(0)
 }
 
 /// Why a datagram is not a packet we accept.

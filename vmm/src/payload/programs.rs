@@ -4,7 +4,9 @@
 //! ends with a PASS or FAIL command to the test device.
 
 use super::params;
-use crate::devices::testdev::{ARG, CMD, CMD_BARRIER, CMD_FAIL, CMD_IDLE, CMD_PASS};
+use crate::devices::testdev::{
+    ARG, CMD, CMD_BARRIER, CMD_FAIL, CMD_IDLE, CMD_PASS, EPOCH_DONE, EPOCH_STARTED, PROGRESS, STOP,
+};
 use crate::layout::TESTDEV_MMIO_GPA;
 use iced_x86::code_asm::*;
 use std::fmt;
@@ -40,10 +42,17 @@ pub enum Guest {
     /// scattered order (page i*7919 mod share): no two faults in a row are
     /// neighbours. Reports pages and mismatches.
     Sparse,
+    /// Stamped writes over its share, round after round (`rounds`, or
+    /// until the host asks it to stop when 0): each page must hold zero or
+    /// its previous round's stamp (else stale); a zero with no RAM-freshening
+    /// host action started since the previous round began is a lost write.
+    /// Every 512 pages it posts a progress mark carrying the longest gap
+    /// between two page steps (the guest-visible stall).
+    Writer,
 }
 
 impl Guest {
-    pub const ALL: [Guest; 10] = [
+    pub const ALL: [Guest; 11] = [
         Guest::Touch,
         Guest::Idle,
         Guest::Rewrite,
@@ -54,6 +63,7 @@ impl Guest {
         Guest::SendLat,
         Guest::RnicGarbage,
         Guest::Sparse,
+        Guest::Writer,
     ];
 
     /// Whether it drives the RNIC.
@@ -85,6 +95,7 @@ impl Guest {
             Guest::SendLat => "send-lat",
             Guest::RnicGarbage => "rnic-garbage",
             Guest::Sparse => "sparse",
+            Guest::Writer => "writer",
         }
     }
 
@@ -95,6 +106,7 @@ impl Guest {
             Guest::Idle => &[],
             Guest::Rewrite => &["pages", "kept", "zeroed", "bad"],
             Guest::Churn => &["pages", "stale", "zero_reads"],
+            Guest::Writer => &["pages", "stale", "lost"],
             _ => &[
                 "msgs",
                 "msg_bytes",
@@ -444,6 +456,151 @@ fn sparse(a: &mut Asm) -> R {
     finish(a, r8)
 }
 
+/// reg = rdtsc (64-bit); clobbers rax, rdx.
+fn tsc(a: &mut Asm, reg: AsmRegister64) -> R {
+    a.rdtsc()?;
+    a.shl(rdx, 32)?;
+    a.or(rax, rdx)?;
+    a.mov(reg, rax)?;
+    Ok(())
+}
+
+/// eax = the test device's 32-bit register at `offset`.
+fn read_reg(a: &mut Asm, offset: u64) -> R {
+    a.mov(rdx, TESTDEV_MMIO_GPA)?;
+    a.mov(eax, dword_ptr(rdx + offset))?;
+    Ok(())
+}
+
+/// Registers (none of its state lives in memory: a teardown refills the
+/// boot region, stack included, from the image): r8 round, rcx page, rsi
+/// stale, r9 lost, rbp zeros read this round, r10 previous TSC, r13
+/// longest gap since the last mark, r14 = EPOCH_DONE at the start of the
+/// previous round << 32 | at the start of this one.
+fn writer(a: &mut Asm) -> R {
+    prologue(a)?;
+    let (mut round_top, mut check_stop, mut go, mut done) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    let (mut page_top, mut page_done, mut no_max, mut was_zero) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    let (mut write, mut no_mark, mut small, mut next_round) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    a.xor(rsi, rsi)?;
+    a.xor(r9, r9)?;
+    a.xor(r13, r13)?;
+    a.xor(r14, r14)?;
+    a.mov(r8, 1u64)?;
+    tsc(a, r10)?;
+
+    a.set_label(&mut round_top)?;
+    a.mov(rax, qword_ptr(r15 + params::ROUNDS))?;
+    a.test(rax, rax)?;
+    a.jz(check_stop)?;
+    a.cmp(r8, rax)?;
+    a.ja(done)?;
+    a.jmp(go)?;
+    a.set_label(&mut check_stop)?;
+    read_reg(a, STOP)?;
+    a.test(eax, eax)?;
+    a.jnz(done)?;
+    a.set_label(&mut go)?;
+    read_reg(a, EPOCH_DONE)?;
+    a.shl(r14, 32)?;
+    a.or(r14, rax)?;
+    a.xor(rbp, rbp)?;
+    a.mov(rcx, r12)?;
+
+    a.set_label(&mut page_top)?;
+    a.cmp(rcx, r11)?;
+    a.jae(page_done)?;
+    // The step's length: the longest one since the last mark is kept.
+    tsc(a, rdi)?;
+    a.mov(rdx, rdi)?;
+    a.sub(rdx, r10)?;
+    a.mov(r10, rdi)?;
+    a.cmp(rdx, r13)?;
+    a.jbe(no_max)?;
+    a.mov(r13, rdx)?;
+    a.set_label(&mut no_max)?;
+    a.mov(rdi, rcx)?;
+    a.shl(rdi, 12)?;
+    a.add(rdi, rbx)?;
+    // Swap the new stamp in (one write fault on fresh memory, not a read
+    // fault then a copy-on-write one); the old value must be zero or the
+    // previous round's stamp, anything else is stale.
+    stamp(a, r8)?;
+    a.xchg(qword_ptr(rdi), rax)?;
+    a.mov(rdx, rax)?;
+    a.test(rdx, rdx)?;
+    a.jz(was_zero)?;
+    a.lea(rax, qword_ptr(r8 - 1))?;
+    stamp(a, rax)?;
+    a.cmp(rdx, rax)?;
+    a.je(write)?;
+    a.inc(rsi)?;
+    a.jmp(write)?;
+    a.set_label(&mut was_zero)?;
+    a.inc(rbp)?;
+    a.set_label(&mut write)?;
+    a.inc(rcx)?;
+    a.test(rcx, 511)?;
+    a.jnz(no_mark)?;
+    // Progress mark: the longest gap in 1024-cycle units, saturated.
+    a.mov(rax, r13)?;
+    a.shr(rax, 10)?;
+    a.mov(rdx, 0xffff_ffffu64)?;
+    a.cmp(rax, rdx)?;
+    a.jbe(small)?;
+    a.mov(rax, rdx)?;
+    a.set_label(&mut small)?;
+    a.mov(rdx, TESTDEV_MMIO_GPA)?;
+    a.mov(dword_ptr(rdx + PROGRESS), eax)?;
+    a.xor(r13, r13)?;
+    // The mark's own exit is not a guest stall.
+    tsc(a, r10)?;
+    a.set_label(&mut no_mark)?;
+    a.jmp(page_top)?;
+
+    a.set_label(&mut page_done)?;
+    // Zeros read this round replaced the previous round's stamps; unless a
+    // host action started after the previous round began, they were lost.
+    a.cmp(r8, 1)?;
+    a.jbe(next_round)?;
+    read_reg(a, EPOCH_STARTED)?;
+    a.mov(rdx, r14)?;
+    a.shr(rdx, 32)?;
+    a.cmp(rax, rdx)?;
+    a.jne(next_round)?;
+    a.add(r9, rbp)?;
+    a.set_label(&mut next_round)?;
+    a.inc(r8)?;
+    a.jmp(round_top)?;
+
+    a.set_label(&mut done)?;
+    // pages written = (rounds done) * share
+    a.lea(rax, qword_ptr(r8 - 1))?;
+    a.mov(rcx, r11)?;
+    a.sub(rcx, r12)?;
+    a.imul_2(rcx, rax)?;
+    push_arg(a, rcx)?;
+    push_arg(a, rsi)?;
+    push_arg(a, r9)?;
+    a.add(rsi, r9)?;
+    finish(a, rsi)
+}
+
 /// Machine code for `guest`, to be loaded at `ip`.
 pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
     let build = || -> Result<Vec<u8>, IcedError> {
@@ -454,6 +611,7 @@ pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
             Guest::Rewrite => rewrite(&mut a)?,
             Guest::Churn => churn(&mut a)?,
             Guest::Sparse => sparse(&mut a)?,
+            Guest::Writer => writer(&mut a)?,
             g => super::rdma::assemble(g.rdma_kind().expect("RDMA guest"), &mut a)?,
         }
         a.assemble(ip)

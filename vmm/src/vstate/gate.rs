@@ -2,6 +2,12 @@
 //! closes it, kicks every vCPU out of KVM_RUN (signal + immediate_exit) and
 //! waits until none is inside. A vCPU blocked in the VMM (a device, a
 //! barrier) is not inside, so it never delays a pause.
+//!
+//! Kicks are sound: a vCPU thread is in the kick list only between
+//! `register_thread` and `unregister_thread` (which it calls before it
+//! returns), and every `pthread_kill` is sent with the state lock held, so
+//! the target cannot have exited, let alone been joined and had its id
+//! reused (test `kvm::stopped_vm_never_signals_other_threads`).
 
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,7 +20,8 @@ struct State {
     /// vCPUs inside KVM_RUN.
     running: usize,
     stopped: bool,
-    /// pthread ids of vCPU threads, for kicking.
+    /// pthread ids of live vCPU threads (registered, not yet
+    /// unregistered), for kicking.
     threads: Vec<libc::pthread_t>,
 }
 
@@ -65,10 +72,27 @@ pub unsafe fn bind_immediate_exit(p: *const AtomicU8) {
 }
 
 impl RunGate {
+    /// Called by a vCPU thread before it first enters KVM_RUN.
     pub fn register_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         self.state.lock().threads.push(me);
+    }
+
+    /// Called by a vCPU thread before it returns: no kick is sent to it
+    /// afterwards (it may be joined and its id reused by another thread).
+    pub fn unregister_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let mut s = self.state.lock();
+        // SAFETY: pthread_equal has no preconditions.
+        s.threads
+            .retain(|&t| unsafe { libc::pthread_equal(t, me) } == 0);
+    }
+
+    /// vCPU threads that can still be kicked.
+    pub fn registered(&self) -> usize {
+        self.state.lock().threads.len()
     }
 
     /// Called by a vCPU before KVM_RUN: waits while paused. False once the
@@ -94,10 +118,13 @@ impl RunGate {
         }
     }
 
-    fn kick_all(&self, threads: &[libc::pthread_t]) {
-        for &t in threads {
-            // SAFETY: t is a vCPU thread of this process that registered
-            // itself; a thread that already exited makes this return ESRCH.
+    /// Kick every registered vCPU; the caller holds the state lock (`s`),
+    /// which keeps each of them from unregistering and exiting meanwhile.
+    fn kick_all(s: &State) {
+        for &t in &s.threads {
+            // SAFETY: t is a live vCPU thread of this process: it
+            // registered itself and cannot unregister (and so cannot
+            // return) while the caller holds the state lock.
             unsafe { libc::pthread_kill(t, kick_signal()) };
         }
     }
@@ -106,13 +133,23 @@ impl RunGate {
     pub fn pause(&self) {
         let mut s = self.state.lock();
         s.pauses += 1;
+        if s.running == 0 {
+            return;
+        }
+        Self::kick_all(&s);
+        // The kicked vCPUs leave KVM_RUN within microseconds; a vCPU that
+        // slipped in between our kick and its `enter` check already saw
+        // `pauses`. Wait briefly, then re-kick in case a signal raced with
+        // the thread's own `immediate_exit` reset.
         while s.running > 0 {
-            let threads = s.threads.clone();
-            self.kick_all(&threads);
-            // Kick again if a vCPU slipped into KVM_RUN between our kick
-            // and its check (immediate_exit catches that, this is cheap
-            // insurance against a lost signal).
-            self.cv.wait_for(&mut s, Duration::from_millis(5));
+            if self
+                .cv
+                .wait_for(&mut s, Duration::from_millis(1))
+                .timed_out()
+                && s.running > 0
+            {
+                Self::kick_all(&s);
+            }
         }
     }
 
@@ -130,10 +167,8 @@ impl RunGate {
     pub fn stop(&self) {
         let mut s = self.state.lock();
         s.stopped = true;
-        let threads = s.threads.clone();
         self.cv.notify_all();
-        drop(s);
-        self.kick_all(&threads);
+        Self::kick_all(&s);
     }
 
     pub fn stopped(&self) -> bool {

@@ -128,6 +128,7 @@ impl Vcpu {
         let end = self.run_loop(gate, devices);
         // SAFETY: unbinding (null) is always valid.
         unsafe { bind_immediate_exit(std::ptr::null()) };
+        gate.unregister_thread();
         end
     }
 

@@ -27,7 +27,15 @@ pub struct KvmVm {
     pub kvm: Kvm,
     pub fd: VmFd,
     pub irqchip: bool,
+    /// Host memory behind the throwaway memslot of `zap_all_shadow`.
+    zap_page: std::sync::OnceLock<Result<u64, String>>,
 }
+
+/// The throwaway memslot of `zap_all_shadow`: far above any RAM slot
+/// number, 2 MiB in the MMIO hole where no device lives.
+const ZAP_SLOT: u32 = 500;
+const ZAP_GPA: u64 = 0xe000_0000;
+const ZAP_SIZE: u64 = 2 << 20;
 
 impl KvmVm {
     pub fn new() -> Result<Self, VmError> {
@@ -56,7 +64,12 @@ impl KvmVm {
                 })?;
             }
         }
-        Ok(KvmVm { kvm, fd, irqchip })
+        Ok(KvmVm {
+            kvm,
+            fd,
+            irqchip,
+            zap_page: std::sync::OnceLock::new(),
+        })
     }
 
     /// Most vCPUs this host's KVM supports.
@@ -103,5 +116,37 @@ impl KvmVm {
             source,
         })?;
         self.set_slot(slot, gpa, size, hva)
+    }
+
+    /// Make KVM drop every shadow page of the VM, with the vCPUs free to
+    /// run: deleting any memslot goes through `kvm_mmu_zap_all_fast`
+    /// (generation bump, then the obsolete pages are zapped in batches
+    /// that yield KVM's mmu lock, so vCPU faults interleave). So create a
+    /// tiny throwaway slot and delete it. O(shadow pages) inside the
+    /// kernel, but no vCPU waits for it as a whole.
+    pub fn zap_all_shadow(&self) -> Result<(), String> {
+        let hva = self
+            .zap_page
+            .get_or_init(|| crate::memory::map_anonymous(ZAP_SIZE, false))
+            .clone()?;
+        self.set_slot(ZAP_SLOT, ZAP_GPA, ZAP_SIZE, hva)
+            .map_err(|e| e.to_string())?;
+        let delete = kvm_userspace_memory_region {
+            slot: ZAP_SLOT,
+            guest_phys_addr: ZAP_GPA,
+            ..Default::default()
+        };
+        // SAFETY: deleting a slot has no memory-safety requirements.
+        unsafe { self.fd.set_user_memory_region(delete) }.map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for KvmVm {
+    fn drop(&mut self) {
+        if let Some(Ok(hva)) = self.zap_page.get() {
+            // SAFETY: the throwaway slot is deleted right after each
+            // creation, so KVM no longer refers to this mapping we own.
+            unsafe { libc::munmap(*hva as *mut libc::c_void, ZAP_SIZE as usize) };
+        }
     }
 }

@@ -69,6 +69,9 @@ pub const CTRL_ENABLE: u32 = 2;
 pub const STATUS_ENABLED: u32 = 1;
 pub const STATUS_DEVICE_ERROR: u32 = 2;
 pub const STATUS_QP_ERROR: u32 = 4;
+/// The queue pair's completion queue overran (completions were lost); the
+/// queue pair is in error too. Cleared by CTRL reset.
+pub const STATUS_CQ_OVERRUN: u32 = 8;
 
 pub const OP_WRITE: u32 = 1;
 pub const OP_READ: u32 = 2;

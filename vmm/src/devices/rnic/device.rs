@@ -1,24 +1,60 @@
 //! Register handling, ring fetching and WQE validation of the paravirtual
 //! RNIC. Runs on the vCPU thread that took the MMIO exit; each queue pair
 //! has its own lock.
+//!
+//! Guarantees (tests in `vmm/tests/hostile.rs`, hostile guests driving the
+//! registers):
+//! * per queue pair the device keeps state bounded by its ring sizes, and
+//!   each WQE costs O(1) to retire, signaled or not
+//!   (`unsignaled_write_flood_keeps_device_memory_bounded`);
+//! * a completion queue that overruns is an error the guest sees
+//!   (`STATUS_CQ_OVERRUN` and `STATUS_QP_ERROR`), never a silent drop
+//!   (`cq_overrun_is_reported_to_the_guest`);
+//! * a guest-to-guest peer reaches exactly the advertised window of the
+//!   other guest (`a_guest_peer_reaches_only_the_advertised_window`).
 
-use super::peer::HostPeer;
+use super::peer::{HostPeer, PeerError, PeerWindow};
 use super::*;
 use parking_lot::Mutex;
 use rdma_passthrough::{
-    Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge, Wc,
-    WcOpcode, WcStatus,
+    Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge,
+    VerbsError, Wc, WcOpcode, WcStatus,
 };
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod verify;
+use verify::Posted;
+
+/// A guest-memory access outside guest RAM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{len:#x} bytes at {gpa:#x} are not guest RAM")]
+pub struct NotGuestRam {
+    pub gpa: u64,
+    pub len: u64,
+}
+
 /// How the device reads guest memory (its rings). The VMM's guest RAM in
 /// production; a plain buffer in the fuzzer.
 pub trait GuestMemory: Send + Sync {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), NotGuestRam>;
     /// Whether `[gpa, gpa + len)` is guest RAM.
     fn contains(&self, gpa: u64, len: u64) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RnicDeviceError {
+    #[error("registering guest RAM with the RNIC: {0}")]
+    RegisterRam(VerbsError),
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("guest peers must share one emulated RNIC")]
+    NotSharedRnic,
+    #[error("peer window [{base:#x}, +{len:#x}) is not usable guest memory")]
+    BadWindow { base: u64, len: u64 },
+    #[error("registering the peer window: {0}")]
+    PeerWindow(VerbsError),
 }
 
 /// Read one ABI structure (a ring entry) from guest memory: its bytes as
@@ -26,7 +62,7 @@ pub trait GuestMemory: Send + Sync {
 fn read_obj<T: vm_memory::ByteValued + Default>(
     mem: &dyn GuestMemory,
     gpa: u64,
-) -> Result<T, String> {
+) -> Result<T, NotGuestRam> {
     let mut v = T::default();
     mem.read(gpa, v.as_mut_slice())?;
     Ok(v)
@@ -35,6 +71,12 @@ fn read_obj<T: vm_memory::ByteValued + Default>(
 /// Completions the device buffers per queue pair before leaving the rest
 /// in the RNIC's CQ.
 const MAX_PENDING_CQES: usize = 4096;
+/// Largest window of another guest's memory a device may peer with.
+pub const MAX_GUEST_WINDOW: u64 = 64 << 20;
+/// Depth of each queue pair's CQ on the RNIC. With the buffer above, a
+/// guest that never pops sees an overrun after this many plus
+/// `MAX_PENDING_CQES` completions.
+const CQ_DEPTH: usize = 4 * MAX_PENDING_CQES;
 
 #[derive(Default, Debug)]
 pub struct RnicDeviceStats {
@@ -58,12 +100,6 @@ pub struct RnicDeviceStats {
     pub bytes_written: AtomicU64,
 }
 
-struct Posted {
-    wr_id: u64,
-    remote: u64,
-    len: u64,
-}
-
 struct QpCtx {
     sq_base: u64,
     sq_size: u32,
@@ -82,7 +118,18 @@ struct QpCtx {
     guest_peer_qp: Option<Qp>,
     cq: Cq,
     cqes: VecDeque<Wc>,
+    /// A completion the device synthesized found `cqes` full.
+    cq_overrun: bool,
+    /// Send WQEs posted to the RNIC QP.
+    posted: u64,
+    /// WRITEs posted and not yet retired: every doorbell and completion
+    /// read first retires what the RNIC finished, so at most what its send
+    /// queue (ring-sized) and execution held then, plus one ring posted by
+    /// the doorbell: `2 * sq_size + 1`.
     writes: VecDeque<Posted>,
+    /// A queue pair already connected over RoCE (`roce.rs`), taken by the
+    /// next enable.
+    preconnected: Option<Qp>,
 }
 
 impl QpCtx {
@@ -102,20 +149,30 @@ impl QpCtx {
             guest_peer_qp: None,
             cq,
             cqes: VecDeque::new(),
+            cq_overrun: false,
+            posted: 0,
             writes: VecDeque::new(),
+            preconnected: None,
         }
     }
 }
 
-/// Another guest as the peer: its protection domain, the rkey of its
-/// guest-RAM MR, a window of its guest-physical memory, and its memory
-/// (to check stamps of what landed there).
+/// Another guest as the peer: a window of its guest-physical memory, an MR
+/// covering exactly that window in a protection domain of its own (the
+/// responder QPs live there, so no other key of that guest works), and its
+/// memory (to check stamps of what landed there).
 pub struct GuestPeer {
-    pub pd: Pd,
-    pub rkey: u32,
+    mr: Mr,
+    pd: Pd,
     pub base: u64,
     pub len: u64,
     pub mem: Arc<dyn GuestMemory>,
+}
+
+impl GuestPeer {
+    pub fn rkey(&self) -> u32 {
+        self.mr.rkey()
+    }
 }
 
 pub struct RnicDevice {
@@ -123,13 +180,16 @@ pub struct RnicDevice {
     mem: Arc<dyn GuestMemory>,
     pd: Pd,
     mr: Mr,
-    peer: Arc<HostPeer>,
+    /// This guest's part of the host peer.
+    window: PeerWindow,
     /// When set, queue pairs connect to another guest instead of the host.
     guest_peer: parking_lot::RwLock<Option<GuestPeer>>,
     /// Last stamp iteration seen per peer page (stale detection).
     seen: Vec<AtomicU64>,
     qps: Vec<Mutex<QpCtx>>,
     pub stats: RnicDeviceStats,
+    /// Set when queue pairs reach another odpvm over RoCEv2.
+    roce: parking_lot::RwLock<Option<super::roce::RoceRemote>>,
 }
 
 fn u32_of(data: &[u8]) -> Option<u32> {
@@ -165,25 +225,30 @@ impl RnicDevice {
         mem: Arc<dyn GuestMemory>,
         peer: Arc<HostPeer>,
         qps: usize,
-    ) -> Result<RnicDevice, String> {
+    ) -> Result<RnicDevice, RnicDeviceError> {
         let pd = rnic.alloc_pd(space);
         // One implicit ODP MR covers all guest RAM.
         let mr = rnic
             .reg_mr(&pd, 0, u64::MAX, Access::ALL_REMOTE | Access::ON_DEMAND)
-            .map_err(|e| e.to_string())?;
-        let seen = (0..peer.len / mmu::PAGE_SIZE)
+            .map_err(RnicDeviceError::RegisterRam)?;
+        // One window unit per queue pair (the RDMA payloads use at most 8).
+        let window = peer.window(&rnic, super::peer::WINDOW_UNIT * qps.clamp(1, 8) as u64)?;
+        // Room to check stamps in the host window, or in a guest peer's
+        // window of up to `MAX_GUEST_WINDOW`.
+        let seen = (0..window.len.max(MAX_GUEST_WINDOW) / mmu::PAGE_SIZE)
             .map(|_| AtomicU64::new(0))
             .collect();
         let qps = (0..qps)
-            .map(|_| Mutex::new(QpCtx::new(rnic.create_cq(MAX_PENDING_CQES * 4))))
+            .map(|_| Mutex::new(QpCtx::new(rnic.create_cq(CQ_DEPTH))))
             .collect();
         Ok(RnicDevice {
             rnic,
             mem,
             pd,
             mr,
-            peer,
+            window,
             guest_peer: parking_lot::RwLock::new(None),
+            roce: parking_lot::RwLock::new(None),
             seen,
             qps,
             stats: RnicDeviceStats::default(),
@@ -218,11 +283,33 @@ impl RnicDevice {
     fn reset(&self, q: &mut QpCtx) {
         // Dropping the QP flushes its work; a fresh CQ drops stale completions.
         if let Some(qpn) = q.peer_qpn.take() {
-            self.peer.detach(qpn);
+            self.window.peer().detach(qpn);
         }
         q.guest_peer_qp = None;
+        // A RoCE connection cannot be re-made from here: a healthy
+        // connected QP (and its CQ, drained) survives the reset; one in
+        // the error state is dropped and the bank stays unconnected.
+        let keep = match q.preconnected.take().or_else(|| q.qp.take()) {
+            Some(qp) if self.roce.read().is_some() && !qp.in_error() => Some(qp),
+            _ => None,
+        };
         q.qp = None;
-        *q = QpCtx::new(self.rnic.create_cq(MAX_PENDING_CQES * 4));
+        let cq = match keep {
+            Some(_) => {
+                let mut sink = [Wc {
+                    wr_id: 0,
+                    status: WcStatus::Success,
+                    opcode: WcOpcode::Send,
+                    byte_len: 0,
+                    qp_num: 0,
+                }; 64];
+                while q.cq.poll(&mut sink) > 0 {}
+                q.cq.clone()
+            }
+            None => self.rnic.create_cq(CQ_DEPTH),
+        };
+        *q = QpCtx::new(cq);
+        q.preconnected = keep;
         self.stats.resets.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -242,11 +329,16 @@ impl RnicDevice {
         {
             return self.device_error(q, ERR_BAD_RING);
         }
+        if let Some(qp) = q.preconnected.take() {
+            q.qp = Some(qp);
+            q.enabled = true;
+            return;
+        }
         let caps = QpCaps {
             max_send_wr: q.sq_size as usize,
             max_recv_wr: q.rq_size as usize,
             max_sge: 1,
-            rnr_retry: 7,
+            ..QpCaps::default()
         };
         let qp = match self.rnic.create_qp(&self.pd, &q.cq, &q.cq, caps) {
             Ok(qp) => qp,
@@ -270,7 +362,7 @@ impl RnicDevice {
                 }
             }
         } else {
-            match self.peer.attach(&self.rnic, &qp) {
+            match self.window.peer().attach(&self.rnic, &self.window, &qp) {
                 Ok(qpn) => q.peer_qpn = Some(qpn),
                 Err(e) => {
                     log::error!("rnic device: attaching the host peer: {e}");
@@ -294,6 +386,8 @@ impl RnicDevice {
                 byte_len: 0,
                 qp_num: 0,
             });
+        } else {
+            q.cq_overrun = true;
         }
     }
 
@@ -306,6 +400,7 @@ impl RnicDevice {
             return self.device_error(q, ERR_DOORBELL);
         }
         self.stats.doorbells.fetch_add(1, Ordering::Relaxed);
+        self.retire_writes(q);
         for _ in 0..n {
             let slot = u64::from(q.sq_ci & (q.sq_size - 1));
             let Ok(wqe) = read_obj::<SendWqe>(&*self.mem, q.sq_base + slot * WQE_SIZE) else {
@@ -351,11 +446,12 @@ impl RnicDevice {
                     }
                     if opcode == OP_WRITE {
                         q.writes.push_back(Posted {
-                            wr_id,
+                            seq: q.posted,
                             remote: remote_addr,
                             len: u64::from(length),
                         });
                     }
+                    q.posted += 1;
                     self.stats.wqes_posted.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -393,53 +489,6 @@ impl RnicDevice {
         }
     }
 
-    /// Check the host-peer pages an RDMA WRITE landed in: each must be
-    /// zero (the guest discarded it) or carry the stamp of this position
-    /// with an iteration no older than the last one seen there.
-    fn verify_write(&self, p: &Posted) {
-        let guest = self.guest_peer.read();
-        let (base, len) = match guest.as_ref() {
-            Some(g) => (g.base, g.len),
-            None => (self.peer.base, self.peer.len),
-        };
-        let Some(off) = p.remote.checked_sub(base) else {
-            return;
-        };
-        if off.saturating_add(p.len) > len / 2 {
-            return; // outside the write half: nothing of ours to check
-        }
-        let first = off.div_ceil(mmu::PAGE_SIZE);
-        let last = (off + p.len) / mmu::PAGE_SIZE;
-        for page in first..last {
-            let at = base + page * mmu::PAGE_SIZE;
-            let v = match guest.as_ref() {
-                Some(g) => {
-                    let mut b = [0u8; 8];
-                    if g.mem.read(at, &mut b).is_err() {
-                        continue;
-                    }
-                    u64::from_le_bytes(b)
-                }
-                // SAFETY: the page lies inside the peer's live host buffer.
-                None => unsafe { std::ptr::read_volatile(at as *const u64) },
-            };
-            self.stats.pages_verified.fetch_add(1, Ordering::Relaxed);
-            if v == 0 {
-                self.stats.pages_zero.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let (iter, place) = (v >> 32, v & 0xffff_ffff);
-            let Some(seen) = self.seen.get(page as usize) else {
-                continue;
-            };
-            let prev = seen.fetch_max(iter, Ordering::Relaxed);
-            if place != page || iter < prev {
-                self.stats.stale_accesses.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.stats.bytes_written.fetch_add(p.len, Ordering::Relaxed);
-    }
-
     /// Move finished completions from the RNIC into the register queue.
     fn reap(&self, q: &mut QpCtx) {
         let mut buf = [Wc {
@@ -459,19 +508,11 @@ impl RnicDevice {
                 self.stats.completions.fetch_add(1, Ordering::Relaxed);
                 if wc.status != WcStatus::Success {
                     self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
-                    q.writes.clear();
-                } else if wc.opcode == WcOpcode::RdmaWrite {
-                    // RC completes in order: everything up to this WQE landed.
-                    while let Some(p) = q.writes.pop_front() {
-                        self.verify_write(&p);
-                        if p.wr_id == wc.wr_id {
-                            break;
-                        }
-                    }
                 }
                 q.cqes.push_back(*wc);
             }
         }
+        self.retire_writes(q);
     }
 
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
@@ -481,15 +522,24 @@ impl RnicDevice {
                 REG_VERSION => u64::from(RNIC_VERSION),
                 REG_NUM_QPS => self.qps.len() as u64,
                 REG_LKEY => u64::from(self.mr.lkey()),
+                REG_PEER_ADDR | REG_PEER_LEN | REG_PEER_RKEY if self.roce.read().is_some() => {
+                    let r = self.roce.read();
+                    let w = &r.as_ref().expect("checked").window;
+                    match offset {
+                        REG_PEER_ADDR => w.base,
+                        REG_PEER_LEN => w.len,
+                        _ => u64::from(w.rkey),
+                    }
+                }
                 REG_PEER_ADDR | REG_PEER_LEN | REG_PEER_RKEY => {
                     let g = self.guest_peer.read();
                     match (offset, g.as_ref()) {
                         (REG_PEER_ADDR, Some(g)) => g.base,
                         (REG_PEER_LEN, Some(g)) => g.len,
-                        (_, Some(g)) => u64::from(g.rkey),
-                        (REG_PEER_ADDR, None) => self.peer.base,
-                        (REG_PEER_LEN, None) => self.peer.len,
-                        (_, None) => u64::from(self.peer.rkey()),
+                        (_, Some(g)) => u64::from(g.rkey()),
+                        (REG_PEER_ADDR, None) => self.window.base,
+                        (REG_PEER_LEN, None) => self.window.len,
+                        (_, None) => u64::from(self.window.rkey()),
                     }
                 }
                 _ => 0,
@@ -513,6 +563,9 @@ impl RnicDevice {
                 }
                 if qp_err {
                     st |= STATUS_QP_ERROR;
+                }
+                if q.cq_overrun || q.cq.is_overrun() {
+                    st |= STATUS_CQ_OVERRUN | STATUS_QP_ERROR;
                 }
                 u64::from(st)
             }
@@ -573,8 +626,14 @@ impl RnicDevice {
             QP_SQ_SIZE => q.sq_size = v as u32,
             QP_RQ_BASE => q.rq_base = v,
             QP_RQ_SIZE => q.rq_size = v as u32,
-            QP_SQ_PI => self.send_doorbell(q, v as u32),
-            QP_RQ_PI => self.recv_doorbell(q, v as u32),
+            QP_SQ_PI => {
+                self.send_doorbell(q, v as u32);
+                self.kick_roce();
+            }
+            QP_RQ_PI => {
+                self.recv_doorbell(q, v as u32);
+                self.kick_roce();
+            }
             QP_CQ_POP => {
                 q.cqes.pop_front();
             }
@@ -598,18 +657,27 @@ impl RnicDevice {
         mem: Arc<dyn GuestMemory>,
         base: u64,
         len: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), RnicDeviceError> {
         if !Arc::ptr_eq(&self.rnic, &other.rnic) {
-            return Err("guest peers must share one emulated RNIC".into());
+            return Err(RnicDeviceError::NotSharedRnic);
         }
-        if !mem.contains(base, len) || len / mmu::PAGE_SIZE > self.seen.len() as u64 {
-            return Err(format!(
-                "peer window [{base:#x}, +{len:#x}) is not usable guest memory"
-            ));
+        if len == 0
+            || !mem.contains(base, len)
+            || len / mmu::PAGE_SIZE > self.seen.len() as u64
+            || !base.is_multiple_of(mmu::PAGE_SIZE)
+        {
+            return Err(RnicDeviceError::BadWindow { base, len });
         }
+        // A domain of the other guest's memory holding nothing but the
+        // window: our responder QPs live there.
+        let pd = self.rnic.alloc_pd(other.pd.space().clone());
+        let mr = self
+            .rnic
+            .reg_mr(&pd, base, len, Access::ALL_REMOTE | Access::ON_DEMAND)
+            .map_err(RnicDeviceError::PeerWindow)?;
         *self.guest_peer.write() = Some(GuestPeer {
-            pd: other.pd.clone(),
-            rkey: other.mr.rkey(),
+            mr,
+            pd,
             base,
             len,
             mem,
@@ -617,8 +685,83 @@ impl RnicDevice {
         Ok(())
     }
 
+    /// Queue pairs go to another odpvm over RoCE: one QP per bank is
+    /// created now (on the bank's CQ) and handed to `connect`, which
+    /// returns the link; the guest's next enable of a bank takes its QP.
+    /// A reset drops it (the connection is not re-established).
+    pub(super) fn attach_roce(
+        &self,
+        connect: impl FnOnce(&Pd, &[&Qp]) -> Result<super::roce::RoceRemote, String>,
+    ) -> Result<(), String> {
+        let caps = QpCaps {
+            max_send_wr: MAX_RING as usize,
+            max_recv_wr: MAX_RING as usize,
+            max_sge: 1,
+            rnr_retry: 7,
+            ..QpCaps::default()
+        };
+        let mut qps = Vec::with_capacity(self.qps.len());
+        for q in &self.qps {
+            let cq = q.lock().cq.clone();
+            qps.push(
+                self.rnic
+                    .create_qp(&self.pd, &cq, &cq, caps)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let remote = connect(&self.pd, &qps.iter().collect::<Vec<_>>())?;
+        for (q, qp) in self.qps.iter().zip(qps) {
+            q.lock().preconnected = Some(qp);
+        }
+        *self.roce.write() = Some(remote);
+        Ok(())
+    }
+
+    /// Take the RoCE-connected queue pairs (with their CQs) away from the
+    /// guest, for the host to drive (`odpvm run --roce-echo` answers the
+    /// peer's SENDs for an idle guest).
+    pub fn take_roce_qps(&self) -> Vec<(Qp, Cq)> {
+        self.qps
+            .iter()
+            .filter_map(|q| {
+                let mut q = q.lock();
+                let cq = q.cq.clone();
+                q.preconnected.take().map(|qp| (qp, cq))
+            })
+            .collect()
+    }
+
+    fn kick_roce(&self) {
+        if let Some(r) = self.roce.read().as_ref() {
+            r.port.kick();
+        }
+    }
+
+    pub fn roce(&self) -> parking_lot::RwLockReadGuard<'_, Option<super::roce::RoceRemote>> {
+        self.roce.read()
+    }
+
     pub fn peer(&self) -> &Arc<HostPeer> {
-        &self.peer
+        self.window.peer()
+    }
+
+    /// This guest's window of the host peer.
+    pub fn peer_window(&self) -> &PeerWindow {
+        &self.window
+    }
+
+    /// Entries the device holds for queue pair `q` beyond the RNIC's own
+    /// bounded queues: (WRITEs awaiting their check, buffered completions).
+    pub fn pending(&self, q: usize) -> Option<(usize, usize)> {
+        let q = self.qps.get(q)?.lock();
+        Some((q.writes.len(), q.cqes.len()))
+    }
+
+    /// Send WQEs queue pair `q` posted to the RNIC and how many of them the
+    /// RNIC has finished.
+    pub fn progress(&self, q: usize) -> Option<(u64, u64)> {
+        let q = self.qps.get(q)?.lock();
+        Some((q.posted, q.qp.as_ref().map_or(0, |qp| qp.send_retired())))
     }
 
     /// Queue pairs currently stopped by a device error.

@@ -24,7 +24,7 @@
 //!
 //! | off  | name       | access | meaning |
 //! |------|------------|--------|---------|
-//! | 0x00 | STATUS     | RO     | bit 0 enabled, bit 1 device error, bit 2 QP error |
+//! | 0x00 | STATUS     | RO     | bit 0 enabled, bit 1 device error, bit 2 QP error, bit 3 CQ overrun |
 //! | 0x04 | ERROR      | RO     | why the device stopped (`ERR_*`) |
 //! | 0x08 | CTRL       | WO     | 1 reset, 2 enable |
 //! | 0x10 | SQ_BASE    | RW 64  | send ring (guest-physical, 64-byte WQEs) |
@@ -52,15 +52,26 @@
 //! register access puts the queue pair in a device error state the guest
 //! can clear with CTRL reset; a malformed WQE completes with an error;
 //! keys, bounds and rights are checked by the RNIC on every access.
+//!
+//! Completions: a queue pair's completion queue holds 20 480 completions
+//! (16 384 in the RNIC's CQ, 4 096 buffered behind the CQE registers). One
+//! more without CQ_POP is an overrun, as in verbs a CQ error: STATUS shows
+//! CQ overrun and QP error, later WQEs are flushed, CTRL reset clears it.
+//! Unsignaled WQEs need no completion; the device retires them in order.
+//! PEER_ADDR/PEER_LEN/PEER_RKEY describe this guest's own window of the
+//! peer, and the rkey reaches nothing outside it.
 
 pub mod abi;
 mod device;
 pub mod fuzz;
 mod peer;
+pub mod roce;
 
 pub use abi::*;
-pub use device::{GuestMemory, GuestPeer, RnicDevice, RnicDeviceStats};
-pub use peer::{HostPeer, READ_STAMP_MAGIC};
+pub use device::{
+    GuestMemory, GuestPeer, NotGuestRam, RnicDevice, RnicDeviceError, RnicDeviceStats,
+};
+pub use peer::{HostPeer, PeerError, PeerWindow, READ_STAMP_MAGIC, WINDOW_UNIT};
 
 // SAFETY: `SendWqe` is `repr(C)`, made of integers only, with no padding
 // (its size is the sum of its fields', asserted in `abi`): every byte

@@ -1,10 +1,19 @@
 //! The host-side peer: queue pairs owned by the VMM on the same RNIC, over
-//! a host buffer, for guest ↔ host traffic. Buffer layout (what PEER_ADDR
-//! and PEER_LEN describe):
+//! a host buffer, for guest ↔ host traffic.
 //!
-//! * `[0, len/2)` — where guests RDMA WRITE;
-//! * `[len/2, 3len/4)` — static stamps guests RDMA READ and check;
-//! * `[3len/4, len)` — receive slots for guests' SENDs.
+//! Each guest device gets its own window of the buffer (whole units of
+//! [`WINDOW_UNIT`]), with its own protection domain holding one MR that
+//! covers exactly that window; the host queue pairs serving that guest
+//! live in the same domain. A guest therefore reaches only its window,
+//! whatever rkey it tries: another window's MR, or another domain's, fails
+//! the RNIC's key and domain checks (`vmm/tests/hostile.rs`,
+//! `a_shared_host_peer_confines_each_guest_to_its_window`). Window layout
+//! (what PEER_ADDR and PEER_LEN describe):
+//!
+//! * `[0, len/2)` — where the guest RDMA WRITEs;
+//! * `[len/2, 3len/4)` — static stamps the guest RDMA READs and checks
+//!   (`READ_STAMP_MAGIC | page index in the window`);
+//! * `[3len/4, len)` — receive slots for the guest's SENDs.
 //!
 //! A service thread keeps receives posted and echoes every SEND back (for
 //! send latency).
@@ -13,37 +22,101 @@ use mmu::{Mmu, RegionSpec, PAGE_SIZE};
 use parking_lot::Mutex;
 use rdma_passthrough::{
     Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge,
-    WcOpcode, WcStatus,
+    VerbsError, WcOpcode, WcStatus,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Stamp in every page of the read half: magic in the high half, page
-/// index in the low.
+/// Stamp in every page of a window's read quarter: magic in the high half,
+/// page index (in the window) in the low.
 pub const READ_STAMP_MAGIC: u64 = 0x5245_4144 << 32;
+
+/// Windows are whole multiples of this (one vCPU's share of the RDMA
+/// payloads: 4 MiB written, 2 MiB read, 2 MiB of receive slots).
+pub const WINDOW_UNIT: u64 = 8 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("host peer buffer: {0}")]
+    Buffer(String),
+    #[error("the host peer's length {0:#x} is not a non-zero multiple of 8 MiB")]
+    BadLength(u64),
+    #[error("host peer address space: {0}")]
+    Mmu(#[from] mmu::Error),
+    #[error("host peer thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("host peer RNIC resources: {0}")]
+    Verbs(#[from] VerbsError),
+    #[error("the host peer has no free window of {0:#x} bytes (its buffer is shared by too many guests)")]
+    Full(u64),
+    #[error("the host peer serves at most {MAX_PEER_QPS} queue pairs")]
+    TooManyQps,
+}
 
 struct PeerQp {
     qp: Qp,
     cq: Cq,
-    /// Where this QP's receives land (a slice of the write half).
+    /// The key of the window MR its buffers are in.
+    lkey: u32,
+    /// Where this QP's receives land (a slice of its window's last quarter).
     recv_base: u64,
+}
+
+/// One guest's part of the host peer's buffer.
+pub struct PeerWindow {
+    pub base: u64,
+    pub len: u64,
+    /// Covers exactly `[base, base + len)`, in `pd`.
+    mr: Mr,
+    pd: Pd,
+    /// Units of the buffer it holds.
+    units: std::ops::Range<usize>,
+    /// Last: the buffer outlives the MR above.
+    peer: Arc<HostPeer>,
+}
+
+impl PeerWindow {
+    pub fn rkey(&self) -> u32 {
+        self.mr.rkey()
+    }
+
+    pub fn peer(&self) -> &Arc<HostPeer> {
+        &self.peer
+    }
+}
+
+impl Drop for PeerWindow {
+    fn drop(&mut self) {
+        let pd = self.pd.id();
+        self.peer.qps.lock().retain(|q| q.pd != pd);
+        for u in self.peer.units.lock()[self.units.clone()].iter_mut() {
+            *u = false;
+        }
+    }
 }
 
 pub struct HostPeer {
     pub base: u64,
     pub len: u64,
-    pub mr: Mr,
-    pub pd: Pd,
     pub space: Arc<AddressSpace>,
-    qps: Mutex<Vec<Arc<PeerQp>>>,
+    /// Which `WINDOW_UNIT`s of the buffer a window holds.
+    units: Mutex<Vec<bool>>,
+    qps: Mutex<Vec<Arc<AttachedQp>>>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     pub echoes: AtomicU64,
     pub recv_errors: AtomicU64,
-    /// Last field: unmapped after the MR and QPs above are gone.
+    /// Last field: unmapped after the QPs above are gone (window MRs hold
+    /// the peer alive).
     _buffer: HostBuffer,
+}
+
+/// A host QP and the protection domain (window) it serves.
+struct AttachedQp {
+    pd: u32,
+    q: Arc<PeerQp>,
 }
 
 /// The peer's host buffer mapping.
@@ -68,40 +141,33 @@ const RECV_SLOT: u64 = 64 << 10;
 const MAX_PEER_QPS: usize = 256;
 
 impl HostPeer {
-    /// A peer with a `len`-byte host buffer (a multiple of 2 MiB).
-    pub fn new(rnic: &Arc<EmulatedRnic>, len: u64) -> Result<Arc<HostPeer>, String> {
+    /// A peer with a `len`-byte host buffer (a multiple of
+    /// [`WINDOW_UNIT`]), shared out in windows.
+    pub fn new(_rnic: &Arc<EmulatedRnic>, len: u64) -> Result<Arc<HostPeer>, PeerError> {
+        if len == 0 || !len.is_multiple_of(WINDOW_UNIT) {
+            return Err(PeerError::BadLength(len));
+        }
         // Owned by this peer (its last field unmaps it); pages are
         // populated as they are used.
-        let base = crate::memory::map_anonymous(len, false)
-            .map_err(|e| format!("host peer buffer: {e}"))?;
+        let base = crate::memory::map_anonymous(len, false).map_err(PeerError::Buffer)?;
         let buffer = HostBuffer { base, len };
-        for page in (len / 2 / PAGE_SIZE)..(3 * len / 4 / PAGE_SIZE) {
-            // SAFETY: inside the mapping just created.
-            unsafe { *((base + page * PAGE_SIZE) as *mut u64) = READ_STAMP_MAGIC | page };
-        }
-        let mmu = Mmu::new(mmu::Config::default()).map_err(|e| e.to_string())?;
+        let mmu = Mmu::new(mmu::Config::default())?;
         mmu.add_region(RegionSpec {
             name: "host-peer".into(),
             gpa: base,
             size: len,
             hva: base,
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         let space = AddressSpace::new(
             "host-peer",
             mmu.clone(),
             Arc::new(mmu::DirectResolver::new(mmu)),
         );
-        let pd = rnic.alloc_pd(space.clone());
-        let mr = rnic
-            .reg_mr(&pd, base, len, Access::ALL_REMOTE | Access::ON_DEMAND)
-            .map_err(|e| e.to_string())?;
         let peer = Arc::new(HostPeer {
             base,
             len,
-            mr,
-            pd,
             space,
+            units: Mutex::new(vec![false; (len / WINDOW_UNIT) as usize]),
             qps: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
             thread: Mutex::new(None),
@@ -113,63 +179,117 @@ impl HostPeer {
         let stop = peer.stop.clone();
         let t = std::thread::Builder::new()
             .name("odpvm-peer".into())
-            .spawn(move || serve(weak, stop))
-            .map_err(|e| e.to_string())?;
+            .spawn(move || serve(weak, stop))?;
         *peer.thread.lock() = Some(t);
         Ok(peer)
     }
 
-    /// A new host QP connected to `guest`; returns its number, for
-    /// `detach`.
-    pub fn attach(&self, rnic: &Arc<EmulatedRnic>, guest: &Qp) -> Result<u32, String> {
-        let cq = rnic.create_cq(4096);
-        let qp = rnic
-            .create_qp(&self.pd, &cq, &cq, QpCaps::default())
-            .map_err(|e| e.to_string())?;
-        rnic.connect(guest, &qp);
-        let mut qps = self.qps.lock();
-        // Receives land in the last quarter, one slot range per QP.
-        let per_qp = RECV_DEPTH as u64 * RECV_SLOT;
-        let slots = (self.len / 4 / per_qp).max(1);
-        let recv_base = self.base + 3 * self.len / 4 + (qps.len() as u64 % slots) * per_qp;
-        let pq = Arc::new(PeerQp { qp, cq, recv_base });
-        for i in 0..RECV_DEPTH as u64 {
-            self.post_recv(&pq, i).map_err(|e| e.to_string())?;
+    /// A window of at least `len` bytes (rounded up to whole
+    /// [`WINDOW_UNIT`]s) for one guest: its own protection domain and an
+    /// MR covering exactly the window; the read quarter is stamped.
+    pub fn window(
+        self: &Arc<Self>,
+        rnic: &Arc<EmulatedRnic>,
+        len: u64,
+    ) -> Result<PeerWindow, PeerError> {
+        let want = len.div_ceil(WINDOW_UNIT).max(1) as usize;
+        let units = {
+            let mut map = self.units.lock();
+            let start = (0..map.len())
+                .find(|&s| s + want <= map.len() && map[s..s + want].iter().all(|u| !u))
+                .ok_or(PeerError::Full(want as u64 * WINDOW_UNIT))?;
+            for u in &mut map[start..start + want] {
+                *u = true;
+            }
+            start..start + want
+        };
+        let base = self.base + units.start as u64 * WINDOW_UNIT;
+        let len = want as u64 * WINDOW_UNIT;
+        for page in (len / 2 / PAGE_SIZE)..(3 * len / 4 / PAGE_SIZE) {
+            // SAFETY: inside this peer's buffer, in the window just taken
+            // (no guest reaches it before its MR exists below).
+            unsafe { *((base + page * PAGE_SIZE) as *mut u64) = READ_STAMP_MAGIC | page };
         }
+        let free = |peer: &HostPeer| {
+            for u in peer.units.lock()[units.clone()].iter_mut() {
+                *u = false;
+            }
+        };
+        let pd = rnic.alloc_pd(self.space.clone());
+        let mr = match rnic.reg_mr(&pd, base, len, Access::ALL_REMOTE | Access::ON_DEMAND) {
+            Ok(mr) => mr,
+            Err(e) => {
+                free(self);
+                return Err(e.into());
+            }
+        };
+        Ok(PeerWindow {
+            base,
+            len,
+            mr,
+            pd,
+            units,
+            peer: self.clone(),
+        })
+    }
+
+    /// A new host QP in `window`'s domain connected to `guest`; returns
+    /// its number, for `detach`.
+    pub fn attach(
+        &self,
+        rnic: &Arc<EmulatedRnic>,
+        window: &PeerWindow,
+        guest: &Qp,
+    ) -> Result<u32, PeerError> {
+        let mut qps = self.qps.lock();
         if qps.len() >= MAX_PEER_QPS {
-            return Err(format!(
-                "the host peer serves at most {MAX_PEER_QPS} queue pairs"
-            ));
+            return Err(PeerError::TooManyQps);
+        }
+        let cq = rnic.create_cq(4096);
+        let qp = rnic.create_qp(&window.pd, &cq, &cq, QpCaps::default())?;
+        rnic.connect(guest, &qp);
+        // Receives land in the window's last quarter, one slot range per QP.
+        let per_qp = RECV_DEPTH as u64 * RECV_SLOT;
+        let slots = (window.len / 4 / per_qp).max(1);
+        let mine = qps.iter().filter(|q| q.pd == window.pd.id()).count() as u64;
+        let recv_base = window.base + 3 * window.len / 4 + (mine % slots) * per_qp;
+        let pq = Arc::new(PeerQp {
+            qp,
+            cq,
+            lkey: window.mr.lkey(),
+            recv_base,
+        });
+        for i in 0..RECV_DEPTH as u64 {
+            post_recv(&pq, i)?;
         }
         let qpn = pq.qp.qpn();
-        qps.push(pq);
+        qps.push(Arc::new(AttachedQp {
+            pd: window.pd.id(),
+            q: pq,
+        }));
         Ok(qpn)
     }
 
     /// Drop the host QP `qpn` (its guest side was reset).
     pub fn detach(&self, qpn: u32) {
-        self.qps.lock().retain(|q| q.qp.qpn() != qpn);
+        self.qps.lock().retain(|q| q.q.qp.qpn() != qpn);
     }
 
     /// Host QPs attached now.
     pub fn attached(&self) -> usize {
         self.qps.lock().len()
     }
+}
 
-    fn post_recv(&self, q: &PeerQp, slot: u64) -> Result<(), rdma_passthrough::VerbsError> {
-        q.qp.post_recv(RecvWr {
-            wr_id: slot,
-            sges: vec![Sge {
-                addr: q.recv_base + slot * RECV_SLOT,
-                length: RECV_SLOT as u32,
-                lkey: self.mr.lkey(),
-            }],
-        })
-    }
-
-    pub fn rkey(&self) -> u32 {
-        self.mr.rkey()
-    }
+fn post_recv(q: &PeerQp, slot: u64) -> Result<(), VerbsError> {
+    q.qp.post_recv(RecvWr {
+        wr_id: slot,
+        sges: vec![Sge {
+            addr: q.recv_base + slot * RECV_SLOT,
+            length: RECV_SLOT as u32,
+            lkey: q.lkey,
+        }],
+    })
 }
 
 impl Drop for HostPeer {
@@ -185,7 +305,7 @@ fn serve(peer: std::sync::Weak<HostPeer>, stop: Arc<AtomicBool>) {
     let mut idle = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let Some(p) = peer.upgrade() else { return };
-        let qps: Vec<Arc<PeerQp>> = p.qps.lock().clone();
+        let qps: Vec<Arc<PeerQp>> = p.qps.lock().iter().map(|a| a.q.clone()).collect();
         let mut worked = false;
         let mut wcs = [rdma_passthrough::Wc {
             wr_id: 0,
@@ -207,14 +327,14 @@ fn serve(peer: std::sync::Weak<HostPeer>, stop: Arc<AtomicBool>) {
                             sges: vec![Sge {
                                 addr: q.recv_base + slot * RECV_SLOT,
                                 length: wc.byte_len,
-                                lkey: p.mr.lkey(),
+                                lkey: q.lkey,
                             }],
                             signaled: false,
                         };
                         if q.qp.post_send(echo).is_ok() {
                             p.echoes.fetch_add(1, Ordering::Relaxed);
                         }
-                        let _ = p.post_recv(q, slot);
+                        let _ = post_recv(q, slot);
                     }
                     (_, WcStatus::Success) => {}
                     _ => {

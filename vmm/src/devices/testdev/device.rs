@@ -147,7 +147,26 @@ impl Barrier {
     }
 }
 
+/// Host actions that make guest RAM fresh, counted for payloads that
+/// tell a legitimately zeroed page from a lost write (`EPOCH_*`).
+#[derive(Debug, Default)]
+pub struct Epochs {
+    pub started: AtomicU64,
+    pub done: AtomicU64,
+}
+
+/// One `PROGRESS` write, timestamped when the VMM saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct ProgressMark {
+    pub at: std::time::Instant,
+    pub vcpu: usize,
+    /// The longest step since the vCPU's previous mark, in 1024 TSC cycles.
+    pub gap: u32,
+}
+
 pub struct TestDevice {
+    pub epochs: std::sync::Arc<Epochs>,
+    marks: Mutex<Vec<ProgressMark>>,
     /// When the first command arrived (the guest is running its code).
     first_command: std::sync::OnceLock<std::time::Instant>,
     args: Vec<Mutex<Vec<u32>>>,
@@ -160,14 +179,17 @@ pub struct TestDevice {
 
 impl TestDevice {
     pub fn new(vcpus: usize) -> Self {
-        Self::with_console(vcpus, Sink::Buffer(Default::default()))
+        Self::with_console(vcpus, Sink::Buffer(Default::default()), Default::default())
     }
 
-    /// A device whose `CONSOLE` text goes to `sink`.
-    pub fn with_console(vcpus: usize, sink: Sink) -> Self {
+    /// A device whose `CONSOLE` text goes to `sink` and whose `EPOCH_*`
+    /// registers read `epochs`.
+    pub fn with_console(vcpus: usize, sink: Sink, epochs: std::sync::Arc<Epochs>) -> Self {
         let barrier = Barrier::default();
         barrier.state.lock().live = vcpus;
         TestDevice {
+            epochs,
+            marks: Mutex::new(Vec::new()),
             first_command: std::sync::OnceLock::new(),
             args: (0..vcpus)
                 .map(|_| Mutex::new(Vec::with_capacity(MAX_ARGS)))
@@ -195,6 +217,17 @@ impl TestDevice {
         let value = u32::from_le_bytes(bytes);
         if offset == CMD {
             self.first_command.get_or_init(std::time::Instant::now);
+        }
+        if offset == PROGRESS {
+            let mut m = self.marks.lock();
+            if m.len() < MAX_MARKS {
+                m.push(ProgressMark {
+                    at: std::time::Instant::now(),
+                    vcpu,
+                    gap: value,
+                });
+            }
+            return Outcome::Continue;
         }
         if offset == EXIT {
             return self.finish(VcpuReport {
@@ -286,9 +319,25 @@ impl TestDevice {
         }
     }
 
-    /// A guest read: only STOP is readable.
+    /// Progress marks since the last call, oldest first.
+    pub fn take_marks(&self) -> Vec<ProgressMark> {
+        std::mem::take(&mut *self.marks.lock())
+    }
+
+    /// A guest read: STOP and the epoch counters are readable.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        let epoch = match offset {
+            EPOCH_STARTED => Some(&self.epochs.started),
+            EPOCH_DONE => Some(&self.epochs.done),
+            _ => None,
+        };
+        if let Some(e) = epoch {
+            let v = (e.load(Ordering::SeqCst) as u32).to_le_bytes();
+            let n = data.len().min(4);
+            data[..n].copy_from_slice(&v[..n]);
+            return;
+        }
         if offset == STOP
             && self
                 .stop_requested

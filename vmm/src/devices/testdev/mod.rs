@@ -11,7 +11,7 @@ mod console;
 mod device;
 
 pub use console::Console;
-pub use device::{Barrier, Ending, Outcome, TestDevice, VcpuReport};
+pub use device::{Barrier, Ending, Epochs, Outcome, ProgressMark, TestDevice, VcpuReport};
 
 /// Register offsets in the MMIO page.
 pub const CMD: u64 = 0x0;
@@ -22,6 +22,19 @@ pub const STOP: u64 = 0x8;
 pub const EXIT: u64 = 0xc;
 /// Write (1, 2, 4 or 8 bytes): console text; every byte written is text.
 pub const CONSOLE: u64 = 0x10;
+/// Read: how many host actions that make guest RAM fresh (teardowns,
+/// range invalidations) have started / completed (low 32 bits). A page
+/// written before a round began and read back zero, with no such action
+/// started since, is a lost write.
+pub const EPOCH_STARTED: u64 = 0x18;
+pub const EPOCH_DONE: u64 = 0x1c;
+/// Write: a progress mark (the payload did a fixed amount of work); the
+/// value is the longest gap the vCPU saw between two steps since its last
+/// mark, in units of 1024 TSC cycles.
+pub const PROGRESS: u64 = 0x20;
+
+/// Progress marks kept (oldest first; later ones are dropped until taken).
+pub const MAX_MARKS: usize = 1 << 22;
 
 /// The vCPU finished successfully; args are payload-specific results.
 pub const CMD_PASS: u32 = 1;

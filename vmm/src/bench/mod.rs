@@ -1,0 +1,51 @@
+//! `odpvm bench`: measured figures, one JSON object per line with --json.
+//! One file per benchmark: `faults` (first-touch fault cost, fault-around,
+//! start-up), `rnic` (the emulated RNIC), `teardown` (whole-VM teardown
+//! latency against memory size).
+
+mod faults;
+mod plot;
+mod rnic;
+pub mod teardown;
+
+pub use faults::faults;
+pub use rnic::{rnic, RnicBench};
+pub use teardown::{teardown, TeardownBench};
+
+use crate::devices::serial::Sink;
+use crate::payload::Guest;
+use crate::vm::{GuestConfig, VmConfig};
+use serde_json::Value;
+
+/// Resident set of this process, KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn emit(json_out: bool, v: &Value) {
+    if json_out {
+        println!("{v}");
+    } else {
+        let o = v.as_object().expect("rows are objects");
+        let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("{}", parts.join(" "));
+    }
+}
+
+fn base(memory: u64, vcpus: usize, guest: Guest) -> VmConfig {
+    VmConfig {
+        guest: GuestConfig::Builtin(guest),
+        memory,
+        vcpus,
+        console: Sink::Buffer(Default::default()),
+        ..VmConfig::default()
+    }
+}
