@@ -21,6 +21,9 @@
  * from params->free_start to params->ram_low_end (and, with more than ~3
  * GiB, from 4 GiB to params->ram_high_end) is free. Device registers are
  * at ODPVM_TESTDEV_BASE and ODPVM_RNIC_BASE. Anything else is unmapped.
+ * Below ODPVM_LOAD_BASE is the VMM's (parameters, page tables, IDT): the
+ * RNIC refuses it too — a WQE buffer there completes with an error and a
+ * ring there is ODPVM_RNIC_ERR_BAD_RING.
  * A host-side teardown (or invalidation) may discard any page at any time:
  * afterwards the program's own pages (code, .data, .bss, stacks) read as
  * loaded and the rest of RAM as zero. State that must survive one lives in
@@ -46,24 +49,33 @@ int _start(unsigned long vcpu, unsigned long nvcpus, const struct odpvm_params *
 
 /* ---- registers ------------------------------------------------------- */
 
+/* Every register access traps to the VMM, and KVM emulates the faulting
+ * instruction. Its emulator handles general-register moves, not SSE: a
+ * plain volatile store may be compiled to `movq %xmm, (reg)` (GCC 12 at -O2
+ * did, and the vCPU died with "KVM internal error"). So the accessors are
+ * spelled as the exact instructions. */
 static inline void odpvm_write32(uint64_t addr, uint32_t v)
 {
-    *(volatile uint32_t *)addr = v;
+    __asm__ volatile("movl %k1, (%0)" : : "r"(addr), "r"(v) : "memory");
 }
 
 static inline void odpvm_write64(uint64_t addr, uint64_t v)
 {
-    *(volatile uint64_t *)addr = v;
+    __asm__ volatile("movq %1, (%0)" : : "r"(addr), "r"(v) : "memory");
 }
 
 static inline uint32_t odpvm_read32(uint64_t addr)
 {
-    return *(volatile uint32_t *)addr;
+    uint32_t v;
+    __asm__ volatile("movl (%1), %k0" : "=r"(v) : "r"(addr) : "memory");
+    return v;
 }
 
 static inline uint64_t odpvm_read64(uint64_t addr)
 {
-    return *(volatile uint64_t *)addr;
+    uint64_t v;
+    __asm__ volatile("movq (%1), %0" : "=r"(v) : "r"(addr) : "memory");
+    return v;
 }
 
 /* Keeps the compiler from moving memory accesses across it (x86 keeps

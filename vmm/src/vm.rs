@@ -439,7 +439,14 @@ impl Vm {
                 );
                 let space =
                     rdma_passthrough::AddressSpace::new("guest", mmu.clone(), Arc::new(resolver));
-                let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus)
+                // A Linux guest owns all its RAM; built-in and user programs
+                // run in ring 3 above the VMM's boot region, which their
+                // DMA must not reach either.
+                let floor = match config.guest {
+                    GuestConfig::Linux { .. } => 0,
+                    _ => PAYLOAD_RAM_GPA,
+                };
+                let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus, floor)
                     .map_err(|e| Error::Config(e.to_string()))?;
                 (Some(Arc::new(dev)), None)
             }

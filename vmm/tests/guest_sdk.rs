@@ -635,3 +635,51 @@ fn the_control_socket_invalidates_and_tears_down_a_programs_memory_at_host_barri
         assert!(console.contains(line), "{console}");
     }
 }
+
+/// Regression (hostile-guest review): the SDK's register accessors were
+/// plain volatile stores, which GCC 12 at -O2 compiled to `movq %xmm,
+/// (mmio)` in this program; KVM cannot emulate that and vCPU 0 died with
+/// "KVM internal error". The sweep itself (every register width and
+/// offset, bad rings, wild doorbells, reset storms, a valid WRITE after
+/// each group) must leave the device working.
+#[test]
+fn sdk_register_accessors_survive_the_optimiser_and_a_hostile_sweep() {
+    let dir = scratch("register_sweep");
+    let prog = dir.join("register_sweep");
+    cc(
+        Path::new("vmm/tests/guest_progs/register_sweep.c"),
+        &prog,
+        &[],
+    );
+    let (r, o) = run(&prog, &["--vcpus", "2"]);
+    assert_eq!(
+        r["guest_result"],
+        "pass",
+        "{r}\nstderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success());
+}
+
+/// Regression (hostile-guest review): the RNIC's MR covered all of
+/// guest-physical space, so ring 3 could READ over the parameter block and
+/// the IDT, copy the page tables out with a WRITE and place its rings in
+/// the VMM's boot region (and from there take over ring 0). The device
+/// reaches only the program's RAM now; see the program for each case.
+#[test]
+fn the_rnic_cannot_reach_the_vmms_boot_region() {
+    let dir = scratch("reserved_region");
+    let prog = dir.join("reserved_region");
+    cc(
+        Path::new("vmm/tests/guest_progs/reserved_region.c"),
+        &prog,
+        &[],
+    );
+    let (r, o) = run(&prog, &["--vcpus", "1", "--timeout", "60"]);
+    assert_eq!(
+        r["guest_result"],
+        "pass",
+        "{r}\nstderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

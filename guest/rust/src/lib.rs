@@ -31,34 +31,43 @@ pub use abi::*;
 use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 
+// Every register access traps to the VMM and KVM emulates the faulting
+// instruction; its emulator handles general-register moves, not SSE, so
+// the accessors are spelled as the exact instructions rather than left to
+// the optimiser (which may pick `movq xmm, [reg]` for a volatile store).
+
 /// Write a 32-bit device register.
 ///
 /// # Safety
 /// `addr` must be a mapped device register (or memory) of this VM.
 pub unsafe fn write32(addr: u64, v: u32) {
-    // SAFETY: the caller names a mapped register.
-    unsafe { write_volatile(addr as *mut u32, v) }
+    // SAFETY: the caller names a mapped register; one 32-bit store.
+    unsafe { asm!("mov dword ptr [{a}], {v:e}", a = in(reg) addr, v = in(reg) v, options(nostack)) }
 }
 
 /// # Safety
 /// As [`write32`].
 pub unsafe fn write64(addr: u64, v: u64) {
-    // SAFETY: the caller names a mapped register.
-    unsafe { write_volatile(addr as *mut u64, v) }
+    // SAFETY: the caller names a mapped register; one 64-bit store.
+    unsafe { asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) v, options(nostack)) }
 }
 
 /// # Safety
 /// As [`write32`].
 pub unsafe fn read32(addr: u64) -> u32 {
-    // SAFETY: the caller names a mapped register.
-    unsafe { read_volatile(addr as *const u32) }
+    let v: u32;
+    // SAFETY: the caller names a mapped register; one 32-bit load.
+    unsafe { asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) addr, v = out(reg) v, options(nostack)) }
+    v
 }
 
 /// # Safety
 /// As [`write32`].
 pub unsafe fn read64(addr: u64) -> u64 {
-    // SAFETY: the caller names a mapped register.
-    unsafe { read_volatile(addr as *const u64) }
+    let v: u64;
+    // SAFETY: the caller names a mapped register; one 64-bit load.
+    unsafe { asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) v, options(nostack)) }
+    v
 }
 
 fn testdev(reg: u64) -> u64 {

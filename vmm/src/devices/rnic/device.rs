@@ -178,6 +178,9 @@ impl GuestPeer {
 pub struct RnicDevice {
     rnic: Arc<EmulatedRnic>,
     mem: Arc<dyn GuestMemory>,
+    /// Guest-physical addresses below this are the VMM's: neither the MR
+    /// nor a ring nor a peer window reaches them.
+    floor: u64,
     pd: Pd,
     mr: Mr,
     /// This guest's part of the host peer.
@@ -219,17 +222,29 @@ fn opcode_code(op: WcOpcode) -> u32 {
 impl RnicDevice {
     /// A device with `qps` queue pairs for a guest whose memory is `space`
     /// (iova = guest-physical) and readable through `mem`.
+    ///
+    /// `floor` is the lowest guest-physical address the guest may reach
+    /// through the device: `[0, floor)` is the VMM's (the boot region of
+    /// built-in and user programs — page tables, IDT, parameters, which
+    /// ring 3 must not read or write through DMA any more than with loads
+    /// and stores), 0 when the guest owns all its RAM (Linux).
     pub fn new(
         rnic: Arc<EmulatedRnic>,
         space: Arc<AddressSpace>,
         mem: Arc<dyn GuestMemory>,
         peer: Arc<HostPeer>,
         qps: usize,
+        floor: u64,
     ) -> Result<RnicDevice, RnicDeviceError> {
         let pd = rnic.alloc_pd(space);
-        // One implicit ODP MR covers all guest RAM.
+        // One ODP MR covers all guest RAM above the floor: implicit (the
+        // whole space) when the floor is 0.
+        let (iova, len) = match floor {
+            0 => (0, u64::MAX),
+            f => (f, u64::MAX - f),
+        };
         let mr = rnic
-            .reg_mr(&pd, 0, u64::MAX, Access::ALL_REMOTE | Access::ON_DEMAND)
+            .reg_mr(&pd, iova, len, Access::ALL_REMOTE | Access::ON_DEMAND)
             .map_err(RnicDeviceError::RegisterRam)?;
         // One window unit per queue pair (the RDMA payloads use at most 8).
         let window = peer.window(&rnic, super::peer::WINDOW_UNIT * qps.clamp(1, 8) as u64)?;
@@ -244,6 +259,7 @@ impl RnicDevice {
         Ok(RnicDevice {
             rnic,
             mem,
+            floor,
             pd,
             mr,
             window,
@@ -317,6 +333,7 @@ impl RnicDevice {
         size.is_power_of_two()
             && size <= MAX_RING
             && base.is_multiple_of(entry)
+            && base >= self.floor
             && self.mem.contains(base, u64::from(size) * entry)
     }
 
@@ -662,6 +679,7 @@ impl RnicDevice {
             return Err(RnicDeviceError::NotSharedRnic);
         }
         if len == 0
+            || base < other.floor
             || !mem.contains(base, len)
             || len / mmu::PAGE_SIZE > self.seen.len() as u64
             || !base.is_multiple_of(mmu::PAGE_SIZE)

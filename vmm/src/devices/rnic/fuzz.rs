@@ -182,8 +182,8 @@ impl Harness {
             ..Default::default()
         });
         let peer = HostPeer::new(&rnic, WINDOW_UNIT * FUZZ_QPS as u64).expect("host peer");
-        let dev = RnicDevice::new(rnic, space, Arc::new(PlainMemory { hva }), peer, FUZZ_QPS)
-            .expect("device");
+        let mem = Arc::new(PlainMemory { hva });
+        let dev = RnicDevice::new(rnic, space, mem, peer, FUZZ_QPS, FUZZ_RAM_GPA).expect("device");
         Harness {
             dev,
             hva,

@@ -2,9 +2,14 @@
 //! drives RC queue pairs on the emulated (or assigned) RNIC, with send and
 //! receive rings in guest memory and guest-physical addresses in WQEs.
 //!
-//! All guest RAM is one implicit ODP memory region (iova = guest-physical)
-//! whose translations come from the mmu, so KVM and the RNIC are both mmu
-//! mirrors of the same guest memory.
+//! All guest RAM is one ODP memory region (iova = guest-physical) whose
+//! translations come from the mmu, so KVM and the RNIC are both mmu
+//! mirrors of the same guest memory. For built-in and user programs it
+//! starts at the end of the VMM's boot region: ring 3 must not reach page
+//! tables, the IDT or the parameters by DMA any more than by loads and
+//! stores, and rings there are refused (test:
+//! `guest_sdk::the_rnic_cannot_reach_the_vmms_boot_region`). A Linux guest
+//! owns all its RAM: the MR is implicit over the whole space.
 //!
 //! ## Registers (little endian; 32-bit unless marked 64)
 //!
