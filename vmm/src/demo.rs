@@ -172,11 +172,7 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
     };
     let mut vm = Vm::new(cfg).map_err(|e| e.to_string())?;
     let h = vm.handle();
-    let dev =
-        h.0.devices
-            .rnic
-            .clone()
-            .ok_or("the demo needs the emulated RNIC")?;
+    let dev = h.rnic().ok_or("the demo needs the emulated RNIC")?;
     vm.start().map_err(|e| e.to_string())?;
     let stop = Arc::new(Stop::default());
     let chaos_thread = {
@@ -236,13 +232,13 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
     stop.set();
     let (mut teardown_ns, host_invalidations) =
         chaos_thread.join().map_err(|_| "chaos thread panicked")?;
-    h.0.devices.testdev.request_stop();
+    h.request_stop();
     let run = vm.wait(Some(Duration::from_secs(120)));
     if let Some(e) = closed {
         return Err(e.to_string());
     }
     let r = dev.rnic().stats();
-    let k = &h.0.mirror.stats;
+    let k = h.kvm_mirror_stats();
     let guest_stale: u64 = run.perftest.iter().map(|f| f.stale).sum();
     let report = DemoReport {
         guest_result: run.guest_result.clone(),

@@ -221,23 +221,25 @@ impl VmConfig {
 }
 
 /// Shared by the VM's threads and its controllers.
-pub struct Core {
-    pub mmu: Arc<Mmu>,
-    pub uffd: Option<Arc<Userfault>>,
-    /// The assigned RNIC and guest RAM's ODP MR on it, if any.
-    pub assigned: Option<(
+pub(crate) struct Core {
+    pub(crate) mmu: Arc<Mmu>,
+    pub(crate) uffd: Option<Arc<Userfault>>,
+    /// The assigned RNIC and guest RAM's ODP MR on it, if any; held only
+    /// so they live (and deregister) with the VM.
+    _assigned: Option<(
         rdma_passthrough::assigned::AssignedRnic,
         rdma_passthrough::assigned::AssignedMr,
     )>,
-    pub ram: Arc<GuestRam>,
-    pub kvm: Arc<KvmVm>,
-    pub gate: Arc<RunGate>,
-    pub devices: Arc<Devices>,
-    pub mirror: Arc<KvmMirror>,
+    pub(crate) ram: Arc<GuestRam>,
+    /// Held so the KVM VM outlives every thread that shares this core.
+    _kvm: Arc<KvmVm>,
+    pub(crate) gate: Arc<RunGate>,
+    pub(crate) devices: Arc<Devices>,
+    pub(crate) mirror: Arc<KvmMirror>,
     /// The KVM mirror's registration (None once a benchmark detached it).
     kvm_mirror_id: Mutex<Option<MirrorId>>,
-    pub faults: Arc<FaultStats>,
-    pub config: VmConfig,
+    pub(crate) faults: Arc<FaultStats>,
+    pub(crate) config: VmConfig,
     ends: Mutex<Vec<Option<VcpuEnd>>>,
     done: Condvar,
     stop_reason: Mutex<Option<String>>,
@@ -247,8 +249,9 @@ pub struct Core {
 }
 
 /// A cheap handle to control a running VM (tests, the API, the demo).
+/// Its state is private: callers go through the methods below.
 #[derive(Clone)]
-pub struct VmHandle(pub Arc<Core>);
+pub struct VmHandle(Arc<Core>);
 
 pub struct Vm {
     core: Arc<Core>,
@@ -492,11 +495,11 @@ impl Vm {
 
         let core = Arc::new(Core {
             uffd,
-            assigned,
+            _assigned: assigned,
             faults: fault_stats,
             mmu,
             ram,
-            kvm,
+            _kvm: kvm,
             gate,
             devices,
             mirror,
@@ -626,6 +629,31 @@ impl Core {
 impl VmHandle {
     pub fn mmu(&self) -> &Arc<Mmu> {
         &self.0.mmu
+    }
+
+    /// Guest RAM (peering a guest's memory with an RNIC, checking pages).
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.0.ram
+    }
+
+    /// The emulated RNIC device, if the VM has one.
+    pub fn rnic(&self) -> Option<Arc<crate::devices::rnic::RnicDevice>> {
+        self.0.devices.rnic.clone()
+    }
+
+    /// The guest-fault counters (and the fault-injection switch).
+    pub fn faults(&self) -> &Arc<FaultStats> {
+        &self.0.faults
+    }
+
+    /// The KVM mirror's counters.
+    pub fn kvm_mirror_stats(&self) -> &crate::kvm_mirror::KvmMirrorStats {
+        &self.0.mirror.stats
+    }
+
+    /// The userfaultfd guest RAM is registered with, if tracked that way.
+    pub(crate) fn uffd(&self) -> Option<&Arc<Userfault>> {
+        self.0.uffd.as_ref()
     }
 
     pub fn barrier(&self) -> &Barrier {
