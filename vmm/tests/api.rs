@@ -376,7 +376,7 @@ fn a_dead_fault_thread_stops_the_vm_with_the_reason() {
     let t0 = Instant::now();
     let out = vmm::cli::serve(vm, None, Some(Duration::from_secs(60))).unwrap();
     assert!(
-        out.report.exit.contains("fault thread failed"),
+        out.report.exit.to_string().contains("fault thread failed"),
         "{}",
         out.report.exit
     );
@@ -407,7 +407,11 @@ fn a_stalled_fault_thread_does_not_block_the_main_loop() {
     assert!(matches!(stuck, Err(ClientError::Timeout(_))), "{stuck:?}");
     // The main loop is not stuck with it: its watchdog stops the VM.
     let out = main.join().unwrap().unwrap();
-    assert!(out.report.exit.contains("stalled"), "{}", out.report.exit);
+    assert!(
+        out.report.exit.to_string().contains("stalled"),
+        "{}",
+        out.report.exit
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

@@ -5,7 +5,7 @@
 
 use crate::devices::rnic::{HostPeer, RnicDevice};
 use crate::devices::serial::{SerialPort, Sink, COM1_IRQ};
-use crate::devices::testdev::{Barrier, Epochs, TestDevice, VcpuReport};
+use crate::devices::testdev::{Barrier, Epochs, TestDevice};
 use crate::devices::Devices;
 use crate::fault::{FaultStats, FaultThread, Tracking};
 use crate::kvm_mirror::{KvmMirror, Slot};
@@ -19,7 +19,9 @@ use crate::vstate::vm::{KvmVm, VmError};
 use crate::{arch, linux};
 use mmu::{LockPolicy, MirrorId, Mmu};
 use parking_lot::{Condvar, Mutex};
-use serde::Serialize;
+
+mod report;
+pub use report::{Exit, GuestResult, LiveStats, RunReport};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -242,7 +244,7 @@ pub(crate) struct Core {
     pub(crate) config: VmConfig,
     ends: Mutex<Vec<Option<VcpuEnd>>>,
     done: Condvar,
-    stop_reason: Mutex<Option<String>>,
+    stop_reason: Mutex<Option<Exit>>,
     /// When `Vm::new` was called.
     created: Instant,
     started: Instant,
@@ -555,10 +557,7 @@ impl Vm {
                     Some(d) => {
                         if self.core.done.wait_until(&mut ends, d).timed_out() {
                             drop(ends);
-                            self.core.stop(format!(
-                                "timeout after {:.1}s",
-                                timeout.unwrap_or_default().as_secs_f64()
-                            ));
+                            self.core.stop(Exit::Timeout(timeout.unwrap_or_default()));
                             ends = self.core.ends.lock();
                             while ends.iter().any(|e| e.is_none()) {
                                 self.core.done.wait(&mut ends);
@@ -599,10 +598,16 @@ impl Core {
         }
         let reason = match &end {
             VcpuEnd::Finished(_) | VcpuEnd::Stopped => None,
-            VcpuEnd::Halted => Some("hlt".to_string()),
-            VcpuEnd::Reset => Some("reset".to_string()),
-            VcpuEnd::Shutdown(s) => Some(format!("vcpu{index}: shutdown (triple fault?): {s}")),
-            VcpuEnd::Error(s) => Some(format!("vcpu{index}: error: {s}")),
+            VcpuEnd::Halted => Some(Exit::Halted),
+            VcpuEnd::Reset => Some(Exit::Reset),
+            VcpuEnd::Shutdown(s) => Some(Exit::TripleFault {
+                vcpu: index,
+                detail: s.to_string(),
+            }),
+            VcpuEnd::Error(s) => Some(Exit::VcpuError {
+                vcpu: index,
+                detail: s.to_string(),
+            }),
         };
         if let Some(r) = reason {
             log::warn!("{r}");
@@ -619,7 +624,7 @@ impl Core {
     }
 
     /// Stop the VM: no vCPU runs again; blocked ones are woken.
-    pub fn stop(&self, reason: String) {
+    pub fn stop(&self, reason: Exit) {
         self.stop_reason.lock().get_or_insert(reason);
         self.gate.stop();
         self.devices.testdev.stop();
@@ -731,12 +736,18 @@ impl VmHandle {
     }
 
     pub fn shutdown(&self) {
-        self.0.stop("shutdown requested".into());
+        self.0.stop(Exit::Requested("shutdown requested".into()));
     }
 
-    /// Stop with a reason of the caller's (signal, timeout).
+    /// Stop with a reason of the caller's (reported as the run's `exit`).
     pub fn stop(&self, reason: &str) {
-        self.0.stop(reason.into());
+        self.0.stop(Exit::Requested(reason.into()));
+    }
+
+    /// Stop for a typed reason (signal, timeout, a failed fault thread);
+    /// the reason decides the run's exit code (`Exit::is_failure`).
+    pub fn stop_for(&self, exit: Exit) {
+        self.0.stop(exit);
     }
 
     /// Whether every vCPU has ended.
@@ -771,256 +782,5 @@ impl VmHandle {
 
     pub fn stats(&self) -> LiveStats {
         LiveStats::new(&self.0)
-    }
-}
-
-/// Counters while the VM runs.
-#[derive(Clone, Debug, Serialize)]
-pub struct LiveStats {
-    pub uptime_ms: f64,
-    pub faults_tracked: u64,
-    pub pages_tracked: u64,
-    pub fault_retries: u64,
-    pub faults_deferred: u64,
-    pub faults_untracked: u64,
-    pub fault_errors: u64,
-    /// Expected fault/teardown races (not errors).
-    pub fault_teardown_races: u64,
-    pub remove_events: u64,
-    pub invalidations: u64,
-    pub teardowns: u64,
-    pub mapped_bytes: u64,
-    pub entries_reclaimed: u64,
-    pub kvm_invalidations: u64,
-    pub kvm_bytes_discarded: u64,
-    pub kvm_slot_moves: u64,
-    pub kvm_bytes_released: u64,
-    pub kvm_mappings_unmapped: u64,
-    pub retired_mappings: usize,
-    pub teardown_pause_ns_max: u64,
-    pub lock_hold_ns_p999: u64,
-    pub lock_hold_ns_max: u64,
-    pub barrier_waiting: usize,
-    pub paused: bool,
-    pub protocol_errors: u64,
-    /// The paravirtual RNIC (zero without one).
-    pub rnic_device_faults: u64,
-    pub rnic_invalidations: u64,
-    pub rnic_device_errors: u64,
-    pub rnic_wqes_rejected: u64,
-    pub rnic_stale_accesses: u64,
-    pub rnic_bytes_written: u64,
-    /// Fault-around: mean and largest pages per fault, pages resolved
-    /// beyond the faulting one, and of those the ones discarded (by an
-    /// invalidation, or at exit) without ever being written.
-    pub pages_per_fault_mean: f64,
-    pub pages_per_fault_max: u64,
-    pub speculative_pages: u64,
-    pub wasted_pages: u64,
-}
-
-impl LiveStats {
-    fn new(c: &Core) -> Self {
-        let get = FaultStats::get;
-        let m = c.mmu.stats().snapshot();
-        let k = &c.mirror.stats;
-        let rnic = c
-            .devices
-            .rnic
-            .as_ref()
-            .map(|d| d.rnic().stats())
-            .unwrap_or_default();
-        let dev =
-            |f: fn(&crate::devices::rnic::RnicDeviceStats) -> &std::sync::atomic::AtomicU64| {
-                c.devices
-                    .rnic
-                    .as_ref()
-                    .map_or(0, |d| f(&d.stats).load(Ordering::Relaxed))
-            };
-        LiveStats {
-            uptime_ms: c.started.elapsed().as_secs_f64() * 1e3,
-            faults_tracked: get(&c.faults.faults),
-            pages_tracked: get(&c.faults.pages),
-            fault_retries: get(&c.faults.retries),
-            faults_deferred: get(&c.faults.deferred),
-            faults_untracked: get(&c.faults.untracked),
-            fault_errors: get(&c.faults.errors),
-            fault_teardown_races: get(&c.faults.teardown_races),
-            remove_events: get(&c.faults.removes),
-            invalidations: m.invalidations,
-            teardowns: m.teardowns,
-            mapped_bytes: c.mmu.mapped_bytes(),
-            entries_reclaimed: m.entries_reclaimed,
-            kvm_invalidations: k.invalidations.load(Ordering::Relaxed),
-            kvm_bytes_discarded: k.bytes_discarded.load(Ordering::Relaxed),
-            kvm_slot_moves: k.slot_moves.load(Ordering::Relaxed),
-            kvm_bytes_released: k.bytes_released.load(Ordering::Relaxed),
-            kvm_mappings_unmapped: k.mappings_unmapped.load(Ordering::Relaxed),
-            retired_mappings: c.ram.retired_count(),
-            teardown_pause_ns_max: k.pause_ns.summary().max,
-            lock_hold_ns_p999: m.lock_hold_ns.p999,
-            lock_hold_ns_max: m.lock_hold_ns.max,
-            barrier_waiting: c.devices.testdev.barrier.waiting().0,
-            paused: c.gate.paused(),
-            protocol_errors: c.devices.testdev.protocol_errors(),
-            rnic_device_faults: rnic.device_faults,
-            rnic_invalidations: rnic.invalidations + rnic.generations,
-            rnic_device_errors: dev(|d| &d.device_errors),
-            rnic_wqes_rejected: dev(|d| &d.wqes_rejected),
-            rnic_stale_accesses: dev(|d| &d.stale_accesses),
-            rnic_bytes_written: dev(|d| &d.bytes_written),
-            pages_per_fault_mean: c.faults.pages_per_fault.summary().mean,
-            pages_per_fault_max: c.faults.pages_per_fault.summary().max,
-            speculative_pages: get(&c.faults.speculative),
-            wasted_pages: k.wasted_pages.load(Ordering::Relaxed),
-        }
-    }
-}
-
-/// What `odpvm run --json` prints last.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunReport {
-    /// "pass", "fail" or "n/a" (guests that report nothing).
-    pub guest_result: String,
-    pub guest: String,
-    /// Pages the payload says it touched (summed over vCPUs).
-    pub pages_touched: u64,
-    pub faults_tracked: u64,
-    pub pages_tracked: u64,
-    /// Faults on the payload's own pages (code, page tables, stacks).
-    pub payload_pages: u64,
-    /// Faults on RAM.
-    pub ram_faults: u64,
-    pub fault_retries: u64,
-    pub invalidations: u64,
-    pub teardowns: u64,
-    /// Why the VM stopped.
-    pub exit: String,
-    pub vcpus: usize,
-    pub memory_bytes: u64,
-    pub backing: String,
-    pub lock: String,
-    /// Construction time (KVM, memory, threads, vCPUs).
-    pub boot_ms: f64,
-    pub run_ms: f64,
-    /// Each vCPU's end and report arguments, by name where known.
-    pub vcpu_reports: Vec<serde_json::Value>,
-    /// RDMA workloads: per-vCPU perftest figures.
-    pub perftest: Vec<crate::perftest::Figures>,
-    /// What user programs printed (`CONSOLE`), and bytes past the bound.
-    pub console: String,
-    pub console_dropped_bytes: u64,
-    pub stats: LiveStats,
-}
-
-impl RunReport {
-    fn new(c: &Core, boot_ms: f64) -> Self {
-        let ends = c.ends.lock().clone();
-        let guest = match &c.config.guest {
-            GuestConfig::Builtin(g) => Some(*g),
-            GuestConfig::Program { .. } | GuestConfig::Linux { .. } => None,
-        };
-        let program = matches!(c.config.guest, GuestConfig::Program { .. });
-        let fields = guest.map(|g| g.report_fields()).unwrap_or(&[]);
-        let reports: Vec<Option<&VcpuReport>> = ends
-            .iter()
-            .map(|e| match e {
-                Some(VcpuEnd::Finished(r)) => Some(r),
-                _ => None,
-            })
-            .collect();
-        let guest_result = if !program && (guest.is_none() || fields.is_empty()) {
-            "n/a"
-        } else if reports.iter().all(|r| r.is_some_and(|r| r.passed)) {
-            "pass"
-        } else {
-            "fail"
-        };
-        let pages_touched = if fields.first() == Some(&"pages") {
-            reports
-                .iter()
-                .flatten()
-                .map(|r| u64::from(r.args.first().copied().unwrap_or(0)))
-                .sum()
-        } else {
-            0
-        };
-        let vcpu_reports: Vec<serde_json::Value> = ends
-            .iter()
-            .enumerate()
-            .map(|(i, e)| match e {
-                _ if program => payload::user::vcpu_json(i, e.as_ref()),
-                Some(VcpuEnd::Finished(r)) => {
-                    let mut o = serde_json::Map::new();
-                    o.insert("passed".into(), r.passed.into());
-                    for (i, v) in r.args.iter().enumerate() {
-                        let key = fields
-                            .get(i)
-                            .map(|s| s.to_string())
-                            .unwrap_or(format!("arg{i}"));
-                        o.insert(key, (*v).into());
-                    }
-                    serde_json::Value::Object(o)
-                }
-                Some(other) => serde_json::json!({ "end": format!("{other:?}") }),
-                None => serde_json::json!({ "end": "running" }),
-            })
-            .collect();
-        let perftest = match guest {
-            Some(g) if g.is_rdma() => vcpu_reports
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| v.get("msgs").is_some())
-                .map(|(i, v)| {
-                    let samples = reports[i].map(|r| r.samples.as_slice()).unwrap_or(&[]);
-                    crate::perftest::figures(i, v, samples)
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
-        let stats = LiveStats::new(c);
-        let per_region = |i: usize| FaultStats::get(&c.faults.per_region[i]);
-        let payload_pages = if guest.is_some() || program {
-            per_region(0)
-        } else {
-            0
-        };
-        c.devices.testdev.console.flush();
-        let (console, console_dropped_bytes) = c.devices.testdev.console.text();
-        let exit = c.stop_reason.lock().clone().unwrap_or_else(|| {
-            if guest.is_some() || program {
-                "guest-done".into()
-            } else {
-                "stopped".into()
-            }
-        });
-        RunReport {
-            guest_result: guest_result.into(),
-            guest: match &c.config.guest {
-                GuestConfig::Builtin(g) => g.name().into(),
-                GuestConfig::Linux { kernel, .. } => format!("linux:{}", kernel.display()),
-                GuestConfig::Program { path, .. } => format!("payload:{}", path.display()),
-            },
-            pages_touched,
-            faults_tracked: stats.faults_tracked,
-            pages_tracked: stats.pages_tracked,
-            payload_pages,
-            ram_faults: stats.faults_tracked - payload_pages,
-            fault_retries: stats.fault_retries,
-            invalidations: stats.invalidations,
-            teardowns: stats.teardowns,
-            exit,
-            vcpus: c.config.vcpus,
-            memory_bytes: c.config.memory,
-            backing: c.config.backing.as_str().into(),
-            lock: c.config.lock.as_str().into(),
-            boot_ms,
-            run_ms: c.started.elapsed().as_secs_f64() * 1e3,
-            vcpu_reports,
-            perftest,
-            console,
-            console_dropped_bytes,
-            stats,
-        }
     }
 }
