@@ -2,32 +2,36 @@
 //! guest RAM, mmu, fault thread, KVM mirror, devices, vCPUs), the vCPU
 //! threads, control (invalidate, teardown, pause, resume, shutdown) and the
 //! final report.
+//!
+//! Reading order: `config.rs` (what a VM is made of, validated first),
+//! `builder.rs` (`Vm::new`, one `attach_*` per part), this file (the vCPU
+//! threads, `VmHandle`'s control, waiting for the end), `report.rs` (what a
+//! run reports and the exit code it decides). Not to be confused with
+//! `vstate/vm.rs`, the KVM VM file descriptor these build on.
 
-use crate::devices::rnic::{HostPeer, RnicDevice};
-use crate::devices::serial::{SerialPort, Sink, COM1_IRQ};
-use crate::devices::testdev::{Barrier, Epochs, TestDevice};
+use crate::devices::testdev::Barrier;
 use crate::devices::Devices;
-use crate::fault::{FaultStats, FaultThread, Tracking};
-use crate::kvm_mirror::{KvmMirror, Slot};
-use crate::layout::*;
-use crate::memory::{Backing, Content, GuestRam, MemoryError};
-use crate::payload::{self, Guest, PayloadParams};
+use crate::fault::{FaultStats, FaultThread};
+use crate::kvm_mirror::KvmMirror;
+use crate::linux;
+use crate::memory::{GuestRam, MemoryError};
+use crate::payload;
 use crate::uffd::{UffdError, Userfault};
-use crate::vstate::gate::{install_kick_handler, RunGate};
-use crate::vstate::vcpu::{BootState, Vcpu, VcpuEnd, VcpuError};
+use crate::vstate::gate::RunGate;
+use crate::vstate::vcpu::{Vcpu, VcpuEnd, VcpuError};
 use crate::vstate::vm::{KvmVm, VmError};
-use crate::{arch, linux};
-use mmu::{LockPolicy, MirrorId, Mmu};
+use mmu::{MirrorId, Mmu};
 use parking_lot::{Condvar, Mutex};
-
-mod report;
-pub use report::{Exit, GuestResult, LiveStats, RunReport};
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use vmm_sys_util::eventfd::EventFd;
+
+mod builder;
+mod config;
+mod report;
+pub use config::{GuestConfig, RnicChoice, VmConfig, DEFAULT_FAULT_AROUND, PEER_BUFFER};
+pub use report::{Exit, GuestResult, LiveStats, RunReport};
 
 /// Everything that can go wrong building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -51,175 +55,6 @@ pub enum Error {
         what: &'static str,
         source: std::io::Error,
     },
-}
-
-/// Which RNIC the VM gets.
-#[derive(Clone, Default)]
-pub enum RnicChoice {
-    None,
-    /// A new emulated RNIC with its own host peer.
-    #[default]
-    Emulated,
-    /// An emulated RNIC (and host peer) shared with other VMs.
-    Shared(Arc<rdma_passthrough::EmulatedRnic>, Arc<HostPeer>),
-    /// A real device by ibverbs name: guest RAM becomes one ODP MR on it.
-    Assigned(String),
-}
-
-impl std::fmt::Debug for RnicChoice {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RnicChoice::None => f.write_str("none"),
-            RnicChoice::Emulated => f.write_str("emulated"),
-            RnicChoice::Shared(nic, _) => write!(f, "shared:{}", nic.name()),
-            RnicChoice::Assigned(d) => write!(f, "assigned:{d}"),
-        }
-    }
-}
-
-impl std::str::FromStr for RnicChoice {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(RnicChoice::None),
-            "emulated" => Ok(RnicChoice::Emulated),
-            _ => match s.strip_prefix("assigned:") {
-                Some(dev) if !dev.is_empty() => Ok(RnicChoice::Assigned(dev.into())),
-                _ => Err(format!(
-                    "unknown --rnic {s:?} (emulated, none, or assigned:<ibdev> such as assigned:mlx5_0)"
-                )),
-            },
-        }
-    }
-}
-
-/// Default largest fault-around window (pages): 256 KiB, grown to only by
-/// sequential access.
-pub const DEFAULT_FAULT_AROUND: u64 = 64;
-
-/// Host peer buffer for a VM's own emulated RNIC.
-pub const PEER_BUFFER: u64 = 64 << 20;
-
-/// What runs in the VM.
-#[derive(Clone, Debug)]
-pub enum GuestConfig {
-    Builtin(Guest),
-    /// A user's static x86-64 ELF (`--payload`), run in ring 3 on every
-    /// vCPU with these `--payload-arg`s (`payload::user`).
-    Program {
-        path: PathBuf,
-        args: Vec<u64>,
-    },
-    Linux {
-        kernel: PathBuf,
-        initrd: Option<PathBuf>,
-        cmdline: String,
-    },
-}
-
-#[derive(Clone)]
-pub struct VmConfig {
-    pub memory: u64,
-    pub vcpus: usize,
-    pub guest: GuestConfig,
-    pub backing: Backing,
-    pub lock: LockPolicy,
-    /// Payload pattern seed.
-    pub seed: u64,
-    /// Passes for looping payloads.
-    pub rounds: u64,
-    /// Pages payloads work on (default: all of RAM).
-    pub work_pages: Option<u64>,
-    /// Guest console output.
-    pub console: Sink,
-    /// How faults are resolved (anything but `Mmu` is a benchmark baseline).
-    pub tracking: Tracking,
-    pub rnic: RnicChoice,
-    /// RDMA workloads: message size and messages (0: until stopped).
-    pub msg: u64,
-    pub iters: u64,
-    /// Largest fault-around window in 4 KiB pages (0: off).
-    pub fault_around: u64,
-}
-
-impl Default for VmConfig {
-    fn default() -> Self {
-        VmConfig {
-            memory: 256 << 20,
-            vcpus: 2,
-            guest: GuestConfig::Builtin(Guest::Touch),
-            backing: Backing::Anonymous,
-            lock: LockPolicy::Spin,
-            seed: 0x5eed,
-            rounds: 1,
-            work_pages: None,
-            console: Sink::Stdout,
-            tracking: Tracking::Mmu,
-            rnic: RnicChoice::Emulated,
-            msg: 64 << 10,
-            iters: 5000,
-            fault_around: DEFAULT_FAULT_AROUND,
-        }
-    }
-}
-
-impl VmConfig {
-    fn validate(&self, max_vcpus: usize) -> Result<(), Error> {
-        let max = max_vcpus.min(MAX_VCPUS);
-        if self.vcpus == 0 || self.vcpus > max {
-            return Err(Error::Config(format!(
-                "--vcpus {} is out of range: this host allows 1 to {max}",
-                self.vcpus
-            )));
-        }
-        if self.memory < HUGE || !self.memory.is_multiple_of(HUGE) {
-            return Err(Error::Config(format!(
-                "--memory {} must be a positive multiple of 2 MiB",
-                self.memory
-            )));
-        }
-        if let GuestConfig::Builtin(_) = self.guest {
-            if self.memory > MAX_PAYLOAD_RAM - GIB {
-                return Err(Error::Config(format!(
-                    "built-in payloads support at most {} GiB of memory",
-                    MAX_PAYLOAD_RAM / GIB - 1
-                )));
-            }
-            if let GuestConfig::Builtin(g) = self.guest {
-                if g.is_rdma() {
-                    let msg = self.msg;
-                    if !(PAGE..=(512 << 10)).contains(&msg) || !msg.is_multiple_of(PAGE) {
-                        return Err(Error::Config(format!(
-                            "--msg {msg}: RDMA workloads take 4K to 512K in whole pages"
-                        )));
-                    }
-                    if self.vcpus > 8
-                        || self.memory < self.vcpus as u64 * crate::payload::rdma::REGION
-                    {
-                        return Err(Error::Config(format!(
-                            "RDMA workloads need at most 8 vCPUs and 16 MiB of RAM per vCPU ({} MiB here)",
-                            self.memory >> 20
-                        )));
-                    }
-                    if matches!(self.rnic, RnicChoice::None | RnicChoice::Assigned(_)) {
-                        return Err(Error::Config(
-                            "RDMA workloads drive the emulated RNIC's paravirtual device: use --rnic emulated"
-                                .into(),
-                        ));
-                    }
-                }
-            }
-            if let Some(w) = self.work_pages {
-                if w > self.memory / PAGE {
-                    return Err(Error::Config(format!(
-                        "--pages {w} is more than the {} pages of RAM",
-                        self.memory / PAGE
-                    )));
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Shared by the VM's threads and its controllers.
@@ -264,264 +99,6 @@ pub struct Vm {
 }
 
 impl Vm {
-    pub fn new(config: VmConfig) -> Result<Vm, Error> {
-        let t0 = Instant::now();
-        install_kick_handler().map_err(|e| Error::Io {
-            what: "installing the vCPU kick signal handler",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
-        let kvm = Arc::new(KvmVm::new()?);
-        config.validate(kvm.max_vcpus())?;
-
-        // Guest-physical layout and what each region reads as initially.
-        let mut layout = Vec::new();
-        let mut boot = Vec::new();
-        match &config.guest {
-            GuestConfig::Builtin(guest) => {
-                let ram = ram_ranges(PAYLOAD_RAM_GPA, config.memory);
-                let params = PayloadParams {
-                    vcpus: config.vcpus as u64,
-                    seed: config.seed,
-                    // 0: `writer` runs until asked to stop.
-                    rounds: if *guest == Guest::Writer {
-                        config.rounds
-                    } else {
-                        config.rounds.max(1)
-                    },
-                    work_pages: config.work_pages.unwrap_or(config.memory / PAGE),
-                    msg: config.msg,
-                    // Bandwidth payloads settle whole signaled batches.
-                    iters: if matches!(
-                        guest,
-                        Guest::RdmaWriteBw | Guest::RdmaReadBw | Guest::RnicGarbage
-                    ) {
-                        config.iters.next_multiple_of(crate::payload::rdma::BATCH)
-                    } else {
-                        config.iters
-                    },
-                };
-                let image =
-                    Arc::new(payload::build_image(*guest, &params, &ram).map_err(Error::Config)?);
-                layout.push((
-                    "boot".to_string(),
-                    0,
-                    BOOT_REGION_SIZE,
-                    Content::Image(image.clone()),
-                ));
-                for (i, (gpa, size)) in ram.iter().enumerate() {
-                    layout.push((format!("ram{i}"), *gpa, *size, Content::Zero));
-                }
-                for i in 0..config.vcpus {
-                    boot.push(BootState {
-                        rip: image.entry,
-                        rsp: payload::stack_top(i),
-                        rdi: i as u64,
-                        rsi: config.vcpus as u64,
-                        rdx: PARAMS_GPA,
-                        rflags: arch::RFLAGS_PAYLOAD,
-                        cr3: PML4_GPA,
-                        gdt: GDT_GPA,
-                        tss: TSS_GPA,
-                        idt: None,
-                        gs_base: 0,
-                        user: true,
-                        runnable: true,
-                    });
-                }
-            }
-            GuestConfig::Program { path, args } => {
-                let prog = payload::user::load(path, args, config.memory, config.vcpus)
-                    .map_err(Error::Config)?;
-                layout = prog.regions(config.memory);
-                boot = prog.boot;
-            }
-            GuestConfig::Linux { .. } => {
-                for (i, (gpa, size)) in ram_ranges(0, config.memory).iter().enumerate() {
-                    layout.push((format!("ram{i}"), *gpa, *size, Content::Zero));
-                }
-            }
-        }
-
-        let uffd = match config.tracking {
-            Tracking::None => None,
-            _ => Some(Arc::new(Userfault::new()?)),
-        };
-        let ram = Arc::new(GuestRam::new(config.backing, uffd.clone(), layout)?);
-        let mmu = Mmu::new(mmu::Config {
-            lock: config.lock,
-            ..mmu::Config::default()
-        })?;
-        let mut slots = Vec::new();
-        for (i, r) in ram.regions().iter().enumerate() {
-            let id = mmu.add_region(mmu::RegionSpec {
-                name: r.name.clone(),
-                gpa: r.gpa,
-                size: r.size,
-                hva: r.hva,
-            })?;
-            kvm.set_slot(i as u32, r.gpa, r.size, r.hva)?;
-            slots.push(Slot {
-                slot: i as u32,
-                region: id,
-                ram_index: i,
-            });
-        }
-        let fault_thread = match uffd.clone() {
-            Some(uffd) => Some(
-                FaultThread::spawn(
-                    config.tracking,
-                    config.fault_around,
-                    uffd,
-                    ram.clone(),
-                    mmu.clone(),
-                )
-                .map_err(|source| Error::Io {
-                    what: "starting the fault thread",
-                    source,
-                })?,
-            ),
-            None => None,
-        };
-        let gate = Arc::new(RunGate::default());
-        let epochs = Arc::new(Epochs::default());
-        let slots_len = slots.len();
-        let mirror = Arc::new(KvmMirror::new(
-            ram.clone(),
-            kvm.clone(),
-            gate.clone(),
-            slots,
-            Arc::downgrade(&mmu),
-            epochs.clone(),
-        ));
-        let mirror_id = mmu.register_mirror(mirror.clone());
-
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
-            what: "creating the serial interrupt eventfd",
-            source,
-        })?;
-        if kvm.irqchip {
-            kvm.fd
-                .register_irqfd(&serial_irq, COM1_IRQ)
-                .map_err(|source| VmError::Setup {
-                    what: "the serial irqfd",
-                    source,
-                })?;
-        }
-        let fault_stats = fault_thread
-            .as_ref()
-            .map(|f| f.stats.clone())
-            .unwrap_or_else(|| FaultThread::idle_stats(slots_len));
-        let (rnic, assigned) = match &config.rnic {
-            RnicChoice::None => (None, None),
-            RnicChoice::Assigned(name) => {
-                let dev = rdma_passthrough::assigned::AssignedRnic::open(name)
-                    .map_err(|e| Error::Config(e.to_string()))?;
-                let regions = ram.regions();
-                let (lo, hi) = (&regions[0], &regions[regions.len() - 1]);
-                let mr = dev
-                    .reg_odp(lo.hva, hi.hva + hi.size - lo.hva)
-                    .map_err(|e| Error::Config(e.to_string()))?;
-                mmu.register_mirror(Arc::new(rdma_passthrough::assigned::AssignedMirror {
-                    stats: dev.stats.clone(),
-                }));
-                (None, Some((dev, mr)))
-            }
-            choice => {
-                let (nic, peer) = match choice {
-                    RnicChoice::Shared(nic, peer) => (nic.clone(), peer.clone()),
-                    _ => {
-                        let nic = rdma_passthrough::EmulatedRnic::new(Default::default());
-                        let peer = HostPeer::new(&nic, PEER_BUFFER)
-                            .map_err(|e| Error::Config(e.to_string()))?;
-                        (nic, peer)
-                    }
-                };
-                let resolver = crate::fault::GuestResolver::new(
-                    uffd.clone(),
-                    ram.clone(),
-                    &mmu,
-                    fault_stats.clone(),
-                );
-                let space =
-                    rdma_passthrough::AddressSpace::new("guest", mmu.clone(), Arc::new(resolver));
-                // A Linux guest owns all its RAM; built-in and user programs
-                // run in ring 3 above the VMM's boot region, which their
-                // DMA must not reach either.
-                let floor = match config.guest {
-                    GuestConfig::Linux { .. } => 0,
-                    _ => PAYLOAD_RAM_GPA,
-                };
-                let dev = RnicDevice::new(nic, space, ram.clone(), peer, config.vcpus, floor)
-                    .map_err(|e| Error::Config(e.to_string()))?;
-                (Some(Arc::new(dev)), None)
-            }
-        };
-        let devices = Arc::new(Devices {
-            testdev: Arc::new(TestDevice::with_console(
-                config.vcpus,
-                config.console.clone(),
-                epochs,
-            )),
-            serial: Some(Arc::new(SerialPort::new(
-                serial_irq,
-                config.console.clone(),
-            ))),
-            rnic,
-        });
-
-        if let GuestConfig::Linux {
-            kernel,
-            initrd,
-            cmdline,
-        } = &config.guest
-        {
-            let entry = linux::load(
-                &ram.memory(),
-                kernel,
-                initrd.as_deref(),
-                cmdline,
-                config.memory,
-            )?;
-            for i in 0..config.vcpus {
-                boot.push(BootState {
-                    runnable: i == 0,
-                    ..entry.clone()
-                });
-            }
-        }
-        let vcpus = boot
-            .iter()
-            .enumerate()
-            .map(|(i, b)| Vcpu::new(&kvm.kvm, &kvm.fd, i, b))
-            .collect::<Result<Vec<_>, _>>()?;
-
-        let core = Arc::new(Core {
-            uffd,
-            _assigned: assigned,
-            faults: fault_stats,
-            mmu,
-            ram,
-            _kvm: kvm,
-            gate,
-            devices,
-            mirror,
-            kvm_mirror_id: Mutex::new(Some(mirror_id)),
-            ends: Mutex::new(vec![None; config.vcpus]),
-            done: Condvar::new(),
-            stop_reason: Mutex::new(None),
-            config,
-            created: t0,
-            started: Instant::now(),
-        });
-        Ok(Vm {
-            core,
-            vcpus,
-            threads: Vec::new(),
-            fault_thread,
-            boot_ms: t0.elapsed().as_secs_f64() * 1e3,
-        })
-    }
-
     pub fn handle(&self) -> VmHandle {
         VmHandle(self.core.clone())
     }
