@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use vmm::api::{self, ClientError, Request};
 use vmm::devices::serial::Sink;
 use vmm::payload::Guest;
+use vmm::vm::Exit;
 use vmm::{GuestConfig, Vm, VmConfig};
 
 const MIB: u64 = 1 << 20;
@@ -376,9 +377,13 @@ fn a_dead_fault_thread_stops_the_vm_with_the_reason() {
     let t0 = Instant::now();
     let out = vmm::cli::serve(vm, None, Some(Duration::from_secs(60))).unwrap();
     assert!(
-        out.report.exit.to_string().contains("fault thread failed"),
+        matches!(&out.report.exit, Exit::FaultThread(why) if why.contains("fault thread failed")),
         "{}",
         out.report.exit
+    );
+    assert!(
+        out.report.exit.is_failure(),
+        "a failed fault thread fails the run"
     );
     assert!(t0.elapsed() < Duration::from_secs(50), "{:?}", t0.elapsed());
 }
@@ -408,7 +413,7 @@ fn a_stalled_fault_thread_does_not_block_the_main_loop() {
     // The main loop is not stuck with it: its watchdog stops the VM.
     let out = main.join().unwrap().unwrap();
     assert!(
-        out.report.exit.to_string().contains("stalled"),
+        matches!(&out.report.exit, Exit::FaultThread(why) if why.contains("stalled")),
         "{}",
         out.report.exit
     );
