@@ -216,6 +216,7 @@ pub use stats::{Stats, StatsSnapshot};
 pub use table::Extent;
 pub use tracker::{
     DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, MAX_REGIONS,
+    MAX_REGION_SIZE,
 };
 pub use types::*;
 
