@@ -334,10 +334,11 @@ impl Mmu {
 
     // ---- regions -------------------------------------------------------
 
-    /// Register a region. Called any time but from a mirror callback;
-    /// sleeps only when removed regions awaiting the reclaimer fill the
-    /// region table: it then runs reclaim steps itself (which may wait for
-    /// another thread's step) until an entry is free. Errors on
+    /// Register a region. Called any time. Sleeps only when removed
+    /// regions awaiting the reclaimer fill the region table: it then runs
+    /// reclaim steps itself (which may wait for another thread's step)
+    /// until an entry is free — except inside a mirror callback, where it
+    /// reports the full table. Errors on
     /// misalignment, overflow, a size above [`MAX_REGION_SIZE`], overlap
     /// with an existing region, a full region table
     /// ([`Error::TooManyRegions`]; removed regions hold their entry until

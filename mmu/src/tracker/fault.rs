@@ -15,7 +15,8 @@ impl Mmu {
     /// Start resolving a fault on `[gpa, gpa + len)` (page aligned, inside
     /// one region). Sleeps while an invalidation of an overlapping range is
     /// running. The ticket is then good until an overlapping invalidation
-    /// starts.
+    /// starts. `Err(Reentrant)` inside a mirror callback (use
+    /// `try_read_begin` there).
     pub fn read_begin(&self, gpa: u64, len: u64) -> Result<Ticket, Error> {
         not_in_callback("read_begin")?;
         loop {

@@ -14,8 +14,14 @@
 //!   batch to its last mirror call; another step waits. So
 //!   `generation_reclaimed` follows every `reclaimed` batch of that
 //!   generation, and `unregister_mirror` knows which step to wait for.
-//! * **No self-wait.** A step called from inside a reclaim callback (same
-//!   thread) does nothing instead of waiting for itself.
+//! * **No wait from a callback.** A step called from inside any mirror
+//!   callback does nothing instead of waiting (for itself, or for another
+//!   thread's callback that waits for this one).
+//! * **Removed regions first.** They are scanned and reported before the
+//!   others (several per step), a region is reported once none of its
+//!   leaves sits on the obsolete list (a per-region count), and every other
+//!   step scans before popping the list, so faults refilling the list
+//!   cannot keep removed regions' entries in the region table.
 
 use super::{Hold, MirrorList, Mmu, State, Stats};
 use crate::error::Error;
@@ -235,7 +241,7 @@ impl Mmu {
     /// obsolete leaves (examining at most `reclaim_scan` directory slots);
     /// then, without the lock, report them to the mirrors and free them.
     /// Waits (sleeps) while another thread's step is in progress; called
-    /// from inside one of this mmu's reclaim callbacks it does nothing.
+    /// from inside a mirror callback it does nothing.
     pub fn reclaim_step(&self) -> ReclaimProgress {
         self.step().unwrap_or_else(|_| ReclaimProgress {
             more: self.reclaim_pending(),
@@ -243,7 +249,7 @@ impl Mmu {
         })
     }
 
-    /// `reclaim_step`, or `Err(Reentrant)` from inside a reclaim callback.
+    /// `reclaim_step`, or `Err(Reentrant)` from inside a mirror callback.
     pub(super) fn step(&self) -> Result<ReclaimProgress, Error> {
         super::not_in_callback("reclaim_step")?;
         let batch_max = self.config.reclaim_batch;
