@@ -105,6 +105,8 @@ impl Raw {
 }
 
 /// Data protected by the mmu lock.
+/// `repr(C)`: the lock word first, then the data it protects.
+#[repr(C)]
 pub(crate) struct MmuLock<T> {
     raw: Raw,
     policy: LockPolicy,

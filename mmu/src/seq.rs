@@ -34,17 +34,20 @@ impl Span {
     }
 }
 
+/// `repr(C)`: the scalars first, then the in-flight slots (the first ones
+/// are the hot ones), then the log.
+#[repr(C)]
 pub(crate) struct SeqLog {
     /// Sequence numbers handed out so far (one per invalidation/teardown).
     seq: u64,
-    /// `active[..active_len]` are in flight. Inline, not a `Vec`: one
-    /// allocation fewer to miss in cache on a cold teardown.
-    active: [Span; MAX_ACTIVE],
     active_len: usize,
-    log: [Span; LOG_LEN],
     log_next: usize,
     /// Largest id evicted from `log`.
     log_floor: u64,
+    /// `active[..active_len]` are in flight. Inline, not a `Vec`: one
+    /// allocation fewer to miss in cache on a cold teardown.
+    active: [Span; MAX_ACTIVE],
+    log: [Span; LOG_LEN],
 }
 
 impl SeqLog {

@@ -14,7 +14,10 @@ pub(crate) enum Hold {
     Other,
 }
 
+/// `repr(C)`, lock-hold histograms last: they sit right before the mmu lock
+/// (see `Mmu`).
 #[derive(Default, Debug)]
+#[repr(C)]
 pub struct Stats {
     pub(crate) faults: AtomicU64,
     pub(crate) retries: AtomicU64,
@@ -27,13 +30,13 @@ pub struct Stats {
     pub(crate) entries_reclaimed: AtomicU64,
     pub(crate) reclaim_batches: AtomicU64,
     pub(crate) reclaim_waits: AtomicU64,
-    pub(crate) hold_fault: Histogram,
-    pub(crate) hold_invalidate: Histogram,
-    pub(crate) hold_teardown: Histogram,
-    pub(crate) hold_reclaim: Histogram,
-    pub(crate) hold_other: Histogram,
     pub(crate) invalidate_ns: Histogram,
     pub(crate) teardown_ns: Histogram,
+    pub(crate) hold_fault: Histogram,
+    pub(crate) hold_other: Histogram,
+    pub(crate) hold_reclaim: Histogram,
+    pub(crate) hold_invalidate: Histogram,
+    pub(crate) hold_teardown: Histogram,
 }
 
 impl Stats {

@@ -37,12 +37,13 @@ const FREE_LEAVES_MAX: usize = 256;
 /// (the fan-out then makes no call to tell the passes apart).
 type MirrorList = Arc<[(MirrorId, MirrorRole, Arc<dyn Mirror>)]>;
 
+/// `repr(C)`: the scalars a teardown touches come first, next to the lock
+/// word, and the sequence log's arrays last (see `Mmu`).
+#[repr(C)]
 struct State {
     regions: Vec<RegionTable>,
     next_region: u64,
     next_gen: u64,
-    /// In-flight and recently ended invalidations.
-    seq: SeqLog,
     mirrors: MirrorList,
     next_mirror: u64,
     /// Obsolete leaves detached by installs, awaiting the reclaimer.
@@ -55,6 +56,8 @@ struct State {
     reclaim_owner: Option<ThreadToken>,
     /// Reclaim steps started so far.
     reclaim_epoch: u64,
+    /// In-flight and recently ended invalidations.
+    seq: SeqLog,
 }
 
 impl State {
@@ -217,15 +220,22 @@ pub struct TeardownReport {
 }
 
 /// The secondary MMU. See the crate documentation for the protocol.
+///
+/// `repr(C)` with the fields a teardown touches packed together — the
+/// waiter count, the statistics (whose lock-hold histograms end right
+/// before the lock), the lock word, the state's scalars: a teardown on cold
+/// caches (after the guest ran) then misses on a few adjacent lines of one
+/// page instead of lines spread over several.
+#[repr(C)]
 pub struct Mmu {
     /// This instance's number, stamped into its tickets.
     instance: u64,
-    config: Config,
-    state: MmuLock<State>,
-    stats: Stats,
     /// Sleepers in `read_begin`/`unregister_mirror`/`begin`: they wait on
     /// `wait_cv` with `wait_mutex` held and re-check under the mmu lock.
     waiting: AtomicUsize,
+    stats: Stats,
+    state: MmuLock<State>,
+    config: Config,
     wait_mutex: Mutex<()>,
     wait_cv: Condvar,
     reclaim: Arc<reclaim::ReclaimSignal>,

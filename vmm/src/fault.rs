@@ -70,7 +70,8 @@ pub struct FaultStats {
     pub per_region: Vec<AtomicU64>,
     /// Expected races with a teardown (a fault from before it on a mapping
     /// it retired, a page of a retiring mapping that is already gone):
-    /// served or dropped as designed, counted apart from `errors`.
+    /// served or dropped as designed, counted apart from `errors`
+    /// (`teardown_races_are_not_fault_errors` in `vmm/tests/api.rs`).
     pub teardown_races: AtomicU64,
     /// Passes of the fault thread's loop (the watchdog's heartbeat).
     pub heartbeat: AtomicU64,
