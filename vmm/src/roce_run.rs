@@ -98,7 +98,8 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
             window_base: base,
             window_len: len,
         },
-    )?;
+    )
+    .map_err(|e| e.to_string())?;
     let ram = vm.0.ram.clone();
     link.stamp_read_span(|gpa, v| {
         use vm_memory::{Bytes, GuestAddress};

@@ -273,11 +273,21 @@ impl Faults {
             }
         }
         self.pending.insert((mr.key, page), now);
-        let limit = page + shared.config.max_fault_pages.max(1) * PAGE_SIZE;
+        // `iova` and `end` come from the wire: near the top of the space
+        // the arithmetic saturates instead of wrapping (the fault still
+        // covers at least this page; the mmu refuses what is not RAM).
+        let limit = page.saturating_add(
+            shared
+                .config
+                .max_fault_pages
+                .max(1)
+                .saturating_mul(PAGE_SIZE),
+        );
         let fault_end = end
-            .next_multiple_of(PAGE_SIZE)
+            .checked_next_multiple_of(PAGE_SIZE)
+            .unwrap_or(!(PAGE_SIZE - 1))
             .min(limit)
-            .max(page + PAGE_SIZE);
+            .max(page.saturating_add(PAGE_SIZE));
         shared
             .stats
             .device_faults

@@ -709,8 +709,8 @@ impl RnicDevice {
     /// A reset drops it (the connection is not re-established).
     pub(super) fn attach_roce(
         &self,
-        connect: impl FnOnce(&Pd, &[&Qp]) -> Result<super::roce::RoceRemote, String>,
-    ) -> Result<(), String> {
+        connect: impl FnOnce(&Pd, &[&Qp]) -> Result<super::roce::RoceRemote, super::roce::RoceLinkError>,
+    ) -> Result<(), super::roce::RoceLinkError> {
         let caps = QpCaps {
             max_send_wr: MAX_RING as usize,
             max_recv_wr: MAX_RING as usize,
@@ -721,11 +721,7 @@ impl RnicDevice {
         let mut qps = Vec::with_capacity(self.qps.len());
         for q in &self.qps {
             let cq = q.lock().cq.clone();
-            qps.push(
-                self.rnic
-                    .create_qp(&self.pd, &cq, &cq, caps)
-                    .map_err(|e| e.to_string())?,
-            );
+            qps.push(self.rnic.create_qp(&self.pd, &cq, &cq, caps)?);
         }
         let remote = connect(&self.pd, &qps.iter().collect::<Vec<_>>())?;
         for (q, qp) in self.qps.iter().zip(qps) {

@@ -296,7 +296,12 @@ impl Drop for HostPeer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
+            // The serving thread holds a strong reference while it works,
+            // so the last one may be dropped there: it cannot join itself
+            // (EDEADLK), and it ends on its own once `stop` is seen.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 }

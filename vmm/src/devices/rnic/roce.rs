@@ -59,6 +59,55 @@ pub struct RoceOptions {
     pub window_len: u64,
 }
 
+/// Why a RoCE link could not be set up. The exchange line comes from the
+/// network: every field error names the field and the offending text.
+#[derive(Debug, thiserror::Error)]
+pub enum RoceLinkError {
+    #[error("the peer did not speak {MAGIC} (got {0:?})")]
+    NotTheProtocol(String),
+    #[error("bad {what} {value:?} in the peer's RoCE exchange")]
+    BadField { what: &'static str, value: String },
+    #[error("the peer's RoCE exchange has no {0}")]
+    Missing(&'static str),
+    #[error("the peer's RoCE exchange lists more than {MAX_QPS} queue pairs")]
+    TooManyQps,
+    #[error("the peer's window {base:#x}+{len:#x} overflows")]
+    WindowOverflows { base: u64, len: u64 },
+    #[error("the RoCE window of {0} bytes is too small (at least 16 MiB)")]
+    WindowTooSmall(u64),
+    #[error(
+        "the peer has {peer} queue-pair banks, this VM {ours}: start both with the same --vcpus"
+    )]
+    BankMismatch { peer: usize, ours: usize },
+    #[error("RoCE exchange: {what} {at}: {source}")]
+    Io {
+        what: &'static str,
+        at: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("RoCE port {bind}: {source}")]
+    Port {
+        bind: SocketAddrV4,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the RoCE exchange did not complete")]
+    Incomplete,
+    #[error("RoCE queue pairs: {0}")]
+    Verbs(#[from] rdma_passthrough::VerbsError),
+}
+
+fn bad(what: &'static str, value: &str) -> RoceLinkError {
+    RoceLinkError::BadField {
+        what,
+        value: value.chars().take(40).collect(),
+    }
+}
+
+/// Most queue-pair banks an exchange line may list.
+const MAX_QPS: usize = 256;
+
 /// How long a connecting side keeps trying while the listener starts.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
 /// Longest exchange line accepted.
@@ -93,48 +142,37 @@ impl Info {
         )
     }
 
-    pub fn parse(line: &str) -> Result<Info, String> {
-        let hex = |s: &str, what: &str| {
-            u64::from_str_radix(s.trim_start_matches("0x"), 16)
-                .map_err(|_| format!("bad {what} {s:?} in the peer's RoCE exchange"))
+    pub fn parse(line: &str) -> Result<Info, RoceLinkError> {
+        let hex = |s: &str, what: &'static str| {
+            u64::from_str_radix(s.trim_start_matches("0x"), 16).map_err(|_| bad(what, s))
         };
         let mut words = line.split_whitespace();
         if words.next() != Some(MAGIC) {
-            return Err(format!(
-                "the peer did not speak {MAGIC} (got {:?})",
-                line.chars().take(40).collect::<String>()
+            return Err(RoceLinkError::NotTheProtocol(
+                line.chars().take(40).collect(),
             ));
         }
         let (mut addr, mut rkey, mut window, mut qps) = (None, None, None, None);
         for w in words {
-            let (k, v) = w
-                .split_once('=')
-                .ok_or_else(|| format!("bad field {w:?} in the peer's RoCE exchange"))?;
+            let (k, v) = w.split_once('=').ok_or_else(|| bad("field", w))?;
             match k {
-                "addr" => {
-                    addr = Some(
-                        v.parse::<SocketAddrV4>()
-                            .map_err(|_| format!("bad address {v:?}"))?,
-                    )
-                }
-                "rkey" => {
-                    rkey = Some(u32::try_from(hex(v, "rkey")?).map_err(|_| "rkey too large")?)
-                }
+                "addr" => addr = Some(v.parse::<SocketAddrV4>().map_err(|_| bad("address", v))?),
+                "rkey" => rkey = Some(u32::try_from(hex(v, "rkey")?).map_err(|_| bad("rkey", v))?),
                 "window" => {
-                    let (b, l) = v.split_once('+').ok_or("window is base+len")?;
+                    let (b, l) = v.split_once('+').ok_or_else(|| bad("window", v))?;
                     window = Some((hex(b, "window base")?, hex(l, "window length")?));
                 }
                 "qps" => {
                     let mut list = Vec::new();
                     for item in v.split(',').filter(|s| !s.is_empty()) {
-                        let (q, p) = item.split_once(':').ok_or("a QP is qpn:psn")?;
+                        let (q, p) = item.split_once(':').ok_or_else(|| bad("qpn:psn", item))?;
                         let (q, p) = (hex(q, "QPN")?, hex(p, "PSN")?);
                         if q > 0xff_ffff || p > 0xff_ffff {
-                            return Err(format!("QPN/PSN {item:?} is not 24 bits"));
+                            return Err(bad("24-bit QPN:PSN", item));
                         }
                         list.push((q as u32, p as u32));
-                        if list.len() > 256 {
-                            return Err("too many queue pairs".into());
+                        if list.len() > MAX_QPS {
+                            return Err(RoceLinkError::TooManyQps);
                         }
                     }
                     qps = Some(list);
@@ -142,16 +180,16 @@ impl Info {
                 _ => {} // newer fields are ignored
             }
         }
-        let (base, len) = window.ok_or("no window")?;
+        let (base, len) = window.ok_or(RoceLinkError::Missing("window"))?;
         if base.checked_add(len).is_none() {
-            return Err("window overflows".into());
+            return Err(RoceLinkError::WindowOverflows { base, len });
         }
         Ok(Info {
-            addr: addr.ok_or("no address")?,
-            rkey: rkey.ok_or("no rkey")?,
+            addr: addr.ok_or(RoceLinkError::Missing("address"))?,
+            rkey: rkey.ok_or(RoceLinkError::Missing("rkey"))?,
             base,
             len,
-            qps: qps.ok_or("no queue pairs")?,
+            qps: qps.ok_or(RoceLinkError::Missing("queue pairs"))?,
         })
     }
 }
@@ -167,15 +205,17 @@ fn initial_psn(i: usize) -> u32 {
     ((x >> 40) as u32) & 0xff_ffff
 }
 
-fn meet(exchange: &Exchange) -> Result<TcpStream, String> {
+fn io_error(what: &'static str, at: impl ToString) -> impl FnOnce(std::io::Error) -> RoceLinkError {
+    let at = at.to_string();
+    move |source| RoceLinkError::Io { what, at, source }
+}
+
+fn meet(exchange: &Exchange) -> Result<TcpStream, RoceLinkError> {
     match exchange {
         Exchange::Listen(at) => {
-            let l =
-                TcpListener::bind(at).map_err(|e| format!("RoCE exchange: listen on {at}: {e}"))?;
+            let l = TcpListener::bind(at).map_err(io_error("listen on", at))?;
             log::info!("roce: waiting for the peer on {at}");
-            let (s, from) = l
-                .accept()
-                .map_err(|e| format!("RoCE exchange: accept on {at}: {e}"))?;
+            let (s, from) = l.accept().map_err(io_error("accept on", at))?;
             log::info!("roce: peer {from} connected");
             Ok(s)
         }
@@ -188,7 +228,7 @@ fn meet(exchange: &Exchange) -> Result<TcpStream, String> {
                         log::debug!("roce: connecting to {to}: {e}; retrying");
                         std::thread::sleep(Duration::from_millis(100));
                     }
-                    Err(e) => return Err(format!("RoCE exchange: connect to {to}: {e}")),
+                    Err(e) => return Err(io_error("connect to", to)(e)),
                 }
             }
         }
@@ -204,20 +244,19 @@ pub struct RoceLink {
 }
 
 /// Bind the RoCE port, meet the peer, exchange, connect every bank's QP.
-pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, String> {
+pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, RoceLinkError> {
     if opts.window_len < 16 << 20 {
-        return Err(format!(
-            "the RoCE window of {} bytes is too small (at least 16 MiB)",
-            opts.window_len
-        ));
+        return Err(RoceLinkError::WindowTooSmall(opts.window_len));
     }
     let config = RoceConfig {
         mtu: opts.mtu,
         ..RoceConfig::default()
     };
     let port = Arc::new(
-        RocePort::bind(dev.rnic(), opts.bind, config)
-            .map_err(|e| format!("RoCE port {}: {e}", opts.bind))?,
+        RocePort::bind(dev.rnic(), opts.bind, config).map_err(|source| RoceLinkError::Port {
+            bind: opts.bind,
+            source,
+        })?,
     );
     let mut result = None;
     dev.attach_roce(|_pd: &Pd, qps: &[&Qp]| {
@@ -235,18 +274,17 @@ pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, String> {
         let mut stream = meet(&opts.exchange)?;
         stream
             .write_all(local.line().as_bytes())
-            .map_err(|e| format!("RoCE exchange: send: {e}"))?;
+            .map_err(io_error("send to", "the peer"))?;
         let mut line = String::new();
         BufReader::new((&stream).take(MAX_LINE))
             .read_line(&mut line)
-            .map_err(|e| format!("RoCE exchange: receive: {e}"))?;
+            .map_err(io_error("receive from", "the peer"))?;
         let peer = Info::parse(&line)?;
         if peer.qps.len() != qps.len() {
-            return Err(format!(
-                "the peer has {} queue-pair banks, this VM {}: start both with the same --vcpus",
-                peer.qps.len(),
-                qps.len()
-            ));
+            return Err(RoceLinkError::BankMismatch {
+                peer: peer.qps.len(),
+                ours: qps.len(),
+            });
         }
         for ((qp, &(_, psn)), &(rqpn, rpsn)) in qps.iter().zip(&local.qps).zip(&peer.qps) {
             port.connect(
@@ -257,8 +295,7 @@ pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, String> {
                     qpn: rqpn,
                     psn: rpsn,
                 },
-            )
-            .map_err(|e| e.to_string())?;
+            )?;
         }
         let window = RemoteWindow {
             base: peer.base,
@@ -275,16 +312,13 @@ pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, String> {
             window,
         })
     })?;
-    result.ok_or_else(|| "RoCE exchange did not complete".into())
+    result.ok_or(RoceLinkError::Incomplete)
 }
 
 impl RoceLink {
     /// Stamp the READ part of our window (`READ_STAMP_MAGIC | page`) for
     /// the peer's guest to read and check.
-    pub fn stamp_read_span(
-        &self,
-        write: impl Fn(u64, u64) -> Result<(), String>,
-    ) -> Result<(), String> {
+    pub fn stamp_read_span<E>(&self, write: impl Fn(u64, u64) -> Result<(), E>) -> Result<(), E> {
         let (base, len) = (self.local.base, self.local.len);
         for page in (len / 2 / mmu::PAGE_SIZE)..(3 * len / 4 / mmu::PAGE_SIZE) {
             write(base + page * mmu::PAGE_SIZE, READ_STAMP_MAGIC | page)?;
