@@ -21,7 +21,7 @@ use crate::api::{self, ApiServer};
 use crate::devices::serial::Sink;
 use crate::memory::Backing;
 use crate::payload::Guest;
-use crate::vm::{GuestConfig, RunReport, Vm, VmConfig};
+use crate::vm::{Exit, GuestConfig, RunReport, Vm, VmConfig};
 use clap::{Args, Parser, Subcommand};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use mmu::LockPolicy;
@@ -444,22 +444,19 @@ pub fn serve(
             0 => {}
             sig => {
                 signal.get_or_insert(sig);
-                handle.stop(if sig == libc::SIGINT {
-                    "signal SIGINT"
+                handle.stop_for(Exit::Signal(if sig == libc::SIGINT {
+                    "SIGINT"
                 } else {
-                    "signal SIGTERM"
-                });
+                    "SIGTERM"
+                }));
             }
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
-            handle.stop(&format!(
-                "timeout after {:.1}s",
-                timeout.unwrap_or_default().as_secs_f64()
-            ));
+            handle.stop_for(Exit::Timeout(timeout.unwrap_or_default()));
         }
         if let Some(why) = watchdog.check() {
             log::error!("{why}; stopping the VM");
-            handle.stop(&why);
+            handle.stop_for(Exit::FaultThread(why));
             watchdog.release(&handle);
         }
     }
@@ -572,11 +569,7 @@ pub fn run(args: RunArgs) -> Result<i32, String> {
     if let Some(sig) = signal {
         return Ok(128 + sig);
     }
-    let clean = matches!(report.guest_result.as_str(), "pass" | "n/a")
-        && !report.exit.contains("error")
-        && !report.exit.contains("fault thread")
-        && !report.exit.contains("shutdown (triple");
-    Ok(if clean { 0 } else { 1 })
+    Ok(report.exit_code())
 }
 
 /// `odpvm demo`.

@@ -9,7 +9,7 @@
 use crate::cli::{print_line, OutputError};
 use crate::devices::serial::Sink;
 use crate::payload::Guest;
-use crate::vm::{GuestConfig, RnicChoice, RunReport, Vm, VmConfig, VmHandle};
+use crate::vm::{Exit, GuestConfig, GuestResult, RnicChoice, RunReport, Vm, VmConfig, VmHandle};
 use parking_lot::{Condvar, Mutex};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -48,7 +48,7 @@ impl Default for DemoArgs {
 /// What the demo measured.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DemoReport {
-    pub guest_result: String,
+    pub guest_result: GuestResult,
     pub seconds: f64,
     pub stale_accesses: u64,
     pub kvm_invalidations: u64,
@@ -66,7 +66,7 @@ pub struct DemoReport {
     pub guest_recoveries: u64,
     pub device_errors: u64,
     pub fenced_mrs: u64,
-    pub exit: String,
+    pub exit: Exit,
 }
 
 struct Rng(u64);
@@ -172,11 +172,7 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
     };
     let mut vm = Vm::new(cfg).map_err(|e| e.to_string())?;
     let h = vm.handle();
-    let dev =
-        h.0.devices
-            .rnic
-            .clone()
-            .ok_or("the demo needs the emulated RNIC")?;
+    let dev = h.rnic().ok_or("the demo needs the emulated RNIC")?;
     vm.start().map_err(|e| e.to_string())?;
     let stop = Arc::new(Stop::default());
     let chaos_thread = {
@@ -236,16 +232,16 @@ pub fn run(args: DemoArgs) -> Result<(DemoReport, RunReport), String> {
     stop.set();
     let (mut teardown_ns, host_invalidations) =
         chaos_thread.join().map_err(|_| "chaos thread panicked")?;
-    h.0.devices.testdev.request_stop();
+    h.request_stop();
     let run = vm.wait(Some(Duration::from_secs(120)));
     if let Some(e) = closed {
         return Err(e.to_string());
     }
     let r = dev.rnic().stats();
-    let k = &h.0.mirror.stats;
+    let k = h.kvm_mirror_stats();
     let guest_stale: u64 = run.perftest.iter().map(|f| f.stale).sum();
     let report = DemoReport {
-        guest_result: run.guest_result.clone(),
+        guest_result: run.guest_result,
         seconds: t0.elapsed().as_secs_f64(),
         stale_accesses: dev.stats.stale_accesses.load(Ordering::Relaxed) + guest_stale,
         kvm_invalidations: k.invalidations.load(Ordering::Relaxed)
@@ -290,7 +286,8 @@ pub fn print(report: &DemoReport, run: &RunReport, json_out: bool) -> Result<i32
             "STALE ACCESSES DETECTED"
         })?;
     }
-    let ok =
-        report.stale_accesses == 0 && report.guest_result == "pass" && report.exit == "guest-done";
+    let ok = report.stale_accesses == 0
+        && report.guest_result == GuestResult::Pass
+        && report.exit == Exit::GuestDone;
     Ok(if ok { 0 } else { 1 })
 }

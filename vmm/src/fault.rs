@@ -133,8 +133,8 @@ pub struct Watchdog {
 impl Watchdog {
     pub fn new(vm: &crate::vm::VmHandle) -> Self {
         Watchdog {
-            stats: vm.0.faults.clone(),
-            uffd: vm.0.uffd.clone(),
+            stats: vm.faults().clone(),
+            uffd: vm.uffd().cloned(),
             waiting_since: None,
             reported: false,
         }
@@ -152,7 +152,7 @@ impl Watchdog {
         let Some(uffd) = &self.uffd else {
             return;
         };
-        for r in vm.0.ram.regions() {
+        for r in vm.ram().regions() {
             uffd.unregister(r.hva, r.size);
         }
         let mut dropped = 0u64;

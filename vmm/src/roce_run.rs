@@ -73,18 +73,16 @@ pub fn run(
 
 /// Link the VM's RNIC before its vCPUs start.
 pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, String> {
-    let dev =
-        vm.0.devices
-            .rnic
-            .clone()
-            .ok_or("--roce-bind needs the emulated RNIC (--rnic emulated)")?;
+    let dev = vm
+        .rnic()
+        .ok_or("--roce-bind needs the emulated RNIC (--rnic emulated)")?;
     let exchange = match (args.listen, args.connect) {
         (Some(l), None) => Exchange::Listen(l),
         (None, Some(c)) => Exchange::Connect(c),
         _ => return Err("--roce-bind needs one of --roce-listen or --roce-connect".into()),
     };
     let (base, len) = (PAYLOAD_RAM_GPA + memory / 2, memory / 2);
-    if !vm.0.ram.contains(base, len) {
+    if !vm.ram().contains(base, len) {
         return Err(format!(
             "the RoCE window [{base:#x}, +{len:#x}) (upper half of RAM) is not one RAM region"
         ));
@@ -100,7 +98,7 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
         },
     )
     .map_err(|e| e.to_string())?;
-    let ram = vm.0.ram.clone();
+    let ram = vm.ram().clone();
     link.stamp_read_span(|gpa, v| {
         use vm_memory::{Bytes, GuestAddress};
         ram.memory()
@@ -140,7 +138,7 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
             if handle.finished() {
                 return;
             }
-            let mmu = handle.0.mmu.clone();
+            let mmu = handle.mmu().clone();
             let (c, s) =
                 link.stale_pages(&*ram as &dyn GuestMemory, |gpa| mmu.lookup(gpa).is_some());
             checked.store(c, Ordering::Relaxed);

@@ -372,11 +372,11 @@ fn vm_config(guest: Guest, memory: u64) -> VmConfig {
 #[test]
 fn a_dead_fault_thread_stops_the_vm_with_the_reason() {
     let vm = Vm::new(vm_config(Guest::Touch, 64 * MIB)).unwrap();
-    vm.handle().0.faults.inject(vmm::fault::Injected::Exit);
+    vm.handle().faults().inject(vmm::fault::Injected::Exit);
     let t0 = Instant::now();
     let out = vmm::cli::serve(vm, None, Some(Duration::from_secs(60))).unwrap();
     assert!(
-        out.report.exit.contains("fault thread failed"),
+        out.report.exit.to_string().contains("fault thread failed"),
         "{}",
         out.report.exit
     );
@@ -394,7 +394,7 @@ fn a_stalled_fault_thread_does_not_block_the_main_loop() {
     let server = api::ApiServer::bind(&sock, h.clone(), Default::default()).unwrap();
     let main = std::thread::spawn(move || vmm::cli::serve(vm, Some(server), None));
     assert!(h.barrier().wait_for(1, Duration::from_secs(60)));
-    h.0.faults.inject(vmm::fault::Injected::Stall);
+    h.faults().inject(vmm::fault::Injected::Stall);
     let gpa = vmm::layout::PAYLOAD_RAM_GPA;
     let stuck = api::request(
         &sock,
@@ -407,7 +407,11 @@ fn a_stalled_fault_thread_does_not_block_the_main_loop() {
     assert!(matches!(stuck, Err(ClientError::Timeout(_))), "{stuck:?}");
     // The main loop is not stuck with it: its watchdog stops the VM.
     let out = main.join().unwrap().unwrap();
-    assert!(out.report.exit.contains("stalled"), "{}", out.report.exit);
+    assert!(
+        out.report.exit.to_string().contains("stalled"),
+        "{}",
+        out.report.exit
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

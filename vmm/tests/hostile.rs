@@ -259,7 +259,7 @@ fn reported(r: &RunReport, n: usize) -> Vec<u32> {
 }
 
 fn device(h: &VmHandle) -> Arc<RnicDevice> {
-    h.0.devices.rnic.clone().expect("an RNIC device")
+    h.rnic().expect("an RNIC device")
 }
 
 fn rss_kib() -> u64 {
@@ -572,7 +572,7 @@ fn a_guest_peer_reaches_only_the_advertised_window() {
     let ha = a_vm.handle();
     let window = PAYLOAD_RAM_GPA + 32 * MIB;
     device(&ha)
-        .peer_with_guest(&dev_b, hb.0.ram.clone(), window, 16 * MIB)
+        .peer_with_guest(&dev_b, hb.ram().clone(), window, 16 * MIB)
         .unwrap();
     a_vm.start().unwrap();
     let r = a_vm.wait(Some(Duration::from_secs(120)));

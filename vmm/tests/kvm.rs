@@ -168,7 +168,7 @@ fn teardown_while_vcpus_fault_leaves_no_stale_translation() {
     assert!(r.teardowns > 0, "no teardown landed while the guest ran");
     assert_eq!(h.stats().teardowns, teardowns);
     // The table holds only translations into the current mappings.
-    let ram = &h.0.ram;
+    let ram = h.ram();
     for gpa in (PAYLOAD_RAM_GPA..PAYLOAD_RAM_GPA + memory).step_by(PAGE as usize) {
         if let Some(t) = h.mmu().lookup(gpa) {
             assert_eq!(Some(t.hva), ram.hva(gpa), "stale translation for {gpa:#x}");

@@ -169,13 +169,10 @@ fn two_microvms_share_one_rnic_guest_to_guest() {
     b.start().unwrap();
     let mut a = Vm::new(mk(Guest::RdmaWriteBw, 512)).unwrap();
     let ha = a.handle();
-    let (dev_a, dev_b) = (
-        ha.0.devices.rnic.clone().unwrap(),
-        hb.0.devices.rnic.clone().unwrap(),
-    );
+    let (dev_a, dev_b) = (ha.rnic().unwrap(), hb.rnic().unwrap());
     let window = vmm::layout::PAYLOAD_RAM_GPA + 32 * MIB;
     dev_a
-        .peer_with_guest(&dev_b, hb.0.ram.clone(), window, 32 * MIB)
+        .peer_with_guest(&dev_b, hb.ram().clone(), window, 32 * MIB)
         .unwrap();
     a.start().unwrap();
     let r = a.wait(Some(Duration::from_secs(120)));
@@ -191,10 +188,10 @@ fn two_microvms_share_one_rnic_guest_to_guest() {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0
     );
-    let device_pages =
-        hb.0.faults
-            .device_pages
-            .load(std::sync::atomic::Ordering::Relaxed);
+    let device_pages = hb
+        .faults()
+        .device_pages
+        .load(std::sync::atomic::Ordering::Relaxed);
     // Four 64 KiB message slots: 64 pages of B.
     assert!(device_pages >= 64, "{device_pages}");
     assert!(hb.mmu().mapped_bytes() >= 64 * 4096);

@@ -14,7 +14,7 @@ fn touch(cfg: VmConfig) -> Result<(f64, crate::vm::RunReport), String> {
     vm.start().map_err(|e| e.to_string())?;
     let r = vm.wait(Some(Duration::from_secs(600)));
     let secs = t0.elapsed().as_secs_f64();
-    if r.guest_result != "pass" {
+    if r.guest_result != crate::vm::GuestResult::Pass {
         return Err(format!("touch failed: {} ({})", r.guest_result, r.exit));
     }
     Ok((secs, r))

@@ -434,7 +434,7 @@ fn size_and_mirrors(
     h.request_stop();
     let report = vm.wait(Some(Duration::from_secs(120)));
     result?;
-    if report.guest_result != "pass" {
+    if report.guest_result != crate::vm::GuestResult::Pass {
         return Err(format!(
             "the writer guest found stale pages or lost writes: {:?}",
             report.vcpu_reports
