@@ -62,12 +62,25 @@ pub enum Error {
         min: u64,
         max: u64,
     },
+    /// The region table is full (removed regions keep their entry until
+    /// the reclaimer has freed their table: run `reclaim_all` or wait).
+    #[error(
+        "too many regions: {max} entries in use ({removed} by removed regions awaiting reclaim)"
+    )]
+    TooManyRegions { max: usize, removed: usize },
+    /// A region larger than [`MAX_REGION_SIZE`](crate::MAX_REGION_SIZE).
+    #[error("region of {size:#x} bytes is larger than the supported {max:#x}")]
+    RegionTooLarge { size: u64, max: u64 },
+    /// An allocation the request needs failed.
+    #[error("cannot allocate {bytes} bytes for the {what}")]
+    NoMemory { what: &'static str, bytes: u64 },
     /// Starting the background reclaimer thread failed.
     #[error("starting the mmu reclaimer thread: {0}")]
     Spawn(String),
-    /// Called from inside one of this mmu's mirror callbacks, where it
-    /// would wait for itself.
-    #[error("{0} called from inside a mirror callback of the same mmu would wait for itself")]
+    /// A method that may sleep, called from inside a mirror callback (where
+    /// it could wait for the calling thread itself, or for another thread
+    /// that waits for this callback to return).
+    #[error("{0} may sleep and was called from inside a mirror callback")]
     Reentrant(&'static str),
 }
 

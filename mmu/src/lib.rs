@@ -38,7 +38,7 @@
 //! | invalidation start / end      | take or drop one in-flight slot (≤ 64), log it         |
 //! | invalidation zap              | ≤ `zap_batch` entries examined                         |
 //! | teardown                      | one generation bump per region (≤ 64 regions)          |
-//! | reclaim                       | ≤ `reclaim_batch` leaves detached, ≤ `reclaim_scan` slots examined; then ≤ 256 leaves recycled |
+//! | reclaim                       | ≤ `reclaim_batch` leaves detached, ≤ `reclaim_scan` slots examined, ≤ 8 regions reported; then ≤ 256 leaves recycled |
 //!
 //! **Never under the lock:** calling a mirror, calling a resolver, sleeping,
 //! waiting for anything, allocating or freeing memory (leaves are allocated
@@ -51,11 +51,26 @@
 //! resolver it runs), `invalidate`, `teardown_*`, `remove_region` (mirror
 //! callbacks), `unregister_mirror` (waits for invalidations and the reclaim
 //! step that may still call the mirror), `reclaim_step`/`reclaim_all`
-//! (mirror callbacks; wait for another thread's step), and every [`Mirror`]
-//! callback. A wait that would be for the calling thread itself — a mirror
-//! callback calling `unregister_mirror`, or `read_begin` on the range being
-//! invalidated — returns [`Error::Reentrant`] instead of hanging
-//! (`tests/reclaim_order.rs`: `callbacks_calling_back_never_wait_for_themselves`).
+//! (mirror callbacks; wait for another thread's step), `add_region` only
+//! when removed regions fill the region table (it runs reclaim steps), and
+//! every [`Mirror`] callback.
+//!
+//! **Inside a mirror callback** (of any mmu, on the calling thread) every
+//! method that may sleep — `read_begin`, `fault_in`, `invalidate`,
+//! `teardown_*`, `remove_region`, `unregister_mirror` — returns
+//! [`Error::Reentrant`] at once and changes nothing; `reclaim_step` and
+//! `reclaim_all` do nothing; `add_region` runs no reclaim step. A sleeping
+//! callback could wait for its own thread (nested invalidations holding
+//! every in-flight slot) or for another thread's callback waiting for it
+//! in turn (a `reclaimed` calling `read_begin` while an `invalidate_wait`
+//! calls `reclaim_step`). Callbacks may use the non-sleeping methods
+//! (`try_read_begin`, `read_retry`, `translate*`, `install`, `lookup`,
+//! `set_region_hva`, …). Tests: `tests/reclaim_order.rs`
+//! `callbacks_calling_back_never_wait_for_themselves`; `tests/regressions.rs`
+//! `sleeping_methods_from_a_callback_return_reentrant`,
+//! `invalidate_from_a_callback_is_reentrant_not_a_nested_hang`,
+//! `reclaim_step_and_read_begin_in_callbacks_do_not_deadlock`,
+//! `read_begin_from_two_invalidate_callbacks_does_not_deadlock`.
 //!
 //! **Lock order:** a mirror's own *update lock* (the lock its invalidate
 //! callback takes and under which it programs its table) may be held while
@@ -182,14 +197,48 @@
 //!    `release-checked` profile). Tests: `tests/hostile.rs`
 //!    (`addresses_near_u64_max_are_errors_everywhere`,
 //!    `tickets_of_another_mmu_are_errors`,
-//!    `config_rejects_every_degenerate_tunable`), `tests/model.rs`.
+//!    `config_rejects_every_degenerate_tunable`), `tests/model.rs`,
+//!    `tests/adversary_model.rs`; `tests/regressions.rs`
+//!    (`install_refuses_host_pages_past_the_limit_and_extents_never_wrap`,
+//!    `install_refuses_a_huge_page_at_the_top_of_the_host_space`,
+//!    `a_huge_region_is_an_error_not_an_abort`,
+//!    `a_full_region_table_is_too_many_regions`).
+//! 6. **A panicking mirror callback wedges nothing.** An invalidation or
+//!    teardown in flight is a drop guard: unwinding through it (zapping a
+//!    range invalidation's range first) ends it, so the range is even again,
+//!    the region unfenced and `unregister_mirror` returns; a reclaim step
+//!    gives up its ownership likewise (`tests/regressions.rs`
+//!    `a_panicking_invalidate_callback_still_ends_its_span`,
+//!    `a_panicking_teardown_callback_still_ends_its_span`,
+//!    `a_panicking_reclaimed_callback_does_not_wedge_the_reclaimer`).
+//! 7. **Removed regions drain.** A removed region keeps its entry in the
+//!    64-entry region table until the reclaimer freed its table. The
+//!    reclaimer scans and finishes removed regions first, counts the leaves
+//!    each region has on the obsolete list (so faults elsewhere cannot hold
+//!    a region back) and alternates list and scan, and `add_region` runs
+//!    steps itself when only removed regions fill the table; a table full
+//!    of live regions is [`Error::TooManyRegions`] (`tests/regressions.rs`
+//!    `remove_and_readd_never_runs_out_of_region_entries`,
+//!    `removed_regions_drain_under_fault_load`).
+//!
+//! **Not guaranteed: bounded `read_begin` waits.** `read_begin` sleeps
+//! until no overlapping invalidation is in flight, with no fairness toward
+//! waiting faults: a stream of overlapping invalidations that never all
+//! end at once (two threads invalidating the same page back to back)
+//! starves it for as long as the stream lasts. Linux's
+//! `mmu_interval_read_begin` behaves the same; invalidations come from
+//! the VMM, not the guest, so the VMM bounds them.
 //!
 //! ## Address-space limits
 //!
 //! A region must end at or below [`ADDRESS_LIMIT`] (2^63) in guest-physical
 //! *and* host-virtual addresses; `add_region` and `set_region_hva` return
 //! [`Error::AboveLimit`] otherwise (x86-64 has at most 52 physical and 57
-//! virtual address bits). Below the limit every path is exact up to the
+//! virtual address bits), and so does `install` for a translation whose
+//! host page does not end below it. A region is at most
+//! [`MAX_REGION_SIZE`] (64 TiB) long ([`Error::RegionTooLarge`], checked
+//! before anything is allocated); its directory is allocated fallibly
+//! ([`Error::NoMemory`]). Below the limit every path is exact up to the
 //! last page (`a_region_ending_at_the_limit_is_correct_on_every_path`);
 //! addresses above it are simply outside every region
 //! (`regions_past_the_address_limit_are_rejected`).
@@ -216,6 +265,7 @@ pub use stats::{Stats, StatsSnapshot};
 pub use table::Extent;
 pub use tracker::{
     DirectResolver, FaultOutcome, Mmu, ReclaimProgress, TeardownReport, MAX_REGIONS,
+    MAX_REGION_SIZE,
 };
 pub use types::*;
 

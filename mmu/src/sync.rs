@@ -59,6 +59,39 @@ pub(crate) fn thread_token() -> ThreadToken {
     TOKEN.with(|t| t as *const u8 as usize)
 }
 
+#[cfg(not(loom))]
+thread_local! {
+    /// Mirror callbacks of any mmu the calling thread is inside of.
+    static CALLBACK_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+#[cfg(loom)]
+loom::thread_local! {
+    static CALLBACK_DEPTH: std::cell::Cell<u32> = std::cell::Cell::new(0);
+}
+
+/// Marks the calling thread as inside a mirror callback until dropped
+/// (also when the callback unwinds).
+pub(crate) struct InCallback(());
+
+impl InCallback {
+    pub(crate) fn enter() -> Self {
+        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
+        InCallback(())
+    }
+}
+
+impl Drop for InCallback {
+    fn drop(&mut self) {
+        CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
+/// Whether the calling thread is inside a mirror callback (of any mmu: a
+/// callback of one mmu waiting on another can deadlock just the same).
+pub(crate) fn in_callback() -> bool {
+    CALLBACK_DEPTH.with(|d| d.get() > 0)
+}
+
 #[cfg(loom)]
 pub(crate) use loom::cell::{MutPtr, UnsafeCell};
 

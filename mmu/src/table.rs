@@ -124,7 +124,12 @@ pub struct Extent {
 
 pub(crate) fn push_extent(out: &mut Vec<Extent>, region: RegionId, gpa: u64, hva: u64, len: u64) {
     if let Some(last) = out.last_mut() {
-        if last.region == region && last.gpa + last.len == gpa && last.hva + last.len == hva {
+        // Checked: a run ending at the top of either space is never
+        // contiguous with one starting at 0.
+        if last.region == region
+            && last.gpa.checked_add(last.len) == Some(gpa)
+            && last.hva.checked_add(last.len) == Some(hva)
+        {
             last.len += len;
             return;
         }
@@ -221,23 +226,31 @@ pub(crate) struct RegionTable {
     pub(crate) reclaim_cursor: usize,
     /// The oldest generation whose leaves may still be in `dir`.
     pub(crate) reclaimed_below: u64,
+    /// Leaves of this region on the mmu's obsolete list: the region's old
+    /// generations are reported reclaimed (and a removed region freed)
+    /// only when this is 0, however busy the list is with other regions.
+    pub(crate) on_obsolete_list: u64,
 }
 
 impl RegionTable {
-    pub(crate) fn new(
+    /// `None` if the directory cannot be allocated. The caller bounds
+    /// `size` (`MAX_REGION_SIZE`) and keeps `gpa + size` below
+    /// `ADDRESS_LIMIT`, so the arithmetic here cannot overflow.
+    pub(crate) fn try_new(
         id: RegionId,
         name: std::sync::Arc<str>,
         gpa: u64,
         size: u64,
         hva: u64,
         gen: u64,
-    ) -> Self {
+    ) -> Option<Self> {
         let dir_base = gpa & !(HUGE_PAGE_SIZE - 1);
         let dir_end = (gpa + size).next_multiple_of(HUGE_PAGE_SIZE);
         let slots = ((dir_end - dir_base) / HUGE_PAGE_SIZE) as usize;
-        let mut dir = Vec::with_capacity(slots);
+        let mut dir = Vec::new();
+        dir.try_reserve_exact(slots).ok()?;
         dir.resize_with(slots, Slot::default);
-        RegionTable {
+        Some(RegionTable {
             id,
             name,
             gpa,
@@ -250,7 +263,8 @@ impl RegionTable {
             removed: false,
             reclaim_cursor: slots,
             reclaimed_below: gen,
-        }
+            on_obsolete_list: 0,
+        })
     }
 
     pub(crate) fn end(&self) -> u64 {

@@ -8,7 +8,9 @@ use crate::lock::{Guard, LockPolicy, MmuLock};
 use crate::mirror::{FaultResolver, Mirror, MirrorId, MirrorRole};
 use crate::seq::SeqLog;
 use crate::stats::{Hold, Stats};
-use crate::sync::{thread_token, AtomicUsize, Condvar, Mutex, Ordering, ThreadToken};
+use crate::sync::{
+    in_callback, thread_token, AtomicUsize, Condvar, InCallback, Mutex, Ordering, ThreadToken,
+};
 use crate::table::{leaf_index, Entry, Leaf, LeafList, RegionTable, ENTRIES_PER_LEAF};
 use crate::types::*;
 use std::sync::Arc;
@@ -23,6 +25,11 @@ pub use reclaim::ReclaimProgress;
 /// Regions per mmu (preallocated so adding one never allocates under the
 /// lock). KVM allows more memslots, but a microVM uses a handful.
 pub const MAX_REGIONS: usize = 64;
+/// Largest region `add_region` accepts (64 TiB: its directory of 2 MiB
+/// slots is then 512 MiB). Larger ones are `Err(RegionTooLarge)`.
+pub const MAX_REGION_SIZE: u64 = 1 << 46;
+/// Reclaim steps `add_region` runs at most to free a removed region's entry.
+const ADMIT_STEPS_MAX: usize = 4096;
 /// Zeroed leaves kept for reuse so installs rarely allocate.
 const FREE_LEAVES_MAX: usize = 256;
 
@@ -69,6 +76,31 @@ impl State {
             .iter()
             .position(|r| !r.removed && r.id == id)
             .ok_or(Error::NoSuchRegion(id))
+    }
+
+    /// Whether a new region `[gpa, end)` fits: no overlap, a free entry.
+    fn admits(&self, name: &str, gpa: u64, end: u64) -> Result<(), Error> {
+        if let Some(other) = self
+            .regions
+            .iter()
+            .find(|r| !r.removed && r.gpa < end && gpa < r.end())
+        {
+            return Err(Error::RegionOverlap {
+                name: name.to_string(),
+                gpa,
+                end,
+                other: other.name.to_string(),
+                other_gpa: other.gpa,
+                other_end: other.end(),
+            });
+        }
+        if self.regions.len() == MAX_REGIONS {
+            return Err(Error::TooManyRegions {
+                max: MAX_REGIONS,
+                removed: self.regions.iter().filter(|r| r.removed).count(),
+            });
+        }
+        Ok(())
     }
 
     /// Whether every page of `[gpa, end)` lies in some region.
@@ -130,6 +162,40 @@ fn below_limit(what: &'static str, start: u64, len: u64) -> Result<(), Error> {
             len,
             limit: ADDRESS_LIMIT,
         }),
+    }
+}
+
+/// `Err(Reentrant)` inside a mirror callback: `what` may sleep, and a
+/// sleeping callback can wait for its own thread (a nested invalidation
+/// waiting for in-flight slots it holds) or for another thread's callback
+/// that waits for it in turn.
+fn not_in_callback(what: &'static str) -> Result<(), Error> {
+    if in_callback() {
+        Err(Error::Reentrant(what))
+    } else {
+        Ok(())
+    }
+}
+
+/// An invalidation in flight. Dropping it ends it — also when a mirror
+/// callback panics, so the range never stays odd (and the region fenced)
+/// forever; a range invalidation unwinding still zaps its range first.
+struct Span<'a> {
+    mmu: &'a Mmu,
+    kind: Hold,
+    id: u64,
+    zap: Option<(u64, u64)>,
+}
+
+impl Drop for Span<'_> {
+    fn drop(&mut self) {
+        if let Some((gpa, end)) = self.zap.take() {
+            self.mmu.zap_range(gpa, end);
+        }
+        self.mmu.end(self.kind, self.id);
+        if self.kind == Hold::Teardown {
+            self.mmu.kick_reclaimer();
+        }
     }
 }
 
@@ -278,40 +344,54 @@ impl Mmu {
 
     // ---- regions -------------------------------------------------------
 
-    /// Register a region. Called any time; takes the lock once (the
-    /// directory is allocated before). Errors on misalignment, overflow or
-    /// overlap with an existing region.
+    /// Register a region. Called any time. Sleeps only when removed
+    /// regions awaiting the reclaimer fill the region table: it then runs
+    /// reclaim steps itself (which may wait for another thread's step)
+    /// until an entry is free — except inside a mirror callback, where it
+    /// reports the full table. Errors on
+    /// misalignment, overflow, a size above [`MAX_REGION_SIZE`], overlap
+    /// with an existing region, a full region table
+    /// ([`Error::TooManyRegions`]; removed regions hold their entry until
+    /// the reclaimer freed their table) or a directory that cannot be
+    /// allocated ([`Error::NoMemory`]). Every check that needs no memory
+    /// runs before the directory is allocated (outside the lock).
     pub fn add_region(&self, spec: RegionSpec) -> Result<RegionId, Error> {
         let end = check_range(spec.gpa, spec.size)?;
         below_limit("guest-physical", spec.gpa, spec.size)?;
         aligned("host address", spec.hva, PAGE_SIZE)?;
         below_limit("host", spec.hva, spec.size)?;
-        let mut table = RegionTable::new(
+        if spec.size > MAX_REGION_SIZE {
+            return Err(Error::RegionTooLarge {
+                size: spec.size,
+                max: MAX_REGION_SIZE,
+            });
+        }
+        self.admit(&spec.name, spec.gpa, end)?;
+        let mut table = RegionTable::try_new(
             RegionId(0),
             spec.name.into(),
             spec.gpa,
             spec.size,
             spec.hva,
             0,
-        );
-        let mut st = self.lock(Hold::Other);
-        if let Some(other) = st
-            .regions
-            .iter()
-            .find(|r| !r.removed && r.gpa < end && spec.gpa < r.end())
-        {
-            return Err(Error::RegionOverlap {
-                name: table.name.to_string(),
-                gpa: spec.gpa,
-                end,
-                other: other.name.to_string(),
-                other_gpa: other.gpa,
-                other_end: other.end(),
-            });
-        }
-        if st.regions.len() == MAX_REGIONS {
-            return Err(Error::OutsideRegions { gpa: spec.gpa, end });
-        }
+        )
+        .ok_or(Error::NoMemory {
+            what: "region directory",
+            bytes: (spec.size / HUGE_PAGE_SIZE + 2)
+                * std::mem::size_of::<crate::table::Slot>() as u64,
+        })?;
+        let mut st = loop {
+            // Again: another thread may have added a region meanwhile.
+            let st = self.lock(Hold::Other);
+            match st.admits(&table.name, spec.gpa, end) {
+                Ok(()) => break st,
+                Err(Error::TooManyRegions { removed, .. }) if removed > 0 => {
+                    drop(st);
+                    self.admit(&table.name, spec.gpa, end)?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         table.id = RegionId(st.next_region);
         st.next_region += 1;
         table.valid_gen = st.next_gen;
@@ -319,6 +399,27 @@ impl Mmu {
         let id = table.id;
         st.regions.push(table);
         Ok(id)
+    }
+
+    /// `State::admits`; when only removed regions (awaiting the
+    /// reclaimer) fill the table, first runs reclaim steps until one entry
+    /// is free or nothing more can be reclaimed now (a teardown in flight),
+    /// so remove/re-add cycles never fail for want of a reclaimer turn.
+    fn admit(&self, name: &str, gpa: u64, end: u64) -> Result<(), Error> {
+        // Bounds the help under a load that keeps the reclaimer busy with
+        // other regions (removed ones go first, so this is rarely reached).
+        for _ in 0..ADMIT_STEPS_MAX {
+            match self.lock(Hold::Other).admits(name, gpa, end) {
+                Err(Error::TooManyRegions { removed, .. }) if removed > 0 && !in_callback() => {}
+                other => return other,
+            }
+            match self.step() {
+                Ok(p) if p.more || p.leaves > 0 => {}
+                // Nothing left to reclaim now: report the full table.
+                _ => break,
+            }
+        }
+        self.lock(Hold::Other).admits(name, gpa, end)
     }
 
     /// Tear the region down (O(1), like `teardown_region`) and forget it;
@@ -391,7 +492,8 @@ impl Mmu {
         end: u64,
         teardown: bool,
         mut prepare: impl FnMut(&mut State) -> Result<T, Error>,
-    ) -> Result<(u64, MirrorList, T), Error> {
+    ) -> Result<(Span<'_>, MirrorList, T), Error> {
+        not_in_callback(if teardown { "teardown" } else { "invalidate" })?;
         let me = thread_token();
         loop {
             {
@@ -399,7 +501,13 @@ impl Mmu {
                 if !st.seq.full() {
                     let t = prepare(&mut st)?;
                     let id = st.seq.begin(gpa, end, teardown, Some(me));
-                    return Ok((id, st.mirrors.clone(), t));
+                    let span = Span {
+                        mmu: self,
+                        kind,
+                        id,
+                        zap: None,
+                    };
+                    return Ok((span, st.mirrors.clone(), t));
                 }
             }
             self.wait_until(|st| !st.seq.full());
@@ -421,20 +529,35 @@ impl Mmu {
     pub fn invalidate(&self, gpa: u64, len: u64) -> Result<u64, Error> {
         let end = check_range(gpa, len)?;
         let start = clock::ticks();
-        let (id, mirrors, ()) = self.begin(Hold::Invalidate, gpa, end, false, |st| {
+        let (mut span, mirrors, ()) = self.begin(Hold::Invalidate, gpa, end, false, |st| {
             if st.covered(gpa, end) {
                 Ok(())
             } else {
                 Err(Error::OutsideRegions { gpa, end })
             }
         })?;
+        span.zap = Some((gpa, end));
         Self::fan_out(
             &mirrors,
             &Invalidation {
-                id,
+                id: span.id,
                 kind: InvalidationKind::Range { gpa, len },
             },
         );
+        span.zap = None;
+        let zapped = self.zap_range(gpa, end);
+        drop(span);
+        Stats::bump(&self.stats.invalidations, 1);
+        Stats::bump(&self.stats.entries_zapped, zapped);
+        self.stats
+            .invalidate_ns
+            .record(clock::ticks_to_ns(clock::ticks().wrapping_sub(start)));
+        Ok(zapped)
+    }
+
+    /// Zap `[gpa, end)` in lock holds of at most `zap_batch` entries;
+    /// returns the entries zapped.
+    fn zap_range(&self, gpa: u64, end: u64) -> u64 {
         let mut pos = gpa;
         let mut zapped = 0;
         while pos < end {
@@ -446,13 +569,7 @@ impl Mmu {
             pos = next;
             zapped += n;
         }
-        self.end(Hold::Invalidate, id);
-        Stats::bump(&self.stats.invalidations, 1);
-        Stats::bump(&self.stats.entries_zapped, zapped);
-        self.stats
-            .invalidate_ns
-            .record(clock::ticks_to_ns(clock::ticks().wrapping_sub(start)));
-        Ok(zapped)
+        zapped
     }
 
     /// O(1) teardown of every region: one generation bump makes every
@@ -475,7 +592,7 @@ impl Mmu {
             let r = &st.regions[st.region_by_id(id)?];
             (gpa, end) = (r.gpa, r.end());
         }
-        let (id, mirrors, generation) = self.begin(Hold::Teardown, gpa, end, true, |st| {
+        let (span, mirrors, generation) = self.begin(Hold::Teardown, gpa, end, true, |st| {
             let generation = st.next_gen + 1;
             let mut hit = false;
             for r in st.regions.iter_mut().filter(|r| !r.removed) {
@@ -496,7 +613,7 @@ impl Mmu {
         Self::fan_out(
             &mirrors,
             &Invalidation {
-                id,
+                id: span.id,
                 kind: InvalidationKind::Generation {
                     scope,
                     generation,
@@ -504,9 +621,9 @@ impl Mmu {
                 },
             },
         );
-        self.end(Hold::Teardown, id);
+        let id = span.id;
+        drop(span);
         let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(start));
-        self.kick_reclaimer();
         Stats::bump(&self.stats.teardowns, 1);
         self.stats.teardown_ns.record(ns);
         Ok(TeardownReport { id, generation, ns })
@@ -517,7 +634,7 @@ impl Mmu {
     /// benchmarks; vCPU faults stall for the whole walk.
     pub fn teardown_all_by_walk(&self) -> Result<TeardownReport, Error> {
         let start = clock::ticks();
-        let (id, mirrors, (zapped, generation, dead)) =
+        let (span, mirrors, (zapped, generation, dead)) =
             self.begin(Hold::Teardown, 0, u64::MAX, true, |st| {
                 let mut zapped = 0;
                 let mut dead = LeafList::default();
@@ -542,14 +659,15 @@ impl Mmu {
         Self::fan_out(
             &mirrors,
             &Invalidation {
-                id,
+                id: span.id,
                 kind: InvalidationKind::Range {
                     gpa: 0,
                     len: u64::MAX,
                 },
             },
         );
-        self.end(Hold::Teardown, id);
+        let id = span.id;
+        drop(span);
         let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(start));
         // Freed outside the lock and outside the measurement, as the
         // generation path leaves freeing to the reclaimer.

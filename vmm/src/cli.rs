@@ -45,13 +45,13 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Boot a microVM and run a built-in guest or a Linux kernel.
+    /// Boot a microVM and run a built-in guest, your own program (--payload) or a Linux kernel.
     Run(Box<RunArgs>),
     /// Send one request to a running VM's control socket.
     Ctl(CtlArgs),
     /// Benchmarks (one JSON object per line with --json).
     Bench(BenchArgs),
-    /// The main demo: guest RDMA through one implicit ODP MR while the host
+    /// The main demo: guest RDMA through one ODP MR over all guest RAM while the host
     /// invalidates and tears down guest memory; zero stale accesses.
     Demo(DemoCli),
 }
@@ -61,8 +61,10 @@ pub struct DemoCli {
     /// How long the workload runs, in seconds.
     #[arg(long, default_value = "10", value_parser = seconds)]
     pub seconds: Duration,
+    /// Guest RAM (K/M/G suffixes; a multiple of 2 MiB).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub memory: u64,
+    /// vCPUs, each running the RDMA WRITE workload on its own queue pair.
     #[arg(long, default_value_t = 2)]
     pub vcpus: usize,
     /// RDMA message size.

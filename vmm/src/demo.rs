@@ -1,6 +1,6 @@
 //! `odpvm demo`: the whole idea end to end. A 2-vCPU microVM runs
 //! `rdma-write-bw` against the host peer through the emulated RNIC, whose
-//! one implicit ODP MR covers all guest RAM, while a host thread
+//! one ODP MR covers all guest RAM, while a host thread
 //! invalidates random guest ranges and periodically tears everything down.
 //! Every page carries a stamp; the device checks each page it delivered,
 //! the guest counts what it could not use. Zero stale accesses is the

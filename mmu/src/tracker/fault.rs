@@ -15,8 +15,10 @@ impl Mmu {
     /// Start resolving a fault on `[gpa, gpa + len)` (page aligned, inside
     /// one region). Sleeps while an invalidation of an overlapping range is
     /// running. The ticket is then good until an overlapping invalidation
-    /// starts.
+    /// starts. `Err(Reentrant)` inside a mirror callback (use
+    /// `try_read_begin` there).
     pub fn read_begin(&self, gpa: u64, len: u64) -> Result<Ticket, Error> {
+        not_in_callback("read_begin")?;
         loop {
             match self.try_read_begin(gpa, len) {
                 Err(Error::Busy { .. }) => {}
@@ -139,6 +141,9 @@ impl Mmu {
             let size = tr.size.bytes();
             aligned("guest-physical address", tr.gpa, size)?;
             aligned("host address", tr.hva, size)?;
+            // Host pages past the limit would make the reclaimer's extents
+            // (and a `Backing` mirror's release) wrap around 2^64.
+            below_limit("host", tr.hva, size)?;
             if tr.gpa < t.gpa || tr.gpa.checked_add(size).is_none_or(|e| e > t.end()) {
                 return Err(Error::OutsideTicket {
                     gpa: tr.gpa,
@@ -186,6 +191,7 @@ impl Mmu {
     where
         F: FnMut(&Ticket, &mut Vec<Translation>) -> Result<(), Error>,
     {
+        not_in_callback("fault_in")?;
         let mut out = Vec::new();
         let mut retries = 0;
         loop {

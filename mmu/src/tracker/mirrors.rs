@@ -30,10 +30,11 @@ impl Mmu {
     /// Unsubscribe a mirror. Returns once nothing that could still call
     /// it is running — no invalidation or teardown that started before,
     /// and no reclaim step that took the mirror list before — so the
-    /// caller may free it. May sleep. Called from inside one of this mmu's
-    /// mirror callbacks (which it would wait for) it changes nothing and
-    /// returns `Err(Reentrant)`.
+    /// caller may free it. May sleep. Called from inside a mirror callback
+    /// (which it could wait for) it changes nothing and returns
+    /// `Err(Reentrant)`.
     pub fn unregister_mirror(&self, id: MirrorId) -> Result<(), Error> {
+        not_in_callback("unregister_mirror")?;
         let me = thread_token();
         let (last, step) = loop {
             let current = self.lock(Hold::Other).mirrors.clone();
@@ -75,6 +76,7 @@ impl Mmu {
     /// each; then the same for backing mirrors (after every device has
     /// stopped using the memory).
     pub(super) fn fan_out(mirrors: &MirrorList, inv: &Invalidation) {
+        let _inside = InCallback::enter();
         for role in [MirrorRole::Cache, MirrorRole::Backing] {
             let of_role = || mirrors.iter().filter(move |(_, r, _)| *r == role);
             for (_, _, m) in of_role() {

@@ -14,8 +14,14 @@
 //!   batch to its last mirror call; another step waits. So
 //!   `generation_reclaimed` follows every `reclaimed` batch of that
 //!   generation, and `unregister_mirror` knows which step to wait for.
-//! * **No self-wait.** A step called from inside a reclaim callback (same
-//!   thread) does nothing instead of waiting for itself.
+//! * **No wait from a callback.** A step called from inside any mirror
+//!   callback does nothing instead of waiting (for itself, or for another
+//!   thread's callback that waits for this one).
+//! * **Removed regions first.** They are scanned and reported before the
+//!   others (several per step), a region is reported once none of its
+//!   leaves sits on the obsolete list (a per-region count), and every other
+//!   step scans before popping the list, so faults refilling the list
+//!   cannot keep removed regions' entries in the region table.
 
 use super::{Hold, MirrorList, Mmu, State, Stats};
 use crate::error::Error;
@@ -45,10 +51,23 @@ pub(super) struct ReclaimSignal {
 
 /// What a step took from the table in its lock hold.
 struct Batch {
-    finished: Option<(RegionId, u64)>,
-    dead_dir: Vec<Slot>,
+    /// Regions whose old generations are all detached (≤ `FINISH_MAX`).
+    finished: Vec<(RegionId, u64)>,
+    /// Directories of removed regions among them, freed without the lock.
+    dead_dirs: Vec<Vec<Slot>>,
     mirrors: MirrorList,
     more: bool,
+}
+
+/// Regions one step may report finished (each costs ≤ 64 region checks in
+/// the lock hold).
+const FINISH_MAX: usize = 8;
+
+/// Preallocated room for a step's finished regions, so the lock hold does
+/// not allocate.
+struct Finished {
+    finished: Vec<(RegionId, u64)>,
+    dead_dirs: Vec<Vec<Slot>>,
 }
 
 /// Ends a step's ownership of the reclaimer, even if a mirror callback
@@ -101,22 +120,101 @@ impl State {
     /// One lock hold's work: detach at most `batch` obsolete leaves into
     /// `out`, examining at most `scan` directory slots, and pick at most
     /// one region whose old generations are now all detached.
-    fn detach(&mut self, batch: usize, scan: usize, out: &mut Vec<Box<Leaf>>) -> Batch {
+    fn detach(
+        &mut self,
+        batch: usize,
+        scan: usize,
+        out: &mut Vec<Box<Leaf>>,
+        spare: &mut Finished,
+    ) -> Batch {
+        // Every other step scans the directories first: faults that keep
+        // refilling the obsolete list must not starve the scan (and with
+        // it the removed regions waiting to free their entry).
+        if self.reclaim_epoch.is_multiple_of(2) {
+            self.detach_listed(batch, out);
+            self.detach_scanned(batch, scan, out);
+        } else {
+            self.detach_scanned(batch, scan, out);
+            self.detach_listed(batch, out);
+        }
+        // Report regions whose scan is complete and no leaf of which still
+        // sits on the obsolete list (counted per region, so faults that
+        // keep the list busy in other regions cannot hold them back);
+        // removed regions first, several per step, so their entries in the
+        // region table come free as fast as regions are removed.
+        let mut finished = std::mem::take(&mut spare.finished);
+        let mut dead_dirs = std::mem::take(&mut spare.dead_dirs);
+        while finished.len() < FINISH_MAX {
+            let ready = |ri: usize| {
+                let r = &self.regions[ri];
+                r.reclaim_cursor == r.dir.len()
+                    && r.on_obsolete_list == 0
+                    && (r.reclaimed_below != r.valid_gen || r.removed)
+                    && !self.fenced(ri)
+            };
+            let n = self.regions.len();
+            let Some(ri) = (0..n)
+                .find(|&ri| self.regions[ri].removed && ready(ri))
+                .or_else(|| (0..n).find(|&ri| ready(ri)))
+            else {
+                break;
+            };
+            let r = &mut self.regions[ri];
+            r.reclaimed_below = r.valid_gen;
+            finished.push((r.id, r.valid_gen));
+            if r.removed {
+                // Freed by the caller once the lock is dropped.
+                dead_dirs.push(std::mem::take(&mut self.regions.remove(ri).dir));
+                self.scan_region = 0;
+            }
+        }
+        Batch {
+            finished,
+            dead_dirs,
+            mirrors: self.mirrors.clone(),
+            more: self.reclaimable(),
+        }
+    }
+
+    /// Detach leaves from the obsolete list until `out` holds `batch`.
+    fn detach_listed(&mut self, batch: usize, out: &mut Vec<Box<Leaf>>) {
         while out.len() < batch {
             match self.obsolete.pop() {
-                Some(leaf) => out.push(leaf),
+                Some(leaf) => {
+                    if let Some(r) = self.regions.iter_mut().find(|r| r.id == leaf.region) {
+                        r.on_obsolete_list -= 1;
+                    }
+                    out.push(leaf);
+                }
                 None => break,
             }
         }
+    }
+
+    /// Detach obsolete leaves found in the directories until `out` holds
+    /// `batch`, examining at most `scan` slots.
+    fn detach_scanned(&mut self, batch: usize, scan: usize, out: &mut Vec<Box<Leaf>>) {
         let mut scanned = 0;
         while out.len() < batch && scanned < scan {
+            // Removed regions first (finishing one frees its entry in the
+            // region table), then the others in turn: a step ends its scan
+            // with the next region's turn, so a region torn down over and
+            // over (its cursor reset each time) cannot starve the rest.
             let n = self.regions.len();
-            let Some(ri) = (0..n).map(|k| (self.scan_region + k) % n).find(|&i| {
+            let pending = |i: usize| {
                 self.regions[i].reclaim_cursor < self.regions[i].dir.len() && !self.fenced(i)
-            }) else {
+            };
+            let Some(ri) = (0..n)
+                .find(|&i| self.regions[i].removed && pending(i))
+                .or_else(|| {
+                    (0..n)
+                        .map(|k| (self.scan_region + k) % n)
+                        .find(|&i| pending(i))
+                })
+            else {
                 break;
             };
-            self.scan_region = ri;
+            self.scan_region = (ri + 1) % n;
             let r = &mut self.regions[ri];
             while r.reclaim_cursor < r.dir.len() && out.len() < batch && scanned < scan {
                 let i = r.reclaim_cursor;
@@ -128,34 +226,6 @@ impl State {
                 r.reclaim_cursor += 1;
                 scanned += 1;
             }
-        }
-        // Report a region once its scan is complete and no leaf of it can
-        // still sit on the obsolete list.
-        let mut finished = None;
-        let mut dead_dir = Vec::new();
-        if self.obsolete.is_empty() {
-            let done = (0..self.regions.len()).find(|&ri| {
-                let r = &self.regions[ri];
-                r.reclaim_cursor == r.dir.len()
-                    && (r.reclaimed_below != r.valid_gen || r.removed)
-                    && !self.fenced(ri)
-            });
-            if let Some(ri) = done {
-                let r = &mut self.regions[ri];
-                r.reclaimed_below = r.valid_gen;
-                finished = Some((r.id, r.valid_gen));
-                if r.removed {
-                    // Freed by the caller once the lock is dropped.
-                    dead_dir = std::mem::take(&mut self.regions.remove(ri).dir);
-                    self.scan_region = 0;
-                }
-            }
-        }
-        Batch {
-            finished,
-            dead_dir,
-            mirrors: self.mirrors.clone(),
-            more: self.reclaimable(),
         }
     }
 }
@@ -171,7 +241,7 @@ impl Mmu {
     /// obsolete leaves (examining at most `reclaim_scan` directory slots);
     /// then, without the lock, report them to the mirrors and free them.
     /// Waits (sleeps) while another thread's step is in progress; called
-    /// from inside one of this mmu's reclaim callbacks it does nothing.
+    /// from inside a mirror callback it does nothing.
     pub fn reclaim_step(&self) -> ReclaimProgress {
         self.step().unwrap_or_else(|_| ReclaimProgress {
             more: self.reclaim_pending(),
@@ -179,12 +249,17 @@ impl Mmu {
         })
     }
 
-    /// `reclaim_step`, or `Err(Reentrant)` from inside a reclaim callback.
-    fn step(&self) -> Result<ReclaimProgress, Error> {
+    /// `reclaim_step`, or `Err(Reentrant)` from inside a mirror callback.
+    pub(super) fn step(&self) -> Result<ReclaimProgress, Error> {
+        super::not_in_callback("reclaim_step")?;
         let batch_max = self.config.reclaim_batch;
         // Preallocated so detaching neither allocates nor writes to the
         // (cold) leaves under the lock.
         let mut detached: Vec<Box<Leaf>> = Vec::with_capacity(batch_max);
+        let mut spare = Finished {
+            finished: Vec::with_capacity(FINISH_MAX),
+            dead_dirs: Vec::with_capacity(FINISH_MAX),
+        };
         let me = thread_token();
         let batch = loop {
             {
@@ -195,7 +270,12 @@ impl Mmu {
                     None => {
                         st.reclaim_owner = Some(me);
                         st.reclaim_epoch += 1;
-                        break st.detach(batch_max, self.config.reclaim_scan, &mut detached);
+                        break st.detach(
+                            batch_max,
+                            self.config.reclaim_scan,
+                            &mut detached,
+                            &mut spare,
+                        );
                     }
                 }
             }
@@ -203,6 +283,7 @@ impl Mmu {
             self.wait_until(|st| st.reclaim_owner.is_none());
         };
         let owned = Owned(self);
+        let inside = crate::sync::InCallback::enter();
 
         let mut extents = Vec::new();
         let mut entries = 0;
@@ -216,16 +297,17 @@ impl Mmu {
                 m.reclaimed(&extents);
             }
         }
-        if let Some((region, below)) = batch.finished {
+        for &(region, below) in &batch.finished {
             for (_, _, m) in batch.mirrors.iter() {
                 m.generation_reclaimed(region, below);
             }
         }
+        drop(inside);
         owned.release(&mut detached);
         // Freed outside the lock.
         drop(detached);
-        drop(batch.dead_dir);
-        if leaves > 0 || batch.finished.is_some() {
+        drop(batch.dead_dirs);
+        if leaves > 0 || !batch.finished.is_empty() {
             Stats::bump(&self.stats.reclaim_batches, 1);
             Stats::bump(&self.stats.leaves_reclaimed, leaves);
             Stats::bump(&self.stats.entries_reclaimed, entries);

@@ -18,6 +18,7 @@ impl State {
             slot.gen = gen;
             if let Some(old) = slot.leaf.replace(leaf) {
                 self.obsolete.push(old);
+                region.on_obsolete_list += 1;
             }
         }
         let leaf = region.dir[si]
