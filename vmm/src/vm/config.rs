@@ -134,8 +134,9 @@ impl VmConfig {
         }
         if self.memory < HUGE || !self.memory.is_multiple_of(HUGE) {
             return Err(Error::Config(format!(
-                "--memory {} must be a positive multiple of 2 MiB",
-                self.memory
+                "--memory {} bytes ({:.2} MiB) must be a positive multiple of 2 MiB",
+                self.memory,
+                self.memory as f64 / (1 << 20) as f64
             )));
         }
         if let GuestConfig::Builtin(_) = self.guest {
