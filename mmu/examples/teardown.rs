@@ -291,7 +291,10 @@ fn reclaimer_cpu_ns() -> Option<u64> {
         if comm.trim() != "mmu-reclaim" {
             continue;
         }
-        let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+        // A thread that exited meanwhile (an mmu dropped) has no file left.
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue;
+        };
         total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(total)
