@@ -793,7 +793,8 @@ impl FaultThread {
             .spawn(move || {
                 // Every guest fault waits on this thread: let it preempt
                 // the VMM's busy threads as soon as it is woken.
-                crate::contention::set_own_slice(crate::contention::LATENCY_SLICE_NS);
+                let class = crate::contention::make_latency_critical();
+                log::debug!("fault thread scheduling: {class}");
                 handler.run(stop_rx)
             })?;
         Ok(FaultThread {

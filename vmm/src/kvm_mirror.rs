@@ -55,7 +55,7 @@ use std::time::Instant;
 /// Bytes moved out per `mremap` in a teardown: the KVM invalidation a vCPU
 /// may wait for covers at most this much (0.75 ms of kernel work with every
 /// page mapped, measured here: 12 ms for 256 MiB in one call).
-const RETIRE_CHUNK: u64 = 16 << 20;
+const RETIRE_CHUNK: u64 = 4 << 20;
 
 /// Bytes of moved-out memory released per `MADV_DONTNEED`: one mmap-lock
 /// hold for reading, ~0.5 ms here. Any writer meanwhile (the next
@@ -253,9 +253,9 @@ impl KvmMirror {
             self.ram.set_retiring(&indices, true);
             let t = Instant::now();
             // This thread holds the mmap lock for writing chunk after
-            // chunk: preempted while holding it, it should get a CPU back
-            // soon, since vCPU faults queue on the lock meanwhile.
-            crate::contention::with_short_slice(|| {
+            // chunk, and vCPU faults queue on it: keep each hold as short
+            // as its work (see `contention`).
+            crate::contention::with_burst_class(|| {
                 for s in slots {
                     match self
                         .ram

@@ -596,10 +596,14 @@ impl GuestRam {
                 }
                 return Err(MemoryError::Retire(e));
             }
-            let ns = t1.elapsed().as_nanos() as u64;
+            let burst = t1.elapsed();
+            let ns = burst.as_nanos() as u64;
             mremap_ns += ns;
             chunk_max_ns = chunk_max_ns.max(ns);
             off += n;
+            if off < size {
+                crate::contention::breathe(burst);
+            }
         }
         self.push_retired(index, mapping, generation);
         Ok(RetireTiming {
@@ -654,8 +658,10 @@ impl GuestRam {
             // The retired range is not registered with userfaultfd, so no
             // REMOVE event waits for the fault thread. The mapping stays
             // mapped until `drop_retired`, which only this thread runs.
+            let t = std::time::Instant::now();
             madvise_dontneed(hva, n, Backing::Anonymous);
             released += n;
+            crate::contention::breathe(t.elapsed());
         }
     }
 
