@@ -122,6 +122,29 @@ fn a_closed_stdout_stops_the_demo_cleanly() {
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
 }
 
+/// The same for a benchmark's rows (`odpvm bench teardown --json | head -1`
+/// panicked with "failed printing to stdout").
+#[test]
+fn a_closed_stdout_stops_a_bench_cleanly() {
+    let mut child = odpvm()
+        .args(["bench", "teardown", "--memory", "32M,64M", "--methods"])
+        .args(["generation", "--mirrors", "kvm", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"bench\":\"teardown\""), "{first}");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("standard output is closed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// Item 11: without enough free huge pages a hugetlbfs VM started anyway
 /// (MAP_NORESERVE hid the shortage) and its vCPU faulted forever.
 #[test]
