@@ -238,6 +238,7 @@ impl GuestRam {
     /// returned nothing uses those pages. Returns bytes released.
     pub fn release_moved(&self, gpa: u64, chunk: u64) -> u64 {
         let mut released = 0;
+        let mut short = super::host::memory_is_short();
         loop {
             let next = {
                 let mut regions = self.regions.write();
@@ -266,7 +267,15 @@ impl GuestRam {
             let t = std::time::Instant::now();
             madvise_dontneed(hva, n, Backing::Anonymous);
             released += n;
-            crate::contention::breathe(t.elapsed());
+            // Paced, unless the host needs the memory back now (the guest
+            // refills fresh pages meanwhile: the peak is up to twice its
+            // size).
+            if released % (256 << 20) < n {
+                short = super::host::memory_is_short();
+            }
+            if !short {
+                crate::contention::breathe(t.elapsed());
+            }
         }
     }
 
