@@ -10,6 +10,7 @@ use mmu::{Error as MmuError, Mmu, PageSize, Translation};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use userfaultfd::Event;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -33,6 +34,12 @@ fn zeros() -> &'static [u8] {
     Z.get_or_init(|| vec![0; crate::layout::HUGE as usize])
 }
 
+/// First retry of deferred faults, and the longest gap between retries.
+const RETRY_FIRST_NS: u64 = 50_000;
+const RETRY_MAX_NS: u64 = 2_000_000;
+/// How long a fault waits for huge pages an earlier generation still holds.
+const HUGE_PAGE_WAIT: Duration = Duration::from_secs(10);
+
 pub(super) struct Handler {
     tracking: Tracking,
     uffd: Arc<Userfault>,
@@ -49,6 +56,8 @@ pub(super) struct Handler {
     region_ends: Vec<u64>,
     streams: Vec<[Stream; STREAMS]>,
     clock: u64,
+    /// Since when a fault has waited for a free huge page.
+    huge_wait_since: Option<Instant>,
 }
 
 impl Handler {
@@ -68,6 +77,7 @@ impl Handler {
             region_ends: regions.iter().map(|r| r.gpa + r.size).collect(),
             streams: vec![[Stream::default(); STREAMS]; regions.len()],
             clock: 1,
+            huge_wait_since: None,
             page_size: ram.backing().page_size(),
             uffd,
             ram,
@@ -337,9 +347,7 @@ impl Handler {
                     if self.page_size == crate::layout::HUGE
                         && crate::memory::free_huge_pages() == 0
                     {
-                        self.stats.fail(format!(
-                            "no free 2 MiB huge page for gpa {gpa:#x} (the kernel answers EEXIST for a page that is not there)"
-                        ));
+                        return self.huge_page_shortage(gpa);
                     }
                     return Step::Defer;
                 }
@@ -477,13 +485,37 @@ impl Handler {
         Ok(())
     }
 
-    fn retry_pending(&mut self) {
+    /// hugetlbfs has no free huge page for `gpa` (the kernel answers EEXIST
+    /// for a page that is not there). While an earlier generation's
+    /// mappings still hold huge pages the reclaimer is about to give back
+    /// (a teardown swapped in an unreserved fresh mapping), the fault waits
+    /// for them; otherwise, or after `HUGE_PAGE_WAIT`, the pool is truly
+    /// short and the VM stops with the reason
+    /// (`a_teardown_storm_on_a_hugetlbfs_guest_does_not_run_the_pool_dry`).
+    fn huge_page_shortage(&mut self, gpa: u64) -> Step {
+        let since = *self.huge_wait_since.get_or_insert_with(Instant::now);
+        if self.ram.retired_count() > 0 && since.elapsed() < HUGE_PAGE_WAIT {
+            return Step::Defer;
+        }
+        self.stats.fail(format!(
+            "no free 2 MiB huge page for gpa {gpa:#x} (the kernel answers EEXIST for a page that is not there)"
+        ));
+        Step::Defer
+    }
+
+    /// Retry the deferred faults; whether any of them was served.
+    fn retry_pending(&mut self) -> bool {
         let pending = std::mem::take(&mut self.pending);
+        let before = pending.len();
         for (addr, write) in pending {
             if let Step::Defer = self.handle(addr, write) {
                 self.pending.push((addr, write));
             }
         }
+        if self.pending.is_empty() {
+            self.huge_wait_since = None;
+        }
+        self.pending.len() < before
     }
 
     pub(super) fn run(mut self, stop: EventFd) {
@@ -499,11 +531,13 @@ impl Handler {
                 revents: 0,
             },
         ];
-        // Deferred faults wait for an invalidation to end; look again soon.
-        let retry_after = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000,
-        };
+        // Deferred faults wait for an invalidation to end (or for huge
+        // pages to come back): look again after `RETRY_FIRST`, then ever
+        // less often up to `RETRY_MAX` while nothing moves, so a long
+        // invalidation costs this real-time thread a few hundred wakeups a
+        // second, not 20 000
+        // (`a_deferred_fault_does_not_make_the_fifo_fault_thread_poll_every_50us`).
+        let mut retry_ns = RETRY_FIRST_NS;
         loop {
             self.stats.heartbeat.fetch_add(1, Ordering::SeqCst);
             match self.stats.inject.load(Ordering::SeqCst) {
@@ -519,6 +553,10 @@ impl Handler {
                 }
                 _ => {}
             }
+            let retry_after = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: retry_ns as libc::c_long,
+            };
             let timeout = if self.pending.is_empty() {
                 std::ptr::null()
             } else {
@@ -540,7 +578,11 @@ impl Handler {
                 return self.stats.fail(e.to_string());
             }
             if !self.pending.is_empty() {
-                self.retry_pending();
+                retry_ns = if n > 0 || self.retry_pending() {
+                    RETRY_FIRST_NS
+                } else {
+                    (retry_ns * 2).min(RETRY_MAX_NS)
+                };
             }
         }
     }
@@ -585,6 +627,7 @@ mod tests {
             region_ends: vec![size],
             streams: vec![[Stream::default(); STREAMS]],
             clock: 1,
+            huge_wait_since: None,
             uffd,
             ram: ram.clone(),
             mmu: mmu.clone(),
