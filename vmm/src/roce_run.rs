@@ -59,8 +59,14 @@ pub fn run(
     args: &RoceArgs,
 ) -> Result<(crate::cli::Outcome, RoceRun), String> {
     let memory = config.memory;
+    // A guest that answers the peer until told to stop finishes (and
+    // reports) on its own once the peer is gone.
+    let answers = matches!(
+        config.guest,
+        crate::vm::GuestConfig::Builtin(crate::payload::Guest::RecvPong)
+    );
     let vm = crate::vm::Vm::new(config).map_err(|e| e.to_string())?;
-    let link = prepare(&vm.handle(), memory, args)?;
+    let link = prepare(&vm.handle(), memory, args, answers)?;
     let server = match api_sock {
         Some(path) => Some(
             crate::api::ApiServer::bind(path, vm.handle(), limits)
@@ -71,8 +77,19 @@ pub fn run(
     Ok((crate::cli::serve(vm, server, timeout)?, link))
 }
 
-/// Link the VM's RNIC before its vCPUs start.
-pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, String> {
+/// How long a guest answering the peer (`recv-pong`) gets to finish and
+/// report once the peer is gone.
+const ANSWERER_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Link the VM's RNIC before its vCPUs start. When the peer goes away,
+/// `answers`: ask the guest to stop and let it report (up to
+/// `ANSWERER_GRACE`) before the VM is stopped.
+pub fn prepare(
+    vm: &VmHandle,
+    memory: u64,
+    args: &RoceArgs,
+    answers: bool,
+) -> Result<RoceRun, String> {
     let dev = vm
         .rnic()
         .ok_or("--roce-bind needs the emulated RNIC (--rnic emulated)")?;
@@ -143,6 +160,17 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
                 link.stale_pages(&*ram as &dyn GuestMemory, |gpa| mmu.lookup(gpa).is_some());
             checked.store(c, Ordering::Relaxed);
             stale.store(s, Ordering::Relaxed);
+            if answers {
+                // Counters first: the run's report follows the guest's end.
+                handle.request_stop();
+                let deadline = std::time::Instant::now() + ANSWERER_GRACE;
+                while !handle.finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                if handle.finished() {
+                    return;
+                }
+            }
             handle.stop("the RoCE peer closed the exchange connection");
         })
         .map_err(|e| format!("spawning the RoCE watcher: {e}"))?;

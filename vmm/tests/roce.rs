@@ -2,7 +2,8 @@
 //! loopback addresses (`--roce-bind`, out-of-band exchange with
 //! `--roce-listen` / `--roce-connect`): guest RDMA WRITE and READ with the
 //! payloads' stamp checks, the listening VM checking what landed in its
-//! memory.
+//! memory; SEND/RECV between the two guests (`send-ping` / `recv-pong`),
+//! each checking the other's stamps.
 
 use serde_json::Value;
 use std::process::{Command, Stdio};
@@ -18,18 +19,29 @@ fn last_json(out: &[u8]) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// Run `guest` in a client VM against an idle server VM; both reports.
-fn pair(net: u8, guest: &str, iters: u64) -> (Value, Value) {
+/// Run `guest` in a client VM against a server VM running `server_guest`;
+/// both reports.
+fn pair(net: u8, guest: &str, server_guest: &str, iters: u64) -> (Value, Value) {
     let (ia, ib) = (format!("127.0.{net}.1"), format!("127.0.{net}.2"));
     let exchange = format!("127.0.{net}.2:{}", 18_000 + u32::from(net));
     let server = odpvm()
-        .args(["run", "--guest", "idle", "--memory", "128M", "--vcpus", "1"])
-        .args(["--roce-bind", &ib, "--roce-listen", &exchange])
-        .args(if guest == "send-lat" {
-            &["--roce-echo"][..]
-        } else {
-            &[]
-        })
+        .args([
+            "run",
+            "--guest",
+            server_guest,
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+        ])
+        .args([
+            "--msg",
+            "64K",
+            "--roce-bind",
+            &ib,
+            "--roce-listen",
+            &exchange,
+        ])
         .args(["--json", "--timeout", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -59,7 +71,7 @@ fn pair(net: u8, guest: &str, iters: u64) -> (Value, Value) {
 
 #[test]
 fn two_vmm_processes_rdma_write_over_roce() {
-    let (c, s) = pair(41, "rdma-write-bw", 1000);
+    let (c, s) = pair(41, "rdma-write-bw", "idle", 1000);
     println!("client {}\nserver {}", c["roce"], s["roce"]);
     assert_eq!(c["guest_result"], "pass", "{c}");
     let p = &c["perftest"][0];
@@ -76,7 +88,7 @@ fn two_vmm_processes_rdma_write_over_roce() {
 
 #[test]
 fn two_vmm_processes_rdma_read_over_roce() {
-    let (c, s) = pair(42, "rdma-read-bw", 1000);
+    let (c, s) = pair(42, "rdma-read-bw", "idle", 1000);
     println!("client {}\nserver {}", c["roce"], s["roce"]);
     assert_eq!(c["guest_result"], "pass", "{c}");
     let p = &c["perftest"][0];
@@ -88,18 +100,27 @@ fn two_vmm_processes_rdma_read_over_roce() {
     assert_eq!(s["roce"]["bad_icrc"], 0);
 }
 
-/// SEND/RECV between the two guests' queue pairs: the client guest's
-/// `send-lat` sends and waits for each echo; the server's host answers on
-/// the server guest's queue pairs (`--roce-echo`).
+/// SEND/RECV between the two guests: the client's `send-ping` sends 500
+/// stamped 64 KiB messages one at a time; the server's `recv-pong` checks
+/// every line of each and answers with a reply it stamps itself, which
+/// the client checks likewise. Both report every message checked, none
+/// stale, and the server ends on its own (asked to stop when the client's
+/// exchange connection closes) with its report.
 #[test]
 fn two_vmm_processes_send_recv_over_roce() {
-    let (c, s) = pair(43, "send-lat", 500);
+    let (c, s) = pair(43, "send-ping", "recv-pong", 500);
     println!("client {}\nserver {}", c["roce"], s["roce"]);
-    assert_eq!(c["guest_result"], "pass", "{c}");
-    let p = &c["perftest"][0];
-    assert_eq!(p["iterations"], 500, "{p}");
-    assert_eq!(p["errors"], 0, "{p}");
-    assert_eq!(s["roce"]["echoes"], 500, "{s}");
+    for (who, r) in [("client", &c), ("server", &s)] {
+        assert_eq!(r["guest_result"], "pass", "{who}: {r}");
+        let g = &r["vcpu_reports"][0];
+        assert_eq!(g["msgs"], 500, "{who}: {g}");
+        assert_eq!(g["stale"], 0, "{who}: {g}");
+        assert_eq!(g["errors"], 0, "{who}: {g}");
+        // No teardown here: every message verified the first time.
+        assert_eq!(g["checked"], 500, "{who}: {g}");
+    }
+    assert_eq!(s["exit"], "guest-done", "{s}");
+    assert_eq!(c["perftest"][0]["iterations"], 500);
 }
 
 #[test]
@@ -128,8 +149,10 @@ fn roce_flags_are_checked() {
 /// namespaces, 1 % real loss (nftables) each way, the responder's memory
 /// invalidated and torn down while guest WRITEs and READs run (`odpvm
 /// bench roce --churn`): every message completes (the requester's guest
-/// reports no error), nothing stale (responder's WRITE stamp check and the
-/// requester's READ stamp check), retransmits > 0. Needs root, as CI has.
+/// reports no error), nothing stale (responder's WRITE stamp check, the
+/// requester's READ stamp check, and for SEND/RECV both guests' checks of
+/// every message and reply: `send-ping` against `recv-pong`, the churned
+/// VM), retransmits > 0. Needs root, as CI has.
 #[test]
 fn two_vmm_processes_under_one_percent_loss_and_churn() {
     // SAFETY: geteuid has no preconditions.
@@ -162,6 +185,15 @@ fn two_vmm_processes_under_one_percent_loss_and_churn() {
         assert_eq!(r["stale_accesses"], 0, "{r}");
         assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["churn_ops"].as_u64().unwrap() > 0, "{r}");
+        if r["op"] == "send" {
+            // Each message and each reply verified by its receiving guest,
+            // or excused as wiped by the churn.
+            let n = |k: &str| r[k].as_u64().unwrap();
+            assert_eq!(n("checked") + n("wiped"), 2 * n("iterations"), "{r}");
+            assert!(n("checked") > 0, "{r}");
+            // The churn tore the responder's memory down under this row.
+            assert!(n("teardowns") >= 2, "{r}");
+        }
         retransmits += r["retransmits"].as_u64().unwrap();
     }
     assert!(retransmits > 0);

@@ -8,6 +8,7 @@
 //! guest memory.
 
 pub mod elf;
+mod pingpong;
 mod programs;
 pub mod rdma;
 pub mod sdk;

@@ -85,6 +85,8 @@ pub struct RnicDeviceStats {
     pub recvs_posted: AtomicU64,
     /// WQEs the device refused (bad opcode or length).
     pub wqes_rejected: AtomicU64,
+    /// Receive entries refused at the doorbell (key or buffer invalid).
+    pub recvs_refused: AtomicU64,
     /// Queue pairs put in the device error state by bad guest input.
     pub device_errors: AtomicU64,
     pub resets: AtomicU64,
@@ -351,6 +353,12 @@ impl RnicDevice {
             q.enabled = true;
             return;
         }
+        if self.roce.read().is_some() {
+            // Its connection went into error and a reset dropped it: say
+            // so rather than quietly give the bank a queue pair to the
+            // host peer (test `a_queue_pair_whose_roce_connection_died_says_so`).
+            return self.device_error(q, ERR_ROCE_GONE);
+        }
         let caps = QpCaps {
             max_send_wr: q.sq_size as usize,
             max_recv_wr: q.rq_size as usize,
@@ -489,6 +497,30 @@ impl RnicDevice {
             let Ok(e) = read_obj::<RecvEntry>(&*self.mem, q.rq_base + slot * RQE_SIZE) else {
                 return self.device_error(q, ERR_RING_READ);
             };
+            // A receive the guest's own MR cannot hold (wrong key, outside
+            // its RAM — e.g. an entry a teardown wiped before the
+            // doorbell) completes at once with LOC_PROT_ERR. Posted, it
+            // would fail only when a SEND arrives, and on a RoCE queue pair
+            // that error ends the connection for both ends.
+            if e.lkey != self.mr.lkey()
+                || e.addr < self.floor
+                || !self.mem.contains(e.addr, u64::from(e.length))
+            {
+                self.stats.recvs_refused.fetch_add(1, Ordering::Relaxed);
+                if q.cqes.len() < MAX_PENDING_CQES {
+                    q.cqes.push_back(Wc {
+                        wr_id: e.wr_id,
+                        status: WcStatus::LocProtErr,
+                        opcode: WcOpcode::Recv,
+                        byte_len: 0,
+                        qp_num: 0,
+                    });
+                } else {
+                    q.cq_overrun = true;
+                }
+                q.rq_ci = q.rq_ci.wrapping_add(1);
+                continue;
+            }
             let wr = RecvWr {
                 wr_id: e.wr_id,
                 sges: vec![Sge {
