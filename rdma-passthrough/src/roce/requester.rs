@@ -9,14 +9,16 @@
 //! * Go-back-N: a PSN-sequence-error NAK, an RNR NAK (after its timer) or
 //!   the retransmit timer rewinds transmission to the oldest unacknowledged
 //!   PSN (a READ is re-requested from the first response not received).
-//! * Retry counts: `retry_cnt` timer expiries without progress (each
-//!   waiting twice as long as the one before, at most 1 s) end the
-//!   oldest request in `RETRY_EXC_ERR`; `rnr_retry` RNR NAKs (7 = forever)
-//!   in `RNR_RETRY_EXC_ERR`. Either puts the QP in the error state and
-//!   flushes the rest.
+//! * Retry counts: `retry_cnt` consecutive timer expiries with no response
+//!   in between (an ACK that advances, a READ response or an RNR NAK ends
+//!   the run; each expiry waits twice as long as the one before, at most
+//!   1 s) end the oldest request in `RETRY_EXC_ERR`; `rnr_retry` RNR NAKs
+//!   (7 = forever) in `RNR_RETRY_EXC_ERR`. Either puts the QP in the error
+//!   state and flushes the rest.
 //!
 //! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `retry_exhaustion_ends_in_retry_exc_err`,
+//! `rnr_naks_between_stalls_do_not_exhaust_the_retry_count`,
 //! `missing_receive_ends_in_rnr_retry_exc_err`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`).
 
@@ -521,6 +523,16 @@ impl RcQp {
                     }
                     self.req.rnr_left -= 1;
                 }
+                // The responder answered: whatever timeouts came before
+                // were not a dead path or peer, and `retry_cnt` counts
+                // *consecutive* timeouts without a response. (RNR NAKs
+                // have their own budget, `rnr_retry`.) Not restoring it
+                // here let a responder that alternates between RNR NAKs
+                // (ODP faults) and silence (descheduled on a loaded host)
+                // exhaust the budget at the un-backed-off rate, since each
+                // RNR NAK restarts the timer (test
+                // `rnr_naks_between_stalls_do_not_exhaust_the_retry_count`).
+                self.req.retry_left = self.config.retry_cnt;
                 self.req.rewind(psn);
                 let delay = rnr_timer_duration(timer);
                 self.req.hold_until = Some(Instant::now() + delay);

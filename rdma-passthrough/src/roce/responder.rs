@@ -14,13 +14,15 @@
 //!   invalid-request NAK. Receive buffer too small: invalid request, the
 //!   receive completes with LOC_LEN_ERR.
 //! * A page not in the MR's device page table: a device page fault is
-//!   queued and the requester gets an RNR NAK; it retries after the timer.
-//!   No receive posted: RNR NAK too.
+//!   queued and the requester gets an RNR NAK; it retries after the timer
+//!   (the QP's own `QpCaps::min_rnr_timer`). No receive posted: RNR NAK
+//!   too.
 //!
 //! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`,
 //! `odp_faults_on_the_responder_answer_with_rnr_naks`,
-//! `crafted_packets_are_dropped_or_naked_and_counted`).
+//! `crafted_packets_are_dropped_or_naked_and_counted`,
+//! `rnr_naks_carry_each_qps_own_min_rnr_timer`).
 
 use super::memory::{self, Miss, Seg};
 use super::port::Wire;
@@ -164,7 +166,10 @@ impl RcQp {
 
     fn rnr_nak(&mut self, wire: &mut Wire, psn: u32) {
         self.stats.rnr_naks_sent.fetch_add(1, Ordering::Relaxed);
-        let timer = self.config.rnr_timer;
+        // This QP's own timer (`QpCaps::min_rnr_timer`, as a verbs
+        // consumer sets it per QP), 5 bits on the wire (test
+        // `tests/roce.rs::rnr_naks_carry_each_qps_own_min_rnr_timer`).
+        let timer = self.qp.caps.min_rnr_timer & 31;
         self.send_aeth(wire, psn, Aeth::rnr_nak(timer, self.resp.msn));
     }
 

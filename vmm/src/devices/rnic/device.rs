@@ -748,7 +748,12 @@ impl RnicDevice {
             max_recv_wr: MAX_RING as usize,
             max_sge: 1,
             rnr_retry: 7,
-            ..QpCaps::default()
+            // ODP faults on this responder resolve in tens of µs: have the
+            // requester retry soon (perftest's default, 0.64 ms, would
+            // idle the link for most of each fault).
+            min_rnr_timer: rdma_passthrough::roce::wire::rnr_timer_code(
+                std::time::Duration::from_micros(100),
+            ),
         };
         let mut qps = Vec::with_capacity(self.qps.len());
         for q in &self.qps {
