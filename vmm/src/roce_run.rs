@@ -32,6 +32,7 @@ pub struct RoceArgs {
 /// result once the peer is gone.
 pub struct RoceRun {
     port: Arc<RocePort>,
+    dev: Arc<crate::devices::rnic::RnicDevice>,
     /// SENDs echoed by the host (`--roce-echo`).
     echoes: Arc<AtomicU64>,
     peer: SocketAddrV4,
@@ -140,6 +141,7 @@ pub fn prepare(
     let run = RoceRun {
         echoes: echo.unwrap_or_default(),
         port,
+        dev: dev.clone(),
         peer: link.peer.addr,
         pages_checked: Arc::new(AtomicU64::new(0)),
         stale: Arc::new(AtomicU64::new(0)),
@@ -202,6 +204,10 @@ impl RoceRun {
             "pages_checked": self.pages_checked.load(Ordering::Relaxed),
             "stale_accesses": self.stale.load(Ordering::Relaxed),
             "echoes": self.echoes.load(Ordering::Relaxed),
+            // Banks whose connection went into error (retries exhausted,
+            // an error NAK): not re-connected; the guest's enable of such a
+            // bank fails with ERR_ROCE_GONE.
+            "queue_pairs_lost": self.dev.roce_qps_lost(),
         })
     }
 }

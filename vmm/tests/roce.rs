@@ -198,3 +198,80 @@ fn two_vmm_processes_under_one_percent_loss_and_churn() {
     }
     assert!(retransmits > 0);
 }
+
+/// The server VMM is frozen (SIGSTOP) mid-run: its RoCE port goes silent
+/// while the exchange connection stays open. The client's queue pair runs
+/// out of retries (RETRY_EXC_ERR) and goes into error; its guest resets
+/// the bank, whose enable now fails with ERR_ROCE_GONE (RoCE queue pairs
+/// are not re-connected), and ends with a failure report. The run says
+/// so: `queue_pairs_lost`, a non-zero exit, and an error line.
+#[test]
+fn a_queue_pair_whose_roce_connection_died_says_so() {
+    let net = 44;
+    let (ia, ib) = (format!("127.0.{net}.1"), format!("127.0.{net}.2"));
+    let exchange = format!("127.0.{net}.2:{}", 18_000 + net);
+    let mut server = odpvm()
+        .args([
+            "run",
+            "--guest",
+            "recv-pong",
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+        ])
+        .args([
+            "--msg",
+            "4K",
+            "--roce-bind",
+            &ib,
+            "--roce-listen",
+            &exchange,
+        ])
+        .args(["--json", "--timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let client = odpvm()
+        .args([
+            "run",
+            "--guest",
+            "send-ping",
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+        ])
+        .args(["--iters", "0", "--msg", "4K"])
+        .args(["--roce-bind", &ia, "--roce-connect", &exchange])
+        .args(["--json", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = server.id() as i32;
+    // SAFETY: signals a child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let out = client.wait_with_output().unwrap();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let _ = server.wait();
+    let c = last_json(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{c}\n{err}");
+    assert!(!out.status.success());
+    assert_eq!(c["roce"]["queue_pairs_lost"], 1, "{c}");
+    assert!(c["roce"]["timeouts"].as_u64().unwrap() >= 8, "{c}");
+    let g = &c["vcpu_reports"][0];
+    assert_eq!(g["passed"], false, "{g}");
+    assert!(g["msgs"].as_u64().unwrap() > 0, "{g}");
+    assert!(g["errors"].as_u64().unwrap() > 0, "{g}");
+    assert_eq!(g["stale"], 0, "{g}");
+    assert!(err.contains("RoCE connection is gone"), "{err}");
+}

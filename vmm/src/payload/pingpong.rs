@@ -98,6 +98,7 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
         a.create_label(),
     );
     let (mut recover, mut finish) = (a.create_label(), a.create_label());
+    let (mut not_enabled, mut fail) = (a.create_label(), a.create_label());
     let (my_tag, peer_tag) = match role {
         Role::Ping => (TAG_PING, TAG_PONG),
         Role::Pong => (TAG_PONG, TAG_PING),
@@ -170,7 +171,7 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     a.mov(dword_ptr(rbp + QP_CTRL), CTRL_ENABLE)?;
     a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
     a.test(eax, STATUS_ENABLED)?;
-    a.jz(no_device)?;
+    a.jz(not_enabled)?;
     a.xor(r10, r10)?;
     a.xor(eax, eax)?;
     xset(a, xmm8, rax)?;
@@ -346,7 +347,13 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     a.cmp(rax, MAX_RECOVERIES)?;
     a.jbe(setup)?;
     // The connection is gone: report and fail.
-    let mut fail = a.create_label();
+    a.jmp(fail)?;
+    // The bank would not enable: no device at the start; after a reset,
+    // its RoCE connection is gone (ERR_ROCE_GONE): report and fail.
+    a.set_label(&mut not_enabled)?;
+    xget(a, rax, xmm6)?;
+    a.test(rax, rax)?;
+    a.jz(no_device)?;
     a.jmp(fail)?;
 
     // ---- report ------------------------------------------------------------

@@ -356,8 +356,13 @@ impl RnicDevice {
         if self.roce.read().is_some() {
             // Its connection went into error and a reset dropped it: say
             // so rather than quietly give the bank a queue pair to the
-            // host peer (test `a_queue_pair_whose_roce_connection_died_says_so`).
-            return self.device_error(q, ERR_ROCE_GONE);
+            // host peer (test `vmm/tests/roce.rs::a_queue_pair_whose_roce_connection_died_says_so`).
+            log::error!(
+                "rnic device: a queue pair's RoCE connection is gone (it went into the error \
+                 state); RoCE queue pairs are not re-connected: restart both VMs"
+            );
+            q.error = ERR_ROCE_GONE;
+            return;
         }
         let caps = QpCaps {
             max_send_wr: q.sq_size as usize,
@@ -813,6 +818,20 @@ impl RnicDevice {
     pub fn progress(&self, q: usize) -> Option<(u64, u64)> {
         let q = self.qps.get(q)?.lock();
         Some((q.posted, q.qp.as_ref().map_or(0, |qp| qp.send_retired())))
+    }
+
+    /// Queue-pair banks whose RoCE connection is gone: their QP is in the
+    /// error state, or a reset dropped it (`ERR_ROCE_GONE`).
+    pub fn roce_qps_lost(&self) -> usize {
+        self.qps
+            .iter()
+            .filter(|q| {
+                let q = q.lock();
+                q.error == ERR_ROCE_GONE
+                    || q.qp.as_ref().is_some_and(|qp| qp.in_error())
+                    || q.preconnected.as_ref().is_some_and(|qp| qp.in_error())
+            })
+            .count()
     }
 
     /// Queue pairs currently stopped by a device error.
