@@ -790,7 +790,12 @@ impl FaultThread {
         let stop_rx = stop.try_clone()?;
         let handle = std::thread::Builder::new()
             .name("odpvm-fault".into())
-            .spawn(move || handler.run(stop_rx))?;
+            .spawn(move || {
+                // Every guest fault waits on this thread: let it preempt
+                // the VMM's busy threads as soon as it is woken.
+                crate::contention::set_own_slice(crate::contention::LATENCY_SLICE_NS);
+                handler.run(stop_rx)
+            })?;
         Ok(FaultThread {
             stop,
             handle: Some(handle),

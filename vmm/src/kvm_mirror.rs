@@ -57,9 +57,12 @@ use std::time::Instant;
 /// page mapped, measured here: 12 ms for 256 MiB in one call).
 const RETIRE_CHUNK: u64 = 16 << 20;
 
-/// Bytes of moved-out memory released per `MADV_DONTNEED` (one mmap-lock
-/// hold for reading).
-const RELEASE_CHUNK: u64 = 64 << 20;
+/// Bytes of moved-out memory released per `MADV_DONTNEED`: one mmap-lock
+/// hold for reading, ~0.5 ms here. Any writer meanwhile (the next
+/// teardown's `mremap`, an unmap) waits for the hold, and every vCPU fault
+/// queues behind that writer, so the hold stays short (64 MiB holds, ~9 ms
+/// each, showed as guest stalls of that size in `odpvm bench teardown`).
+const RELEASE_CHUNK: u64 = 4 << 20;
 
 /// Where one teardown's time went inside the KVM mirror (nanoseconds).
 #[derive(Clone, Copy, Debug, Default)]
@@ -249,18 +252,23 @@ impl KvmMirror {
             // memory; the mmu's generation already hides everything old).
             self.ram.set_retiring(&indices, true);
             let t = Instant::now();
-            for s in slots {
-                match self
-                    .ram
-                    .retire_in_place(s.ram_index, generation, RETIRE_CHUNK)
-                {
-                    Ok(r) => parts.chunk_max_ns = parts.chunk_max_ns.max(r.chunk_max_ns),
-                    Err(e) => {
-                        self.error(format!("{e}; moving the memslot instead"));
-                        to_move.push(s);
+            // This thread holds the mmap lock for writing chunk after
+            // chunk: preempted while holding it, it should get a CPU back
+            // soon, since vCPU faults queue on the lock meanwhile.
+            crate::contention::with_short_slice(|| {
+                for s in slots {
+                    match self
+                        .ram
+                        .retire_in_place(s.ram_index, generation, RETIRE_CHUNK)
+                    {
+                        Ok(r) => parts.chunk_max_ns = parts.chunk_max_ns.max(r.chunk_max_ns),
+                        Err(e) => {
+                            self.error(format!("{e}; moving the memslot instead"));
+                            to_move.push(s);
+                        }
                     }
                 }
-            }
+            });
             parts.retire_ns = t.elapsed().as_nanos() as u64;
             self.ram.set_retiring(&indices, false);
             self.releaser.kick();

@@ -33,6 +33,7 @@ pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod cli;
+pub mod contention;
 pub mod demo;
 pub mod devices;
 pub mod fault;

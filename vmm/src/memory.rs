@@ -126,13 +126,25 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         if let Mapping::Moved { base, reserved, .. } = *self {
-            // SAFETY: the reservation was mapped by `retire_in_place` and
-            // is referred to by nothing else (no memslot, no mmu region,
-            // no device: mirrors stopped using it before it was retired).
-            unsafe { libc::munmap(base as *mut libc::c_void, reserved as usize) };
+            // Piece by piece: each munmap holds the mmap lock for writing,
+            // and every vCPU refault queues behind a writer.
+            let mut off = 0;
+            while off < reserved {
+                let n = UNMAP_CHUNK.min(reserved - off);
+                // SAFETY: the reservation was mapped by `retire_in_place`
+                // and is referred to by nothing else (no memslot, no mmu
+                // region, no device: mirrors stopped using it before it
+                // was retired); `[base + off, +n)` lies inside it.
+                unsafe { libc::munmap((base + off) as *mut libc::c_void, n as usize) };
+                off += n;
+            }
         }
     }
 }
+
+/// Bytes of a retired reservation unmapped per `munmap` (its pages are
+/// given back already: this frees page tables only, ~0.1 ms a piece).
+const UNMAP_CHUNK: u64 = 64 << 20;
 
 struct Retired {
     mapping: Mapping,

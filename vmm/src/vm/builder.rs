@@ -36,6 +36,7 @@ type Rnic = (Option<Arc<RnicDevice>>, Option<(AssignedRnic, AssignedMr)>);
 impl Vm {
     pub fn new(config: VmConfig) -> Result<Vm, Error> {
         let t0 = Instant::now();
+        crate::contention::tune_allocator();
         install_kick_handler().map_err(|e| Error::Io {
             what: "installing the vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
