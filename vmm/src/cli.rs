@@ -291,8 +291,9 @@ pub struct RunArgs {
     /// RoCEv2 path MTU: 1024 or 4096.
     #[arg(long, default_value_t = 4096)]
     pub roce_mtu: usize,
-    /// RoCEv2: the host answers each SEND from the peer with the same bytes
-    /// (for `--guest idle`; the peer's `send-lat` needs an echo).
+    /// RoCEv2 diagnostic: the host answers each SEND from the peer with the
+    /// same bytes on the guest's queue pairs (with `--guest idle`, for the
+    /// peer's `send-lat`). Guest-to-guest SEND/RECV is `recv-pong`.
     #[arg(long, requires = "roce_bind")]
     pub roce_echo: bool,
 }

@@ -23,8 +23,10 @@ pub struct RoceArgs {
     pub listen: Option<SocketAddr>,
     pub connect: Option<SocketAddr>,
     pub mtu: usize,
-    /// The host answers every SEND from the peer with the same bytes, on
-    /// the guest's queue pairs (for `--guest idle`).
+    /// A host-side diagnostic: the host answers every SEND from the peer
+    /// with the same bytes, on the guest's queue pairs (for `--guest
+    /// idle`). No test relies on it: guest-to-guest SEND/RECV is
+    /// `send-ping` / `recv-pong`.
     pub echo: bool,
 }
 
