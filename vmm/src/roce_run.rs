@@ -197,6 +197,7 @@ impl RoceRun {
             "seq_naks_sent": s.seq_naks_sent,
             "seq_naks_received": s.seq_naks_received,
             "access_naks_sent": s.access_naks_sent,
+            "invalid_naks_sent": s.invalid_naks_sent,
             "duplicates": s.duplicates,
             "read_replays": s.read_replays,
             "bad_icrc": s.bad_icrc,

@@ -22,6 +22,17 @@ fn last_json(out: &[u8]) -> Value {
 /// Run `guest` in a client VM against a server VM running `server_guest`;
 /// both reports.
 fn pair(net: u8, guest: &str, server_guest: &str, iters: u64) -> (Value, Value) {
+    pair_with(net, guest, server_guest, &[], iters)
+}
+
+/// `pair`, with more flags for the server.
+fn pair_with(
+    net: u8,
+    guest: &str,
+    server_guest: &str,
+    server_flags: &[&str],
+    iters: u64,
+) -> (Value, Value) {
     let (ia, ib) = (format!("127.0.{net}.1"), format!("127.0.{net}.2"));
     let exchange = format!("127.0.{net}.2:{}", 18_000 + u32::from(net));
     let server = odpvm()
@@ -42,6 +53,7 @@ fn pair(net: u8, guest: &str, server_guest: &str, iters: u64) -> (Value, Value) 
             "--roce-listen",
             &exchange,
         ])
+        .args(server_flags)
         .args(["--json", "--timeout", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -121,6 +133,16 @@ fn two_vmm_processes_send_recv_over_roce() {
     }
     assert_eq!(s["exit"], "guest-done", "{s}");
     assert_eq!(c["perftest"][0]["iterations"], 500);
+}
+
+/// The host-side diagnostic `--roce-echo`: an idle VM's host answers
+/// every SEND of the client's `send-lat` with the same bytes.
+#[test]
+fn roce_echo_answers_send_lat_from_the_host() {
+    let (c, s) = pair_with(47, "send-lat", "idle", &["--roce-echo"], 100);
+    assert_eq!(c["guest_result"], "pass", "{c}");
+    assert_eq!(c["perftest"][0]["iterations"], 100, "{c}");
+    assert_eq!(s["roce"]["echoes"], 100, "{s}");
 }
 
 #[test]

@@ -60,10 +60,12 @@ const LINE: u64 = 64;
 /// Per-vCPU buffer span and where the receive buffer starts in it.
 const BUF_SPAN: u64 = 1 << 20;
 const RX_OFF: u64 = 512 << 10;
-/// Idle completion polls (each an MMIO exit, ≥ 1 µs) before the
-/// requester resends; polls between two looks at `STOP`.
-const TIMEOUT_POLLS: i32 = 1 << 19;
-const STOP_EVERY: i32 = 4095;
+/// Silence (no completion) after which the requester resends.
+const TIMEOUT_MS: i32 = 500;
+/// Idle polls between two looks at `STOP` and the clock (counted in r9
+/// from bit 8: the low byte holds the flags).
+const POLL_UNIT: i32 = 1 << 8;
+const CHECK_EVERY_MASK: i32 = 0xff << 8;
 /// Queue-pair resets before the guest gives up (its connection is gone).
 const MAX_RECOVERIES: i32 = 64;
 
@@ -78,7 +80,8 @@ const F_TX_RESEND: i32 = 16;
 // Registers: r15 params, r14 vCPU, rbp queue-pair bank, rbx ring VA,
 // r12 ring gpa, r13 the message awaited (ping: the one sent; pong: the
 // next one), r11 the seq stamped in the send buffer, r10 send producer
-// index, r9 flags, r8 idle polls. xmm0 start TSC, xmm1 buffer offset in
+// index, r9 flags (bits 0-7) and idle polls (from bit 8), r8 the TSC of
+// the last completion. xmm0 start TSC, xmm1 buffer offset in
 // RAM, xmm2 message size, xmm3 lkey, xmm4 iterations, xmm5 errors, xmm6
 // recoveries, xmm7 stale, xmm8 receive producer index, xmm9 latency start,
 // xmm10 checked, xmm11 wiped, xmm12 resends, xmm13 redundant, xmm14 epoch
@@ -142,7 +145,6 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     ] {
         xset(a, x, rax)?;
     }
-    a.xor(r8, r8)?;
     a.xor(r11, r11)?;
     match role {
         // "Message -1 done": the loop sends message 0 first.
@@ -176,6 +178,8 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     a.xor(eax, eax)?;
     xset(a, xmm8, rax)?;
     a.and(r9, !(F_SEND_BUSY | F_TX_RESEND))?;
+    tsc(a)?;
+    a.mov(r8, rax)?;
     epoch_now(a)?;
     post_recv(a)?;
     match role {
@@ -254,35 +258,40 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
     a.test(eax, STATUS_DEVICE_ERROR)?;
     a.jnz(recover)?;
-    a.inc(r8)?;
-    let mut no_stop = a.create_label();
-    a.test(r8, STOP_EVERY)?;
-    a.jnz(no_stop)?;
+    let mut patient = a.create_label();
+    a.add(r9, POLL_UNIT)?;
+    a.test(r9, CHECK_EVERY_MASK)?;
+    a.jnz(patient)?;
+    a.and(r9, POLL_UNIT - 1)?;
     a.mov(rdx, TESTDEV_MMIO_GPA)?;
     a.mov(eax, dword_ptr(rdx + STOP))?;
     a.test(eax, eax)?;
     a.jnz(finish)?;
-    a.set_label(&mut no_stop)?;
     if role == Role::Ping {
         // Silence: send the awaited message again (the responder answers a
         // resend of what it already took with its reply, flagged).
-        let mut patient = a.create_label();
-        a.cmp(r8, TIMEOUT_POLLS)?;
+        tsc(a)?;
+        a.sub(rax, r8)?;
+        a.mov(rcx, qword_ptr(r15 + params::TICKS_PER_MS))?;
+        a.imul_3(rcx, rcx, TIMEOUT_MS)?;
+        a.cmp(rax, rcx)?;
         a.jb(patient)?;
-        a.xor(r8, r8)?;
+        tsc(a)?;
+        a.mov(r8, rax)?;
         xinc(a, xmm15)?;
         a.test(r9, F_DONE | F_SEND_BUSY)?;
         a.jnz(patient)?;
         a.or(r9, F_TX_RESEND)?;
         xinc(a, xmm12)?;
         send(a, my_tag)?;
-        a.set_label(&mut patient)?;
     }
+    a.set_label(&mut patient)?;
     a.pause()?;
     a.jmp(top)?;
 
     a.set_label(&mut got)?;
-    a.xor(r8, r8)?;
+    tsc(a)?;
+    a.mov(r8, rax)?;
     a.mov(ecx, dword_ptr(rbp + QP_CQE_STATUS))?;
     a.mov(esi, dword_ptr(rbp + QP_CQE_OPCODE))?;
     a.mov(edi, dword_ptr(rbp + QP_CQE_LEN))?;
@@ -580,7 +589,6 @@ fn on_recv_check(a: &mut Asm, role: Role, peer_tag: u64) -> R {
     a.jmp(scan)?;
 
     a.set_label(&mut scanned)?;
-    a.xor(r8, r8)?;
     a.test(dl, 8)?;
     a.jnz(bad)?;
     a.test(dl, 1)?;
@@ -644,5 +652,8 @@ fn on_recv_check(a: &mut Asm, role: Role, peer_tag: u64) -> R {
     }
     epoch_now(a)?;
     a.set_label(&mut repost)?;
+    // r8 (the clock of the last completion) served the scan.
+    tsc(a)?;
+    a.mov(r8, rax)?;
     post_recv(a)
 }
