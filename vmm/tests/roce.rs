@@ -213,8 +213,9 @@ fn two_vmm_processes_under_one_percent_loss_and_churn() {
             let n = |k: &str| r[k].as_u64().unwrap();
             assert_eq!(n("checked") + n("wiped"), 2 * n("iterations"), "{r}");
             assert!(n("checked") > 0, "{r}");
-            // The churn tore the responder's memory down under this row.
-            assert!(n("teardowns") >= 2, "{r}");
+            // The churn tore the responder's memory down under this row
+            // (every 50 ms; a loaded host serves fewer).
+            assert!(n("teardowns") >= 1, "{r}");
         }
         retransmits += r["retransmits"].as_u64().unwrap();
     }
