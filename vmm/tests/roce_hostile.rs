@@ -292,7 +292,7 @@ fn a_hostile_peer_gets_naks_and_the_guest_counts_everything() {
     assert_eq!(seqs.first(), Some(&0), "replies {seqs:?}");
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "replies {seqs:?}");
     assert!(
-        seqs.iter().all(|&q| q < 6) && seqs.len() >= 3,
+        seqs.iter().all(|&q| q < 6) && seqs.len() >= 2,
         "replies {seqs:?}"
     );
 }
