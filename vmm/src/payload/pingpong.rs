@@ -35,8 +35,17 @@
 //! reach), the message it sends at `+0`, receives at `+512 KiB`. Rings as
 //! the other RDMA payloads (`rdma.rs`).
 //!
-//! Tests: `vmm/tests/roce.rs` (`two_vmm_processes_send_recv_over_roce`,
-//! `two_vmm_processes_under_one_percent_loss_and_churn`).
+//! A queue-pair reset (after an error completion) drops the completions
+//! queued; whatever either side may still wait for is sent again, flagged.
+//! A bank that will not re-enable (its RoCE connection is gone) ends the
+//! guest with its report and a failure.
+//!
+//! Tests: `vmm/tests/roce.rs` (`two_vmm_processes_send_recv_over_roce`:
+//! every message checked; `two_vmm_processes_under_one_percent_loss_and_churn`:
+//! nothing stale under loss and teardowns of the responder;
+//! `a_queue_pair_whose_roce_connection_died_says_so`), and
+//! `vmm/tests/roce_hostile.rs` (a raw peer: duplicate, short, RNR and
+//! oversized SENDs counted or NAKed).
 
 use super::params;
 use super::rdma::*;

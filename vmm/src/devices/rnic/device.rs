@@ -506,7 +506,8 @@ impl RnicDevice {
             // its RAM — e.g. an entry a teardown wiped before the
             // doorbell) completes at once with LOC_PROT_ERR. Posted, it
             // would fail only when a SEND arrives, and on a RoCE queue pair
-            // that error ends the connection for both ends.
+            // that error ends the connection for both ends (test
+            // `fuzz::tests::receive_entries_the_mr_cannot_hold_complete_at_once`).
             if e.lkey != self.mr.lkey()
                 || e.addr < self.floor
                 || !self.mem.contains(e.addr, u64::from(e.length))
