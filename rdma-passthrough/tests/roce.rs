@@ -722,3 +722,52 @@ fn rnr_naks_carry_each_qps_own_min_rnr_timer() {
     }
     assert_eq!(b.port.stats().rnr_naks_sent, 2);
 }
+
+/// The responder's RNIC fences its MR (its device thread missed an
+/// invalidation's deadline — on a loaded host, a starved thread; here the
+/// test hook holds the invalidation back). A WRITE arriving meanwhile is
+/// answered with RNR NAKs, not a remote access error that would end the
+/// connection; once the device answers, the MR is re-registered and the
+/// WRITE lands.
+#[test]
+fn a_fenced_mr_on_the_responder_answers_rnr_until_it_recovers() {
+    let (ia, ib) = addrs(22);
+    let a = node(ia, 4 * MIB, false, RoceConfig::default());
+    let b = node_with(
+        ib,
+        4 * MIB,
+        false,
+        RoceConfig::default(),
+        RnicConfig {
+            fence_timeout: Duration::from_millis(50),
+            ..RnicConfig::default()
+        },
+    );
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    let (ea, _eb) = connect(&a, &b, QpCaps::default(), 3, 4);
+    let dst = b.base + MIB;
+    stamp(a.base, 64 << 10, 1);
+    let w = |id| write(id, vec![sge(a.base, 64 << 10, &ma)], dst, mb.rkey());
+    a.port.post_send(&ea.qp, w(1)).unwrap();
+    assert_eq!(one(&ea.cq, T).status, WcStatus::Success);
+    b.rnic.set_ignore_invalidations(true);
+    b.mmu.invalidate(dst, mmu::PAGE_SIZE).unwrap();
+    assert!(mb.is_fenced());
+    stamp(a.base, 64 << 10, 2);
+    a.port.post_send(&ea.qp, w(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let early = ea
+        .cq
+        .wait(1, Duration::from_micros(50), Duration::from_millis(1));
+    assert!(early.is_empty(), "completed while fenced: {early:?}");
+    let rnr = b.port.stats().rnr_naks_sent;
+    assert!(rnr > 0, "{:?}", b.port.stats());
+    assert_eq!(b.port.stats().access_naks_sent, 0);
+    b.rnic.set_ignore_invalidations(false);
+    let wc = one(&ea.cq, T);
+    assert_eq!(wc.status, WcStatus::Success, "{:?}", b.port.stats());
+    check_stamp(dst, 64 << 10, 2).unwrap();
+    assert!(!mb.is_fenced());
+    assert_eq!(b.rnic.stats().mr_recoveries, 1);
+}

@@ -294,10 +294,22 @@ fn pair(
         .unwrap_or((0, 0));
     if !client.status.success() {
         let _ = server.kill();
-        let _ = server.wait();
+        let s = server.wait_with_output();
+        let (s_out, s_err) = s
+            .map(|o| {
+                let out = String::from_utf8_lossy(&o.stdout).to_string();
+                let err = String::from_utf8_lossy(&o.stderr).to_string();
+                (out, err)
+            })
+            .unwrap_or_default();
+        let report = String::from_utf8_lossy(&client.stdout);
         return Err(format!(
-            "the requester VMM failed: {}",
-            String::from_utf8_lossy(&client.stderr).trim()
+            "the requester VMM failed ({}): {} {}\nthe responder VMM: {} {}",
+            client.status,
+            String::from_utf8_lossy(&client.stderr).trim(),
+            report.lines().last().unwrap_or_default(),
+            s_err.trim(),
+            s_out.lines().last().unwrap_or_default()
         ));
     }
     let mut server_err = String::new();

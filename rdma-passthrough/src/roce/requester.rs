@@ -143,11 +143,17 @@ impl RcQp {
                 return;
             };
             match self.prepare(shared, &wr) {
-                Some(wqe) => {
+                Ok(wqe) => {
                     self.req.next_psn = psn_add(wqe.first_psn, wqe.npkts);
                     self.req.wqes.push_back(wqe);
                 }
-                None => {
+                Err(memory::Refused::Fenced) => {
+                    // Its MR comes back once the device answers: later.
+                    self.qp.sq.lock().push_front(wr);
+                    self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                    return;
+                }
+                Err(memory::Refused::Access) => {
                     // A bad lkey ends this WR and the QP, like the device.
                     self.qp.send_cq.push(crate::verbs::Wc {
                         wr_id: wr.wr_id,
@@ -168,11 +174,11 @@ impl RcQp {
         }
     }
 
-    fn prepare(&self, shared: &Shared, wr: &SendWr) -> Option<ReqWqe> {
+    fn prepare(&self, shared: &Shared, wr: &SendWr) -> Result<ReqWqe, memory::Refused> {
         let read = matches!(wr.opcode, Opcode::RdmaRead { .. });
         let (segs, len) = memory::local_segs(shared, self.qp.pd, &wr.sges, read)?;
         if len > u64::from(u32::MAX) {
-            return None;
+            return Err(memory::Refused::Access);
         }
         let kind = match wr.opcode {
             Opcode::Send => Kind::Send,
@@ -185,7 +191,7 @@ impl RcQp {
                 rkey,
             },
         };
-        Some(ReqWqe {
+        Ok(ReqWqe {
             wr_id: wr.wr_id,
             signaled: wr.signaled,
             kind,
@@ -268,6 +274,10 @@ impl RcQp {
                         self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
                         return Ok(false);
                     }
+                    Err(Miss::Fenced) => {
+                        self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                        return Ok(false);
+                    }
                     Err(Miss::Page { .. } | Miss::Dead) => {
                         self.fail_front(WcStatus::LocProtErr);
                         return Err(());
@@ -299,6 +309,11 @@ impl RcQp {
                         if let Some(s) = seg {
                             faults.request(shared, &s.mr, iova, s.addr + s.len, false);
                         }
+                        self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                        return Ok(false);
+                    }
+                    Err(Miss::Fenced) => {
+                        self.scratch = payload;
                         self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
                         return Ok(false);
                     }
@@ -619,6 +634,11 @@ impl RcQp {
                 if let Some(s) = w.segs.iter().find(|s| s.mr.key == key).cloned() {
                     faults.request(shared, &s.mr, iova, s.addr + s.len, true);
                 }
+                self.req.rewind(expected);
+                self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                return;
+            }
+            Err(Miss::Fenced) => {
                 self.req.rewind(expected);
                 self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
                 return;

@@ -562,7 +562,20 @@ impl RnicDevice {
             for wc in &buf[..n] {
                 self.stats.completions.fetch_add(1, Ordering::Relaxed);
                 if wc.status != WcStatus::Success {
-                    self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
+                    let k = self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
+                    // Over RoCE an error completion usually ends the
+                    // connection: say why (the first few, then rarely).
+                    if self.roce.read().is_some()
+                        && wc.status != WcStatus::WrFlushErr
+                        && (k < 4 || k.is_power_of_two())
+                    {
+                        log::error!(
+                            "rnic device: RoCE queue pair {:#x}: {:?} completion ({:?})",
+                            wc.qp_num,
+                            wc.opcode,
+                            wc.status
+                        );
+                    }
                 }
                 q.cqes.push_back(*wc);
             }
