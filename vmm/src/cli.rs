@@ -7,7 +7,7 @@
 //! the VM, whatever the guest did (`a_signal_gives_a_fixed_exit_code`).
 
 mod duration;
-mod output;
+pub(crate) mod output;
 
 pub use duration::{millis, seconds, DurationError};
 pub use output::{line as print_line, text_to_stdout as print_text, OutputError};
