@@ -71,8 +71,8 @@ const BUF_SPAN: u64 = 1 << 20;
 const RX_OFF: u64 = 512 << 10;
 /// Silence (no completion) after which the requester resends.
 const TIMEOUT_MS: i32 = 500;
-/// Idle polls between two looks at `STOP` and the clock (counted in r9
-/// from bit 8: the low byte holds the flags).
+/// Idle polls between two looks at the status, `STOP` and the clock
+/// (counted in r9 from bit 8: the low byte holds the flags).
 const POLL_UNIT: i32 = 1 << 8;
 const CHECK_EVERY_MASK: i32 = 0xff << 8;
 /// Queue-pair resets before the guest gives up (its connection is gone).
@@ -264,14 +264,16 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     a.mov(eax, dword_ptr(rbp + QP_CQ_COUNT))?;
     a.test(eax, eax)?;
     a.jnz(got)?;
-    a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
-    a.test(eax, STATUS_DEVICE_ERROR)?;
-    a.jnz(recover)?;
+    // Every POLL_UNIT idle polls (one MMIO exit each): the device's
+    // status, STOP and the clock.
     let mut patient = a.create_label();
     a.add(r9, POLL_UNIT)?;
     a.test(r9, CHECK_EVERY_MASK)?;
     a.jnz(patient)?;
     a.and(r9, POLL_UNIT - 1)?;
+    a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
+    a.test(eax, STATUS_DEVICE_ERROR)?;
+    a.jnz(recover)?;
     a.mov(rdx, TESTDEV_MMIO_GPA)?;
     a.mov(eax, dword_ptr(rdx + STOP))?;
     a.test(eax, eax)?;
