@@ -85,6 +85,7 @@
 #define ODPVM_RNIC_ERR_DOORBELL 0x3u
 #define ODPVM_RNIC_ERR_REGISTER 0x4u
 #define ODPVM_RNIC_ERR_RING_READ 0x5u
+#define ODPVM_RNIC_ERR_ROCE_GONE 0x6u
 
 /* The parameter block at PARAMS_ADDR (rdx at entry). */
 struct odpvm_params {

@@ -545,3 +545,233 @@ fn small_socket_buffers_do_not_livelock_reads() {
     }
     println!("{:?}", a.port.stats());
 }
+
+/// Stands between two ports on `at` (both connect to it as their peer):
+/// forwards each datagram to the other side, re-sealed for the new
+/// addresses, except during a stall, when it holds everything and
+/// releases it at the stall's end — the peer's thread descheduled on a
+/// loaded host, reproduced on a schedule: `run` ms forwarding, then
+/// `stall` ms holding, until `stop`.
+fn stalling_relay(
+    at: Ipv4Addr,
+    a: SocketAddrV4,
+    b: SocketAddrV4,
+    run: u64,
+    stall: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let sock = UdpSocket::bind(SocketAddrV4::new(at, 4791)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_micros(200)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let (mut since, mut stalled, mut stalls) = (Instant::now(), false, 0u64);
+        let mut held: Vec<(SocketAddrV4, Vec<u8>)> = Vec::new();
+        let mut buf = [0u8; 9000];
+        while !stop.load(Ordering::Relaxed) {
+            // Phases by their own length (a late wake-up of this thread
+            // lengthens one, it does not skip one).
+            let elapsed = since.elapsed();
+            if !stalled && elapsed >= Duration::from_millis(run) {
+                (stalled, since) = (true, Instant::now());
+                stalls += 1;
+            } else if stalled && elapsed >= Duration::from_millis(stall) {
+                (stalled, since) = (false, Instant::now());
+                for (to, pkt) in held.drain(..) {
+                    let _ = sock.send_to(&pkt, to);
+                }
+            }
+            let Ok((n, std::net::SocketAddr::V4(from))) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let to = if from == a { b } else { a };
+            let mut pkt = buf[..n].to_vec();
+            icrc::seal(
+                &icrc::Ipv4Meta::linux_df(at, *to.ip()),
+                4791,
+                4791,
+                &mut pkt,
+            );
+            if stalled {
+                held.push((to, pkt));
+            } else {
+                let _ = sock.send_to(&pkt, to);
+            }
+        }
+        stalls
+    })
+}
+
+/// The flake class behind `RETRY_EXC_ERR` on a loaded host: a responder
+/// that alternates between answering RNR NAKs (no receive yet — or an ODP
+/// fault in progress) and silence (its thread descheduled for 120 ms at a
+/// time, reproduced by a relay that holds its traffic). Each RNR NAK
+/// restarts the requester's timer, so every stall costs it at least one
+/// timeout. When an RNR NAK did not end the run of consecutive timeouts,
+/// the sixth stall (retry_cnt 7) failed the SEND with RETRY_EXC_ERR
+/// though the responder answered between every two; now the SEND
+/// completes once the receive is posted, after far more than retry_cnt
+/// timeouts in all.
+#[test]
+fn rnr_naks_between_stalls_do_not_exhaust_the_retry_count() {
+    let (ia, ib) = addrs(20);
+    let ir = Ipv4Addr::new(127, 0, 20, 3);
+    let a = node(ia, MIB, false, RoceConfig::default());
+    let b = node(ib, MIB, false, RoceConfig::default());
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    let relay = SocketAddrV4::new(ir, 4791);
+    let (acq, bcq) = (a.rnic.create_cq(16), b.rnic.create_cq(16));
+    let caps = QpCaps::default();
+    assert_eq!(caps.rnr_retry, 7, "RNR NAKs retried forever");
+    let qa = a.rnic.create_qp(&a.pd, &acq, &acq, caps).unwrap();
+    let qb = b.rnic.create_qp(&b.pd, &bcq, &bcq, caps).unwrap();
+    let to = |qpn: u32, psn: u32| RemoteEnd {
+        addr: relay,
+        qpn,
+        psn,
+    };
+    a.port.connect(&qa, 10, to(qb.qpn(), 20)).unwrap();
+    b.port.connect(&qb, 20, to(qa.qpn(), 10)).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let relay = stalling_relay(
+        ir,
+        a.port.local_addr(),
+        b.port.local_addr(),
+        5,
+        120,
+        stop.clone(),
+    );
+    stamp(a.base, 4096, 33);
+    a.port
+        .post_send(&qa, send(1, vec![sge(a.base, 4096, &ma)]))
+        .unwrap();
+    // Stall cycles with no receive posted at b, until the requester has
+    // timed out twice retry_cnt times in all (about eight cycles; more on
+    // a loaded host, where fewer expiries fit in a stall).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.port.stats().timeouts < 16 && Instant::now() < deadline {
+        let early = acq.wait(1, Duration::from_micros(50), Duration::from_millis(100));
+        assert!(early.is_empty(), "the SEND ended early: {early:?}");
+    }
+    b.port
+        .post_recv(
+            &qb,
+            RecvWr {
+                wr_id: 2,
+                sges: vec![sge(b.base, 4096, &mb)],
+            },
+        )
+        .unwrap();
+    let wc = one(&acq, T);
+    stop.store(true, Ordering::Relaxed);
+    let stalls = relay.join().unwrap();
+    let s = a.port.stats();
+    println!("stalls {stalls}, requester {s:?}");
+    assert_eq!(wc.status, WcStatus::Success, "{s:?}");
+    assert_eq!(one(&bcq, T).status, WcStatus::Success);
+    check_stamp(b.base, 4096, 33).unwrap();
+    assert!(s.rnr_naks_received > 0, "{s:?}");
+    assert!(s.timeouts > 7, "fewer timeouts than retry_cnt: {s:?}");
+    assert!(stalls >= 3, "the relay stalled {stalls} times");
+}
+
+/// Two QPs on one port, created with different `min_rnr_timer`s and no
+/// receive posted: a SEND to each is answered with an RNR NAK carrying
+/// that QP's own timer (it used to be the port's one setting for all).
+#[test]
+fn rnr_naks_carry_each_qps_own_min_rnr_timer() {
+    let (ia, ib) = addrs(21);
+    let b = node(ib, MIB, false, RoceConfig::default());
+    let peer = UdpSocket::bind(SocketAddrV4::new(ia, 4791)).unwrap();
+    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let meta = icrc::Ipv4Meta::linux_df(ia, ib);
+    let cq = b.rnic.create_cq(16);
+    let mut qps = Vec::new();
+    for (i, timer) in [(0u32, 3u8), (1, 20)] {
+        let caps = QpCaps {
+            min_rnr_timer: timer,
+            ..QpCaps::default()
+        };
+        let qp = b.rnic.create_qp(&b.pd, &cq, &cq, caps).unwrap();
+        b.port
+            .connect(
+                &qp,
+                0,
+                RemoteEnd {
+                    addr: SocketAddrV4::new(ia, 4791),
+                    qpn: 0x40 + i,
+                    psn: 500,
+                },
+            )
+            .unwrap();
+        qps.push((qp, timer));
+    }
+    for (qp, timer) in &qps {
+        let mut bth = wire::Bth::new(wire::Op::SendOnly, qp.qpn(), 500);
+        bth.ack_req = true;
+        let mut buf = Vec::new();
+        wire::build(&mut buf, bth, None, None, &[9; 64]);
+        icrc::seal(&meta, 4791, 4791, &mut buf);
+        peer.send_to(&buf, b.port.local_addr()).unwrap();
+        let mut r = [0u8; 2048];
+        let n = peer.recv(&mut r).expect("an RNR NAK");
+        let p = wire::parse(&r[..n]).unwrap();
+        assert_eq!(p.bth.psn, 500);
+        assert_eq!(
+            p.aeth.unwrap().kind(),
+            wire::AethKind::RnrNak { timer: *timer },
+            "QP {:#x}",
+            qp.qpn()
+        );
+    }
+    assert_eq!(b.port.stats().rnr_naks_sent, 2);
+}
+
+/// The responder's RNIC fences its MR (its device thread missed an
+/// invalidation's deadline — on a loaded host, a starved thread; here the
+/// test hook holds the invalidation back). A WRITE arriving meanwhile is
+/// answered with RNR NAKs, not a remote access error that would end the
+/// connection; once the device answers, the MR is re-registered and the
+/// WRITE lands.
+#[test]
+fn a_fenced_mr_on_the_responder_answers_rnr_until_it_recovers() {
+    let (ia, ib) = addrs(22);
+    let a = node(ia, 4 * MIB, false, RoceConfig::default());
+    let b = node_with(
+        ib,
+        4 * MIB,
+        false,
+        RoceConfig::default(),
+        RnicConfig {
+            fence_timeout: Duration::from_millis(50),
+            ..RnicConfig::default()
+        },
+    );
+    let ma = a.rnic.reg_mr(&a.pd, a.base, a.len, ODP).unwrap();
+    let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
+    let (ea, _eb) = connect(&a, &b, QpCaps::default(), 3, 4);
+    let dst = b.base + MIB;
+    stamp(a.base, 64 << 10, 1);
+    let w = |id| write(id, vec![sge(a.base, 64 << 10, &ma)], dst, mb.rkey());
+    a.port.post_send(&ea.qp, w(1)).unwrap();
+    assert_eq!(one(&ea.cq, T).status, WcStatus::Success);
+    b.rnic.set_ignore_invalidations(true);
+    b.mmu.invalidate(dst, mmu::PAGE_SIZE).unwrap();
+    assert!(mb.is_fenced());
+    stamp(a.base, 64 << 10, 2);
+    a.port.post_send(&ea.qp, w(2)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let early = ea
+        .cq
+        .wait(1, Duration::from_micros(50), Duration::from_millis(1));
+    assert!(early.is_empty(), "completed while fenced: {early:?}");
+    let rnr = b.port.stats().rnr_naks_sent;
+    assert!(rnr > 0, "{:?}", b.port.stats());
+    assert_eq!(b.port.stats().access_naks_sent, 0);
+    b.rnic.set_ignore_invalidations(false);
+    let wc = one(&ea.cq, T);
+    assert_eq!(wc.status, WcStatus::Success, "{:?}", b.port.stats());
+    check_stamp(dst, 64 << 10, 2).unwrap();
+    assert!(!mb.is_fenced());
+    assert_eq!(b.rnic.stats().mr_recoveries, 1);
+}

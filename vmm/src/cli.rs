@@ -7,7 +7,7 @@
 //! the VM, whatever the guest did (`a_signal_gives_a_fixed_exit_code`).
 
 mod duration;
-mod output;
+pub(crate) mod output;
 
 pub use duration::{millis, seconds, DurationError};
 pub use output::{line as print_line, text_to_stdout as print_text, OutputError};
@@ -160,11 +160,13 @@ pub enum BenchKind {
         #[arg(long)]
         json: bool,
     },
-    /// Guest RDMA WRITE/READ between two odpvm processes over RoCEv2 in two
-    /// network namespaces, at 0 % and 1 % real (nftables) loss, beside a
-    /// plain UDP socket pair on the same path. Needs root.
+    /// Guest RDMA WRITE/READ and stamped SEND/RECV (guest to guest)
+    /// between two odpvm processes over RoCEv2 in two network namespaces,
+    /// at 0 % and 1 % real (nftables) loss, beside a plain UDP socket pair
+    /// on the same path. Needs root.
     Roce {
-        /// Messages per 64 KiB row (4 KiB rows send 8x as many).
+        /// Messages per 64 KiB row (4 KiB rows send 8x as many, SEND rows
+        /// a quarter, at least 200).
         #[arg(long, default_value_t = 3000)]
         iters: u64,
         /// Loss percentages (comma separated).
@@ -289,8 +291,9 @@ pub struct RunArgs {
     /// RoCEv2 path MTU: 1024 or 4096.
     #[arg(long, default_value_t = 4096)]
     pub roce_mtu: usize,
-    /// RoCEv2: the host answers each SEND from the peer with the same bytes
-    /// (for `--guest idle`; the peer's `send-lat` needs an echo).
+    /// RoCEv2 diagnostic: the host answers each SEND from the peer with the
+    /// same bytes on the guest's queue pairs (with `--guest idle`, for the
+    /// peer's `send-lat`). Guest-to-guest SEND/RECV is `recv-pong`.
     #[arg(long, requires = "roce_bind")]
     pub roce_echo: bool,
 }

@@ -9,11 +9,11 @@
 //! two things turned this into guest stalls of 10–150 ms at 4 GiB:
 //!
 //! * **the fault thread took the mmap lock for writing**: glibc grows a
-//!   thread's malloc arena with `mprotect` (160 calls in five 1 GiB
-//!   teardowns, for the mmu's fresh leaves). A writer queued behind the
-//!   releaser's long read hold blocks every new reader, so every vCPU
-//!   fault waited for it. [`tune_allocator`] makes arenas grow in big
-//!   steps and never shrink, so the steady state makes no such call;
+//!   thread's malloc arena with `mprotect`, a page or so at a time (160
+//!   calls in five 1 GiB teardowns, for the mmu's fresh leaves). A writer
+//!   queued behind the releaser's long read hold blocks every new reader,
+//!   so every vCPU fault waited for it. [`tune_allocator`] makes the heap
+//!   grow in 32 MiB steps and not shrink back;
 //! * **the woken fault thread waited for a CPU**: with two vCPUs and the
 //!   teardown thread busy on both cores it ran only at the next scheduler
 //!   tick (~4 ms), while vCPUs waited on it in `handle_userfault`.
@@ -21,7 +21,7 @@
 //!   woken thread preempts at once. No privilege needed; older kernels
 //!   refuse it and nothing changes.
 //!
-//! Tests: `a_threads_arena_grows_in_one_step_and_is_not_trimmed`,
+//! Tests: `vmm/tests/allocator.rs` (the heap grows in big steps),
 //! `a_short_slice_is_taken_and_given_back`; the effect on the guest is
 //! measured by `odpvm bench teardown` (`stall_ns_*`).
 
@@ -72,28 +72,75 @@ pub fn set_own_slice(slice_ns: u64) -> bool {
     rc == 0
 }
 
-/// Runs `f` with the calling thread's slice set to [`LATENCY_SLICE_NS`],
-/// then back to the default: for a thread that holds the mmap lock for
-/// writing in bursts (it then waits less for a CPU when preempted while
-/// holding it, so vCPUs queued on the lock wait less).
-pub fn with_short_slice<T>(f: impl FnOnce() -> T) -> T {
-    let set = set_own_slice(LATENCY_SLICE_NS);
+/// Make the calling thread real-time (`SCHED_FIFO`, lowest priority) if
+/// the process may (root or `CAP_SYS_NICE`), else give it a short slice.
+/// For the fault thread only: it runs microseconds per fault and every
+/// vCPU fault waits on it, so it must never wait behind a busy thread of
+/// the VMM or of the host. The kernel's RT throttling (95 % by default)
+/// bounds what a runaway would take. Returns which one it got.
+pub fn make_latency_critical() -> &'static str {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return "fifo";
+    }
+    if set_own_slice(LATENCY_SLICE_NS) {
+        "short-slice"
+    } else {
+        "default"
+    }
+}
+
+/// Runs `f`, a loop of O(n) kernel work in bounded bursts that each hold
+/// the mmap lock for writing (a teardown moving guest pages out), in the
+/// scheduling class that keeps a burst short as the guest feels it:
+/// `SCHED_FIFO` if the process may (never preempted while holding the
+/// lock, so a vCPU queued on it waits for the burst's work only), else a
+/// short EEVDF slice (preempted, it gets a CPU back sooner). The thread's
+/// class is restored afterwards. `f` must call [`breathe`] between bursts.
+pub fn with_burst_class<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: pid 0 is the calling thread; `old` is a valid out-pointer.
+    let (policy, mut old) = (
+        unsafe { libc::sched_getscheduler(0) },
+        libc::sched_param { sched_priority: 0 },
+    );
+    // SAFETY: as above.
+    unsafe { libc::sched_getparam(0, &mut old) };
+    let fifo = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pid 0 is the calling thread; valid sched_param.
+    let raised = policy == libc::SCHED_OTHER
+        && unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } == 0;
+    let sliced = !raised && set_own_slice(LATENCY_SLICE_NS);
     let out = f();
-    if set {
+    if raised {
+        // SAFETY: back to the policy and parameters read above.
+        unsafe { libc::sched_setscheduler(0, policy, &old) };
+    }
+    if sliced {
         set_own_slice(0);
     }
     out
+}
+
+/// Between two bursts of O(n) work that took `burst`: sleep as long again
+/// (at most 2 ms), so on a host with as many busy vCPUs as cores each vCPU
+/// keeps at least half of a core through the whole O(n) phase, and a
+/// `SCHED_FIFO` burst thread never holds a core for long.
+pub fn breathe(burst: std::time::Duration) {
+    std::thread::sleep(burst.min(std::time::Duration::from_millis(2)));
 }
 
 /// How far a malloc arena grows at a time, and how much free space at its
 /// top it keeps rather than give back.
 const ARENA_STEP: i32 = 32 << 20;
 
-/// Make glibc's malloc grow arenas `ARENA_STEP` at a time and never trim
-/// them, so threads a vCPU waits on (the fault thread) do not take the
-/// mmap lock for writing (`mprotect`, `brk`) in steady state. Costs
-/// address space, not memory: untouched arena pages are never resident.
-/// Once per process; the VMM calls it when it builds a VM.
+/// Make glibc's malloc use one arena, grown `ARENA_STEP` at a time and
+/// never trimmed below that, so threads a vCPU waits on (the fault
+/// thread) take the mmap lock for writing (`brk`) once per `ARENA_STEP` of
+/// growth, not once per page. Costs address space, not memory: untouched
+/// arena pages are never resident. Once per process, before other threads
+/// allocate (an arena a thread already uses stays its own); the VMM calls
+/// it when it builds a VM.
 pub fn tune_allocator() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -102,9 +149,12 @@ pub fn tune_allocator() {
         let ok = unsafe {
             libc::mallopt(libc::M_TOP_PAD, ARENA_STEP) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, 2 * ARENA_STEP) == 1
-                // Blocks up to this size come from the arenas too, not
+                // Blocks up to this size come from the arena too, not
                 // from an mmap/munmap pair each (glibc's largest value).
                 && libc::mallopt(libc::M_MMAP_THRESHOLD, ARENA_STEP) == 1
+                // One arena: glibc grows the others by `mprotect` a page at
+                // a time past their high-water mark, ignoring the pad.
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
         };
         if !ok {
             log::debug!("mallopt refused the arena tuning; allocation may take the mmap lock");
@@ -127,51 +177,13 @@ mod tests {
     fn a_short_slice_is_taken_and_given_back() {
         std::thread::spawn(|| {
             let before = own_slice();
-            let during = with_short_slice(own_slice);
-            let after = own_slice();
             if set_own_slice(LATENCY_SLICE_NS) {
-                assert_eq!(during, Some(LATENCY_SLICE_NS));
-                assert_eq!(after, before, "the default slice is restored");
+                assert_eq!(own_slice(), Some(LATENCY_SLICE_NS));
+                assert!(set_own_slice(0));
+                assert_eq!(own_slice(), before, "the default slice is restored");
             } else {
                 // A kernel without custom slices: nothing changed.
-                assert_eq!(during, before);
-            }
-        })
-        .join()
-        .unwrap();
-    }
-
-    /// The writable extent of the mapping holding `addr` (`/proc/self/maps`).
-    fn mapping_of(addr: usize) -> (usize, usize) {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        maps.lines()
-            .filter_map(|l| {
-                let (range, _) = l.split_once(' ')?;
-                let (a, b) = range.split_once('-')?;
-                Some((
-                    usize::from_str_radix(a, 16).ok()?,
-                    usize::from_str_radix(b, 16).ok()?,
-                ))
-            })
-            .find(|&(a, b)| a <= addr && addr < b)
-            .unwrap()
-    }
-
-    /// What the fault thread does after each teardown: allocate the mmu's
-    /// fresh leaves (4 KiB each, megabytes in all) while the reclaimer
-    /// frees the old ones. With the tuning, the thread's arena grows once,
-    /// by a big step, and never shrinks: no `mprotect` (mmap lock taken
-    /// for writing) in steady state, seen as an unchanged mapping.
-    #[test]
-    fn a_threads_arena_grows_in_one_step_and_is_not_trimmed() {
-        tune_allocator();
-        std::thread::spawn(|| {
-            let first = vec![0u8; 4096];
-            let before = mapping_of(first.as_ptr() as usize);
-            for _round in 0..4 {
-                let leaves: Vec<Vec<u8>> = (0..2048).map(|_| vec![1u8; 4096]).collect();
-                drop(leaves);
-                assert_eq!(mapping_of(first.as_ptr() as usize), before);
+                assert_eq!(own_slice(), before);
             }
         })
         .join()

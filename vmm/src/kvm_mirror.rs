@@ -11,14 +11,21 @@
 //! * generation (teardown), with the vCPUs running throughout:
 //!   1. private anonymous RAM (the default): `GuestRam::retire_in_place`
 //!      moves every page of each region in scope to a retired range with
-//!      `mremap(MREMAP_DONTUNMAP)`, 16 MiB per call; the memslot and the
+//!      `mremap(MREMAP_DONTUNMAP)`, 4 MiB per call; the memslot and the
 //!      host address stay, KVM sees one MMU-notifier invalidation per
 //!      chunk, and the next guest access faults through userfaultfd onto
 //!      fresh memory (served untracked while the teardown runs, so a vCPU
 //!      never waits for more than the chunk being moved). No pause, no
 //!      memslot change. The kernel's part is O(pages KVM maps), spread over
-//!      the chunks; the moved pages are given back by the `Releaser`
-//!      thread afterwards.
+//!      the chunks: each holds the mmap lock for writing (every vCPU
+//!      refault queues on it), so the moves run in bursts
+//!      (`contention::with_burst_class`: `SCHED_FIFO` when permitted, so a
+//!      burst is never preempted while holding the lock) with a sleep as
+//!      long as each burst between them (`contention::breathe`: the vCPUs
+//!      keep at least half the CPU through the O(n) phase). The moved pages
+//!      are given back by the `Releaser` thread afterwards, 4 MiB per
+//!      `MADV_DONTNEED` (a short read hold), paced the same way unless the
+//!      host is short of memory.
 //!   2. shared backings (memfd, hugetlbfs), where moving pages away would
 //!      leave the file's pages visible: pause the vCPUs, give each region
 //!      a fresh mapping and move its memslot there, resume. The pause lasts
@@ -53,9 +60,9 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 /// Bytes moved out per `mremap` in a teardown: the KVM invalidation a vCPU
-/// may wait for covers at most this much (0.75 ms of kernel work with every
+/// may wait for covers at most this much (~0.2 ms of kernel work with every
 /// page mapped, measured here: 12 ms for 256 MiB in one call).
-const RETIRE_CHUNK: u64 = 16 << 20;
+const RETIRE_CHUNK: u64 = 4 << 20;
 
 /// Bytes of moved-out memory released per `MADV_DONTNEED`: one mmap-lock
 /// hold for reading, ~0.5 ms here. Any writer meanwhile (the next
@@ -253,9 +260,9 @@ impl KvmMirror {
             self.ram.set_retiring(&indices, true);
             let t = Instant::now();
             // This thread holds the mmap lock for writing chunk after
-            // chunk: preempted while holding it, it should get a CPU back
-            // soon, since vCPU faults queue on the lock meanwhile.
-            crate::contention::with_short_slice(|| {
+            // chunk, and vCPU faults queue on it: keep each hold as short
+            // as its work (see `contention`).
+            crate::contention::with_burst_class(|| {
                 for s in slots {
                     match self
                         .ram

@@ -4,6 +4,8 @@ use clap::Parser;
 use vmm::cli::{self, Cli, Command};
 
 fn main() {
+    // Before any thread allocates (see `contention::tune_allocator`).
+    vmm::contention::tune_allocator();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -1,16 +1,18 @@
 //! `odpvm bench roce`: guest RDMA WRITE and READ (bandwidth workloads) and
-//! SEND (`send-lat`, one message at a time, echoed by the responder's host
-//! with `--roce-echo`) between two odpvm processes over RoCEv2,
-//! beside what a plain UDP socket pair moves on the same path with the same
-//! packet size.
+//! SEND/RECV (`send-ping` against the responder guest's `recv-pong`, one
+//! stamped message and one stamped reply at a time) between two odpvm
+//! processes over RoCEv2, beside what a plain UDP socket pair moves on the
+//! same path with the same packet size.
 //!
 //! The two VMMs run in two network namespaces joined by a veth pair (each
 //! with its own address). Loss is real: an nftables rule in each namespace
 //! drops `loss %` of UDP port 4791 packets (`numgen random`), the same rule
 //! the UDP baseline goes through. With `--churn` the bench invalidates
 //! random ranges of the responder's window and tears its memory down while
-//! traffic runs; the responder then checks every WRITE stamp that landed
-//! and the requester's guest every READ stamp (`stale_accesses`).
+//! traffic runs; the responder then checks every WRITE stamp that landed,
+//! the requester's guest every READ stamp, and both guests every SEND
+//! message's and reply's stamps (`stale_accesses`; `checked`/`wiped`
+//! count the SEND messages both guests verified or found torn down).
 //!
 //! Needs root (namespaces, nftables) and `ip`/`nft` (scripts/ensure-deps).
 
@@ -27,7 +29,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
 pub struct RoceBench {
-    /// Messages per row at 64 KiB (4 KiB rows send 8x as many).
+    /// Messages per row at 64 KiB (4 KiB rows send 8x as many, SEND rows
+    /// a quarter, at least 200).
     pub iters: u64,
     /// Loss percentages to run.
     pub losses: Vec<u32>,
@@ -168,20 +171,23 @@ fn last_json(out: &[u8]) -> Result<Value, String> {
 }
 
 /// Invalidate random 64 KiB ranges of the responder's window every 2 ms
-/// and tear all its memory down every 250 ms, until `stop`.
-fn churn(sock: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+/// and tear all its memory down every `TEARDOWN_EVERY`, until `stop`.
+/// Returns (requests served, of which teardowns).
+fn churn(sock: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !sock.exists() && Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
         }
         let (base, len) = (PAYLOAD_RAM_GPA + MEMORY_BYTES / 2, MEMORY_BYTES / 2);
-        let (mut x, mut n, mut last_teardown) = (0x9e37_79b9u64, 0u64, Instant::now());
+        let (mut x, mut n, mut teardowns) = (0x9e37_79b9u64, 0u64, 0u64);
+        let mut last_teardown = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             let chunk = 64 << 10;
             let gpa = base + ((x >> 33) % (len / chunk)) * chunk;
-            let req = if last_teardown.elapsed() > Duration::from_millis(250) {
+            let teardown = last_teardown.elapsed() > TEARDOWN_EVERY;
+            let req = if teardown {
                 last_teardown = Instant::now();
                 Request::Teardown
             } else {
@@ -192,12 +198,17 @@ fn churn(sock: PathBuf, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
             };
             if crate::api::request(&sock, &req, Duration::from_secs(10)).is_ok() {
                 n += 1;
+                teardowns += u64::from(teardown);
             }
             std::thread::sleep(Duration::from_millis(2));
         }
-        n
+        (n, teardowns)
     })
 }
+
+/// How often `--churn` tears the responder's memory down: often enough
+/// that every row (the shortest lasts ~0.3 s) sees several under traffic.
+const TEARDOWN_EVERY: Duration = Duration::from_millis(50);
 
 struct Row {
     op: &'static str,
@@ -208,7 +219,12 @@ struct Row {
     retransmits: u64,
     rnr_naks: u64,
     stale: u64,
+    /// SEND rows: messages and replies whose stamps the two guests
+    /// verified, and those a teardown or invalidation wiped (excused).
+    checked: u64,
+    wiped: u64,
     churn_ops: u64,
+    teardowns: u64,
 }
 
 fn pair(
@@ -222,21 +238,26 @@ fn pair(
     let sock = std::env::temp_dir().join(format!("odpvm-roce-bench-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&sock);
     let exchange = format!("{}:{EXCHANGE_PORT}", net.ib);
+    let server_guest = if op == "send" { "recv-pong" } else { "idle" };
     let mut server = Command::new("ip")
         .args(["netns", "exec", &net.b])
         .arg(exe)
-        .args(["run", "--guest", "idle", "--memory", MEMORY, "--vcpus", "1"])
+        .args([
+            "run",
+            "--guest",
+            server_guest,
+            "--memory",
+            MEMORY,
+            "--vcpus",
+            "1",
+        ])
+        .args(["--msg", &msg.to_string()])
         .args([
             "--roce-bind",
             &net.ib.to_string(),
             "--roce-listen",
             &exchange,
         ])
-        .args(if op == "send" {
-            &["--roce-echo"][..]
-        } else {
-            &[]
-        })
         .arg("--api-sock")
         .arg(&sock)
         .args(["--json", "--timeout", "600"])
@@ -249,9 +270,9 @@ fn pair(
     let guest = match op {
         "write" => "rdma-write-bw",
         "read" => "rdma-read-bw",
-        // One message at a time, echoed by the responder's host: a latency
-        // workload, so its bandwidth is not comparable to the others'.
-        _ => "send-lat",
+        // One message and one reply at a time: a latency workload, so its
+        // bandwidth is not comparable to the others'.
+        _ => "send-ping",
     };
     let client = Command::new("ip")
         .args(["netns", "exec", &net.a])
@@ -268,13 +289,27 @@ fn pair(
         .output()
         .map_err(|e| format!("starting the requester VMM: {e}"))?;
     stop.store(true, Ordering::Relaxed);
-    let churn_ops = churner.map(|t| t.join().unwrap_or(0)).unwrap_or(0);
+    let (churn_ops, teardowns) = churner
+        .map(|t| t.join().unwrap_or((0, 0)))
+        .unwrap_or((0, 0));
     if !client.status.success() {
         let _ = server.kill();
-        let _ = server.wait();
+        let s = server.wait_with_output();
+        let (s_out, s_err) = s
+            .map(|o| {
+                let out = String::from_utf8_lossy(&o.stdout).to_string();
+                let err = String::from_utf8_lossy(&o.stderr).to_string();
+                (out, err)
+            })
+            .unwrap_or_default();
+        let report = String::from_utf8_lossy(&client.stdout);
         return Err(format!(
-            "the requester VMM failed: {}",
-            String::from_utf8_lossy(&client.stderr).trim()
+            "the requester VMM failed ({}): {} {}\nthe responder VMM: {} {}",
+            client.status,
+            String::from_utf8_lossy(&client.stderr).trim(),
+            report.lines().last().unwrap_or_default(),
+            s_err.trim(),
+            s_out.lines().last().unwrap_or_default()
         ));
     }
     let mut server_err = String::new();
@@ -297,6 +332,12 @@ fn pair(
     if n(&p["errors"]) > 0 || c["guest_result"] != "pass" {
         return Err(format!("the requester's guest saw errors: {c}"));
     }
+    // The responder's guest (SEND rows): its own stamp checks.
+    let sg = &s["vcpu_reports"][0];
+    if op == "send" && (s["guest_result"] != "pass" || n(&sg["stale"]) > 0) {
+        return Err(format!("the responder's guest failed: {s}"));
+    }
+    let cg = &c["vcpu_reports"][0];
     Ok(Row {
         op,
         msg,
@@ -305,8 +346,11 @@ fn pair(
         udp_gbps: 0.0,
         retransmits: n(&c["roce"]["retransmits"]) + n(&s["roce"]["retransmits"]),
         rnr_naks: n(&s["roce"]["rnr_naks_sent"]),
-        stale: n(&s["roce"]["stale_accesses"]) + n(&p["stale"]),
+        stale: n(&s["roce"]["stale_accesses"]) + n(&p["stale"]) + n(&sg["stale"]),
+        checked: n(&cg["checked"]) + n(&sg["checked"]),
+        wiped: n(&cg["wiped"]) + n(&sg["wiped"]),
         churn_ops,
+        teardowns,
     })
 }
 
@@ -332,7 +376,9 @@ pub fn run(o: &RoceBench) -> Result<(), String> {
             let udp = udp_gbps(&net, 12 + msg.min(4096) as usize + 4, 1.0)?;
             for op in ["write", "read", "send"] {
                 let iters = match (op, msg < 65536) {
-                    ("send", _) => (o.iters / 4).max(1),
+                    // At least 200: with --churn, long enough (~0.3 s) for
+                    // several teardowns to land under traffic.
+                    ("send", _) => (o.iters / 4).max(200),
                     (_, true) => o.iters * 8,
                     _ => o.iters,
                 };
@@ -348,6 +394,8 @@ pub fn run(o: &RoceBench) -> Result<(), String> {
                             "gbps": r.gbps, "udp_gbps": r.udp_gbps, "retransmits": r.retransmits,
                             "rnr_naks": r.rnr_naks, "stale_accesses": r.stale,
                             "churn_ops": r.churn_ops, "iterations": iters,
+                            "checked": r.checked, "wiped": r.wiped,
+                            "teardowns": r.teardowns,
                         })
                     );
                 } else {

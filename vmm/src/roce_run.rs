@@ -23,8 +23,10 @@ pub struct RoceArgs {
     pub listen: Option<SocketAddr>,
     pub connect: Option<SocketAddr>,
     pub mtu: usize,
-    /// The host answers every SEND from the peer with the same bytes, on
-    /// the guest's queue pairs (for `--guest idle`).
+    /// A host-side diagnostic: the host answers every SEND from the peer
+    /// with the same bytes, on the guest's queue pairs (for `--guest
+    /// idle`). No test relies on it: guest-to-guest SEND/RECV is
+    /// `send-ping` / `recv-pong`.
     pub echo: bool,
 }
 
@@ -32,6 +34,7 @@ pub struct RoceArgs {
 /// result once the peer is gone.
 pub struct RoceRun {
     port: Arc<RocePort>,
+    dev: Arc<crate::devices::rnic::RnicDevice>,
     /// SENDs echoed by the host (`--roce-echo`).
     echoes: Arc<AtomicU64>,
     peer: SocketAddrV4,
@@ -59,8 +62,14 @@ pub fn run(
     args: &RoceArgs,
 ) -> Result<(crate::cli::Outcome, RoceRun), String> {
     let memory = config.memory;
+    // A guest that answers the peer until told to stop finishes (and
+    // reports) on its own once the peer is gone.
+    let answers = matches!(
+        config.guest,
+        crate::vm::GuestConfig::Builtin(crate::payload::Guest::RecvPong)
+    );
     let vm = crate::vm::Vm::new(config).map_err(|e| e.to_string())?;
-    let link = prepare(&vm.handle(), memory, args)?;
+    let link = prepare(&vm.handle(), memory, args, answers)?;
     let server = match api_sock {
         Some(path) => Some(
             crate::api::ApiServer::bind(path, vm.handle(), limits)
@@ -71,8 +80,19 @@ pub fn run(
     Ok((crate::cli::serve(vm, server, timeout)?, link))
 }
 
-/// Link the VM's RNIC before its vCPUs start.
-pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, String> {
+/// How long a guest answering the peer (`recv-pong`) gets to finish and
+/// report once the peer is gone.
+const ANSWERER_GRACE: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Link the VM's RNIC before its vCPUs start. When the peer goes away,
+/// `answers`: ask the guest to stop and let it report (up to
+/// `ANSWERER_GRACE`) before the VM is stopped.
+pub fn prepare(
+    vm: &VmHandle,
+    memory: u64,
+    args: &RoceArgs,
+    answers: bool,
+) -> Result<RoceRun, String> {
     let dev = vm
         .rnic()
         .ok_or("--roce-bind needs the emulated RNIC (--rnic emulated)")?;
@@ -123,6 +143,7 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
     let run = RoceRun {
         echoes: echo.unwrap_or_default(),
         port,
+        dev: dev.clone(),
         peer: link.peer.addr,
         pages_checked: Arc::new(AtomicU64::new(0)),
         stale: Arc::new(AtomicU64::new(0)),
@@ -143,6 +164,17 @@ pub fn prepare(vm: &VmHandle, memory: u64, args: &RoceArgs) -> Result<RoceRun, S
                 link.stale_pages(&*ram as &dyn GuestMemory, |gpa| mmu.lookup(gpa).is_some());
             checked.store(c, Ordering::Relaxed);
             stale.store(s, Ordering::Relaxed);
+            if answers {
+                // Counters first: the run's report follows the guest's end.
+                handle.request_stop();
+                let deadline = std::time::Instant::now() + ANSWERER_GRACE;
+                while !handle.finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                if handle.finished() {
+                    return;
+                }
+            }
             handle.stop("the RoCE peer closed the exchange connection");
         })
         .map_err(|e| format!("spawning the RoCE watcher: {e}"))?;
@@ -165,6 +197,7 @@ impl RoceRun {
             "seq_naks_sent": s.seq_naks_sent,
             "seq_naks_received": s.seq_naks_received,
             "access_naks_sent": s.access_naks_sent,
+            "invalid_naks_sent": s.invalid_naks_sent,
             "duplicates": s.duplicates,
             "read_replays": s.read_replays,
             "bad_icrc": s.bad_icrc,
@@ -174,6 +207,10 @@ impl RoceRun {
             "pages_checked": self.pages_checked.load(Ordering::Relaxed),
             "stale_accesses": self.stale.load(Ordering::Relaxed),
             "echoes": self.echoes.load(Ordering::Relaxed),
+            // Banks whose connection went into error (retries exhausted,
+            // an error NAK): not re-connected; the guest's enable of such a
+            // bank fails with ERR_ROCE_GONE.
+            "queue_pairs_lost": self.dev.roce_qps_lost(),
         })
     }
 }

@@ -98,11 +98,11 @@ fn a_long_invalidation_gap_does_not_keep_the_demo_from_ending() {
     assert!(status.success(), "{status:?}");
 }
 
-/// Item 13: `odpvm demo | head -1` panicked with "Broken pipe".
-#[test]
-fn a_closed_stdout_stops_the_demo_cleanly() {
+/// Run odpvm with `args`, read its first line of output, then close the
+/// pipe (the reader is gone) and wait for it to end.
+fn first_line_then_close(args: &[&str]) -> (String, std::process::Output) {
     let mut child = odpvm()
-        .args(["demo", "--seconds", "20", "--memory", "64M"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -111,15 +111,42 @@ fn a_closed_stdout_stops_the_demo_cleanly() {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
         .unwrap();
-    assert!(first.starts_with("odpvm demo"), "{first}");
-    // The reader is gone now (dropped with the BufReader).
+    (first, child.wait_with_output().unwrap())
+}
+
+/// Item 13: `odpvm demo | head -1` panicked with "Broken pipe".
+#[test]
+fn a_closed_stdout_stops_the_demo_cleanly() {
     let t0 = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    let (first, out) = first_line_then_close(&["demo", "--seconds", "20", "--memory", "64M"]);
+    assert!(first.starts_with("odpvm demo"), "{first}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("standard output is closed"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+}
+
+/// The same for a benchmark's rows (`odpvm bench teardown --json | head -1`
+/// panicked with "failed printing to stdout").
+#[test]
+fn a_closed_stdout_stops_a_bench_cleanly() {
+    let (first, out) = first_line_then_close(&[
+        "bench",
+        "teardown",
+        "--memory",
+        "32M,64M",
+        "--methods",
+        "generation",
+        "--mirrors",
+        "kvm",
+        "--json",
+    ]);
+    assert!(first.contains("\"bench\":\"teardown\""), "{first}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("standard output is closed"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// Item 11: without enough free huge pages a hugetlbfs VM started anyway

@@ -2,7 +2,8 @@
 //! loopback addresses (`--roce-bind`, out-of-band exchange with
 //! `--roce-listen` / `--roce-connect`): guest RDMA WRITE and READ with the
 //! payloads' stamp checks, the listening VM checking what landed in its
-//! memory.
+//! memory; SEND/RECV between the two guests (`send-ping` / `recv-pong`),
+//! each checking the other's stamps.
 
 use serde_json::Value;
 use std::process::{Command, Stdio};
@@ -18,18 +19,41 @@ fn last_json(out: &[u8]) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
-/// Run `guest` in a client VM against an idle server VM; both reports.
-fn pair(net: u8, guest: &str, iters: u64) -> (Value, Value) {
+/// Run `guest` in a client VM against a server VM running `server_guest`;
+/// both reports.
+fn pair(net: u8, guest: &str, server_guest: &str, iters: u64) -> (Value, Value) {
+    pair_with(net, guest, server_guest, &[], iters)
+}
+
+/// `pair`, with more flags for the server.
+fn pair_with(
+    net: u8,
+    guest: &str,
+    server_guest: &str,
+    server_flags: &[&str],
+    iters: u64,
+) -> (Value, Value) {
     let (ia, ib) = (format!("127.0.{net}.1"), format!("127.0.{net}.2"));
     let exchange = format!("127.0.{net}.2:{}", 18_000 + u32::from(net));
     let server = odpvm()
-        .args(["run", "--guest", "idle", "--memory", "128M", "--vcpus", "1"])
-        .args(["--roce-bind", &ib, "--roce-listen", &exchange])
-        .args(if guest == "send-lat" {
-            &["--roce-echo"][..]
-        } else {
-            &[]
-        })
+        .args([
+            "run",
+            "--guest",
+            server_guest,
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+        ])
+        .args([
+            "--msg",
+            "64K",
+            "--roce-bind",
+            &ib,
+            "--roce-listen",
+            &exchange,
+        ])
+        .args(server_flags)
         .args(["--json", "--timeout", "120"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -59,7 +83,7 @@ fn pair(net: u8, guest: &str, iters: u64) -> (Value, Value) {
 
 #[test]
 fn two_vmm_processes_rdma_write_over_roce() {
-    let (c, s) = pair(41, "rdma-write-bw", 1000);
+    let (c, s) = pair(41, "rdma-write-bw", "idle", 1000);
     println!("client {}\nserver {}", c["roce"], s["roce"]);
     assert_eq!(c["guest_result"], "pass", "{c}");
     let p = &c["perftest"][0];
@@ -76,7 +100,7 @@ fn two_vmm_processes_rdma_write_over_roce() {
 
 #[test]
 fn two_vmm_processes_rdma_read_over_roce() {
-    let (c, s) = pair(42, "rdma-read-bw", 1000);
+    let (c, s) = pair(42, "rdma-read-bw", "idle", 1000);
     println!("client {}\nserver {}", c["roce"], s["roce"]);
     assert_eq!(c["guest_result"], "pass", "{c}");
     let p = &c["perftest"][0];
@@ -88,18 +112,37 @@ fn two_vmm_processes_rdma_read_over_roce() {
     assert_eq!(s["roce"]["bad_icrc"], 0);
 }
 
-/// SEND/RECV between the two guests' queue pairs: the client guest's
-/// `send-lat` sends and waits for each echo; the server's host answers on
-/// the server guest's queue pairs (`--roce-echo`).
+/// SEND/RECV between the two guests: the client's `send-ping` sends 500
+/// stamped 64 KiB messages one at a time; the server's `recv-pong` checks
+/// every line of each and answers with a reply it stamps itself, which
+/// the client checks likewise. Both report every message checked, none
+/// stale, and the server ends on its own (asked to stop when the client's
+/// exchange connection closes) with its report.
 #[test]
 fn two_vmm_processes_send_recv_over_roce() {
-    let (c, s) = pair(43, "send-lat", 500);
+    let (c, s) = pair(43, "send-ping", "recv-pong", 500);
     println!("client {}\nserver {}", c["roce"], s["roce"]);
+    for (who, r) in [("client", &c), ("server", &s)] {
+        assert_eq!(r["guest_result"], "pass", "{who}: {r}");
+        let g = &r["vcpu_reports"][0];
+        assert_eq!(g["msgs"], 500, "{who}: {g}");
+        assert_eq!(g["stale"], 0, "{who}: {g}");
+        assert_eq!(g["errors"], 0, "{who}: {g}");
+        // No teardown here: every message verified the first time.
+        assert_eq!(g["checked"], 500, "{who}: {g}");
+    }
+    assert_eq!(s["exit"], "guest-done", "{s}");
+    assert_eq!(c["perftest"][0]["iterations"], 500);
+}
+
+/// The host-side diagnostic `--roce-echo`: an idle VM's host answers
+/// every SEND of the client's `send-lat` with the same bytes.
+#[test]
+fn roce_echo_answers_send_lat_from_the_host() {
+    let (c, s) = pair_with(47, "send-lat", "idle", &["--roce-echo"], 100);
     assert_eq!(c["guest_result"], "pass", "{c}");
-    let p = &c["perftest"][0];
-    assert_eq!(p["iterations"], 500, "{p}");
-    assert_eq!(p["errors"], 0, "{p}");
-    assert_eq!(s["roce"]["echoes"], 500, "{s}");
+    assert_eq!(c["perftest"][0]["iterations"], 100, "{c}");
+    assert_eq!(s["roce"]["echoes"], 100, "{s}");
 }
 
 #[test]
@@ -128,8 +171,10 @@ fn roce_flags_are_checked() {
 /// namespaces, 1 % real loss (nftables) each way, the responder's memory
 /// invalidated and torn down while guest WRITEs and READs run (`odpvm
 /// bench roce --churn`): every message completes (the requester's guest
-/// reports no error), nothing stale (responder's WRITE stamp check and the
-/// requester's READ stamp check), retransmits > 0. Needs root, as CI has.
+/// reports no error), nothing stale (responder's WRITE stamp check, the
+/// requester's READ stamp check, and for SEND/RECV both guests' checks of
+/// every message and reply: `send-ping` against `recv-pong`, the churned
+/// VM), retransmits > 0. Needs root, as CI has.
 #[test]
 fn two_vmm_processes_under_one_percent_loss_and_churn() {
     // SAFETY: geteuid has no preconditions.
@@ -162,7 +207,94 @@ fn two_vmm_processes_under_one_percent_loss_and_churn() {
         assert_eq!(r["stale_accesses"], 0, "{r}");
         assert!(r["gbps"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["churn_ops"].as_u64().unwrap() > 0, "{r}");
+        if r["op"] == "send" {
+            // Each message and each reply verified by its receiving guest,
+            // or excused as wiped by the churn.
+            let n = |k: &str| r[k].as_u64().unwrap();
+            assert_eq!(n("checked") + n("wiped"), 2 * n("iterations"), "{r}");
+            assert!(n("checked") > 0, "{r}");
+            // The churn tore the responder's memory down under this row
+            // (every 50 ms; a loaded host serves fewer).
+            assert!(n("teardowns") >= 1, "{r}");
+        }
         retransmits += r["retransmits"].as_u64().unwrap();
     }
     assert!(retransmits > 0);
+}
+
+/// The server VMM is frozen (SIGSTOP) mid-run: its RoCE port goes silent
+/// while the exchange connection stays open. The client's queue pair runs
+/// out of retries (RETRY_EXC_ERR) and goes into error; its guest resets
+/// the bank, whose enable now fails with ERR_ROCE_GONE (RoCE queue pairs
+/// are not re-connected), and ends with a failure report. The run says
+/// so: `queue_pairs_lost`, a non-zero exit, and an error line.
+#[test]
+fn a_queue_pair_whose_roce_connection_died_says_so() {
+    let net = 44;
+    let (ia, ib) = (format!("127.0.{net}.1"), format!("127.0.{net}.2"));
+    let exchange = format!("127.0.{net}.2:{}", 18_000 + net);
+    let mut server = odpvm()
+        .args([
+            "run",
+            "--guest",
+            "recv-pong",
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+        ])
+        .args([
+            "--msg",
+            "4K",
+            "--roce-bind",
+            &ib,
+            "--roce-listen",
+            &exchange,
+        ])
+        .args(["--json", "--timeout", "60"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let client = odpvm()
+        .args([
+            "run",
+            "--guest",
+            "send-ping",
+            "--memory",
+            "128M",
+            "--vcpus",
+            "1",
+        ])
+        .args(["--iters", "0", "--msg", "4K"])
+        .args(["--roce-bind", &ia, "--roce-connect", &exchange])
+        .args(["--json", "--timeout", "60"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = server.id() as i32;
+    // SAFETY: signals a child this test started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let out = client.wait_with_output().unwrap();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid, libc::SIGCONT);
+        libc::kill(pid, libc::SIGKILL);
+    }
+    let _ = server.wait();
+    let c = last_json(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{c}\n{err}");
+    assert!(!out.status.success());
+    assert_eq!(c["roce"]["queue_pairs_lost"], 1, "{c}");
+    assert!(c["roce"]["timeouts"].as_u64().unwrap() >= 8, "{c}");
+    let g = &c["vcpu_reports"][0];
+    assert_eq!(g["passed"], false, "{g}");
+    assert!(g["msgs"].as_u64().unwrap() > 0, "{g}");
+    assert!(g["errors"].as_u64().unwrap() > 0, "{g}");
+    assert_eq!(g["stale"], 0, "{g}");
+    assert!(err.contains("RoCE connection is gone"), "{err}");
 }

@@ -130,6 +130,7 @@ pub mod rnic {
     pub const ERR_DOORBELL: u32 = 0x3;
     pub const ERR_REGISTER: u32 = 0x4;
     pub const ERR_RING_READ: u32 = 0x5;
+    pub const ERR_ROCE_GONE: u32 = 0x6;
 }
 
 /// The parameter block at PARAMS_ADDR (rdx at entry).

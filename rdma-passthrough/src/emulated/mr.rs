@@ -57,6 +57,12 @@ impl MrState {
         self.state.load(Ordering::Acquire) == LIVE
     }
 
+    /// Fenced (an invalidation went unconfirmed): it comes back, with an
+    /// empty table, once the device answers again.
+    pub(crate) fn fenced(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FENCED
+    }
+
     /// Host address of the page containing `iova`, if mapped.
     pub(crate) fn lookup(&self, iova: u64) -> Option<u64> {
         let page = iova & !(PAGE_SIZE - 1);

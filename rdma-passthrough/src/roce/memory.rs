@@ -10,7 +10,11 @@
 //!
 //! A page the table does not map is a device page fault: it is queued to
 //! the RNIC's page-fault thread (which resolves it through the mmu) and the
-//! caller backs off — a responder answers with an RNR NAK.
+//! caller backs off — a responder answers with an RNR NAK. So does an MR
+//! the RNIC fenced (its device thread missed an invalidation's deadline,
+//! e.g. starved on a loaded host): it is re-registered once the device
+//! answers, so that is "not ready", not an access error
+//! (`tests/roce.rs::a_fenced_mr_on_the_responder_answers_rnr_until_it_recovers`).
 
 use crate::emulated::mr::MrState;
 use crate::emulated::{FaultRequest, Shared};
@@ -33,8 +37,27 @@ pub(crate) struct Seg {
 pub(crate) enum Miss {
     /// The page at this iova is not mapped: fault it in and retry.
     Page { key: u32, iova: u64 },
-    /// The MR is fenced or deregistered.
+    /// The MR is fenced: retry once the device answers again.
+    Fenced,
+    /// The MR is deregistered.
     Dead,
+}
+
+/// Why a key or buffer was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Bad key, domain, rights or bounds.
+    Access,
+    /// Valid, but its MR is fenced for now.
+    Fenced,
+}
+
+fn not_live(mr: &MrState) -> Miss {
+    if mr.fenced() {
+        Miss::Fenced
+    } else {
+        Miss::Dead
+    }
 }
 
 /// Validate an SGE list against `pd`'s MRs (`write`: needs LOCAL_WRITE).
@@ -44,18 +67,25 @@ pub(crate) fn local_segs(
     pd: u32,
     sges: &[Sge],
     write: bool,
-) -> Option<(Vec<Seg>, u64)> {
+) -> Result<(Vec<Seg>, u64), Refused> {
     let mrs = shared.mrs.read();
     let mut out = Vec::with_capacity(sges.len());
     let mut total = 0u64;
+    let mut fenced = false;
     for s in sges {
         let len = u64::from(s.length);
-        let mr = mrs.get(&s.lkey)?;
-        if mr.pd != pd || !mr.live() || (write && !mr.access.contains(Access::LOCAL_WRITE)) {
-            return None;
+        let mr = mrs.get(&s.lkey).ok_or(Refused::Access)?;
+        if mr.pd != pd || (write && !mr.access.contains(Access::LOCAL_WRITE)) {
+            return Err(Refused::Access);
         }
         if !mr.contains(s.addr, len) {
-            return None;
+            return Err(Refused::Access);
+        }
+        if !mr.live() {
+            if !mr.fenced() {
+                return Err(Refused::Access);
+            }
+            fenced = true;
         }
         total += len;
         if len > 0 {
@@ -66,7 +96,10 @@ pub(crate) fn local_segs(
             });
         }
     }
-    Some((out, total))
+    if fenced {
+        return Err(Refused::Fenced);
+    }
+    Ok((out, total))
 }
 
 /// The MR `rkey` names, if `pd` owns it, it grants `need`, it is live and
@@ -80,15 +113,21 @@ pub(crate) fn remote_mr(
     va: u64,
     len: u64,
     need: Access,
-) -> Option<Arc<MrState>> {
-    let mr = shared.mrs.read().get(&rkey)?.clone();
-    if mr.pd != pd || !mr.live() || !mr.access.contains(need) || !mr.contains(va, len) {
-        return None;
+) -> Result<Arc<MrState>, Refused> {
+    let mr = shared.mrs.read().get(&rkey).ok_or(Refused::Access)?.clone();
+    if mr.pd != pd || !mr.access.contains(need) || !mr.contains(va, len) {
+        return Err(Refused::Access);
     }
     if len > 0 && !backed(&mr, va, len) {
-        return None;
+        return Err(Refused::Access);
     }
-    Some(mr)
+    if !mr.live() {
+        return Err(match not_live(&mr) {
+            Miss::Fenced => Refused::Fenced,
+            _ => Refused::Access,
+        });
+    }
+    Ok(mr)
 }
 
 /// Whether every byte of `[va, va + len)` lies in a region of the MR's
@@ -118,7 +157,7 @@ pub(crate) fn write(mr: &MrState, iova: u64, data: &[u8]) -> Result<(), Miss> {
         let n = (data.len() - done).min((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize);
         let table = mr.table.lock();
         if !mr.live() {
-            return Err(Miss::Dead);
+            return Err(not_live(mr));
         }
         let Some(&page) = table.pages.get(&(at & !(PAGE_SIZE - 1))) else {
             return Err(Miss::Page {
@@ -146,7 +185,7 @@ pub(crate) fn read(mr: &MrState, iova: u64, out: &mut [u8]) -> Result<(), Miss> 
         let n = (out.len() - done).min((PAGE_SIZE - (at & (PAGE_SIZE - 1))) as usize);
         let table = mr.table.lock();
         if !mr.live() {
-            return Err(Miss::Dead);
+            return Err(not_live(mr));
         }
         let Some(&page) = table.pages.get(&(at & !(PAGE_SIZE - 1))) else {
             return Err(Miss::Page {
@@ -171,7 +210,7 @@ pub(crate) fn first_missing(mr: &MrState, va: u64, len: u64) -> Result<Option<u6
     }
     let table = mr.table.lock();
     if !mr.live() {
-        return Err(Miss::Dead);
+        return Err(not_live(mr));
     }
     let mut p = va & !(PAGE_SIZE - 1);
     while p < va + len {

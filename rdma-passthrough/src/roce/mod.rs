@@ -44,11 +44,9 @@ pub struct RoceConfig {
     /// Go back to the oldest unacknowledged PSN after this long without
     /// progress.
     pub retransmit_timeout: Duration,
-    /// Timer expiries without progress before RETRY_EXC_ERR (0–7).
+    /// Consecutive timer expiries with no response before RETRY_EXC_ERR
+    /// (0–7). (The RNR NAK timer is per QP: `QpCaps::min_rnr_timer`.)
     pub retry_cnt: u8,
-    /// The RNR NAK timer code this port's responder sends (IBTA encoding;
-    /// see [`wire::rnr_timer_duration`]).
-    pub rnr_timer: u8,
     /// Socket send and receive buffer bytes.
     pub socket_buffer: usize,
 }
@@ -61,7 +59,6 @@ impl Default for RoceConfig {
             ack_every: 32,
             retransmit_timeout: Duration::from_millis(10),
             retry_cnt: 7,
-            rnr_timer: wire::rnr_timer_code(Duration::from_micros(100)),
             socket_buffer: 8 << 20,
         }
     }
@@ -79,8 +76,8 @@ impl RoceConfig {
         if self.ack_every == 0 {
             return bad("ack_every must be positive".into());
         }
-        if self.retry_cnt > 7 || self.rnr_timer > 31 {
-            return bad("retry_cnt is 0..=7 and rnr_timer 0..=31".into());
+        if self.retry_cnt > 7 {
+            return bad("retry_cnt is 0..=7".into());
         }
         if self.retransmit_timeout.is_zero() {
             return bad("retransmit_timeout must be positive".into());

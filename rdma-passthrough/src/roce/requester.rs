@@ -9,14 +9,16 @@
 //! * Go-back-N: a PSN-sequence-error NAK, an RNR NAK (after its timer) or
 //!   the retransmit timer rewinds transmission to the oldest unacknowledged
 //!   PSN (a READ is re-requested from the first response not received).
-//! * Retry counts: `retry_cnt` timer expiries without progress (each
-//!   waiting twice as long as the one before, at most 1 s) end the
-//!   oldest request in `RETRY_EXC_ERR`; `rnr_retry` RNR NAKs (7 = forever)
-//!   in `RNR_RETRY_EXC_ERR`. Either puts the QP in the error state and
-//!   flushes the rest.
+//! * Retry counts: `retry_cnt` consecutive timer expiries with no response
+//!   in between (an ACK that advances, a READ response or an RNR NAK ends
+//!   the run; each expiry waits twice as long as the one before, at most
+//!   1 s) end the oldest request in `RETRY_EXC_ERR`; `rnr_retry` RNR NAKs
+//!   (7 = forever) in `RNR_RETRY_EXC_ERR`. Either puts the QP in the error
+//!   state and flushes the rest.
 //!
 //! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `retry_exhaustion_ends_in_retry_exc_err`,
+//! `rnr_naks_between_stalls_do_not_exhaust_the_retry_count`,
 //! `missing_receive_ends_in_rnr_retry_exc_err`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`).
 
@@ -141,11 +143,17 @@ impl RcQp {
                 return;
             };
             match self.prepare(shared, &wr) {
-                Some(wqe) => {
+                Ok(wqe) => {
                     self.req.next_psn = psn_add(wqe.first_psn, wqe.npkts);
                     self.req.wqes.push_back(wqe);
                 }
-                None => {
+                Err(memory::Refused::Fenced) => {
+                    // Its MR comes back once the device answers: later.
+                    self.qp.sq.lock().push_front(wr);
+                    self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                    return;
+                }
+                Err(memory::Refused::Access) => {
                     // A bad lkey ends this WR and the QP, like the device.
                     self.qp.send_cq.push(crate::verbs::Wc {
                         wr_id: wr.wr_id,
@@ -166,11 +174,11 @@ impl RcQp {
         }
     }
 
-    fn prepare(&self, shared: &Shared, wr: &SendWr) -> Option<ReqWqe> {
+    fn prepare(&self, shared: &Shared, wr: &SendWr) -> Result<ReqWqe, memory::Refused> {
         let read = matches!(wr.opcode, Opcode::RdmaRead { .. });
         let (segs, len) = memory::local_segs(shared, self.qp.pd, &wr.sges, read)?;
         if len > u64::from(u32::MAX) {
-            return None;
+            return Err(memory::Refused::Access);
         }
         let kind = match wr.opcode {
             Opcode::Send => Kind::Send,
@@ -183,7 +191,7 @@ impl RcQp {
                 rkey,
             },
         };
-        Some(ReqWqe {
+        Ok(ReqWqe {
             wr_id: wr.wr_id,
             signaled: wr.signaled,
             kind,
@@ -266,6 +274,10 @@ impl RcQp {
                         self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
                         return Ok(false);
                     }
+                    Err(Miss::Fenced) => {
+                        self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                        return Ok(false);
+                    }
                     Err(Miss::Page { .. } | Miss::Dead) => {
                         self.fail_front(WcStatus::LocProtErr);
                         return Err(());
@@ -297,6 +309,11 @@ impl RcQp {
                         if let Some(s) = seg {
                             faults.request(shared, &s.mr, iova, s.addr + s.len, false);
                         }
+                        self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                        return Ok(false);
+                    }
+                    Err(Miss::Fenced) => {
+                        self.scratch = payload;
                         self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
                         return Ok(false);
                     }
@@ -521,6 +538,16 @@ impl RcQp {
                     }
                     self.req.rnr_left -= 1;
                 }
+                // The responder answered: whatever timeouts came before
+                // were not a dead path or peer, and `retry_cnt` counts
+                // *consecutive* timeouts without a response. (RNR NAKs
+                // have their own budget, `rnr_retry`.) Not restoring it
+                // here let a responder that alternates between RNR NAKs
+                // (ODP faults) and silence (descheduled on a loaded host)
+                // exhaust the budget at the un-backed-off rate, since each
+                // RNR NAK restarts the timer (test
+                // `rnr_naks_between_stalls_do_not_exhaust_the_retry_count`).
+                self.req.retry_left = self.config.retry_cnt;
                 self.req.rewind(psn);
                 let delay = rnr_timer_duration(timer);
                 self.req.hold_until = Some(Instant::now() + delay);
@@ -607,6 +634,11 @@ impl RcQp {
                 if let Some(s) = w.segs.iter().find(|s| s.mr.key == key).cloned() {
                     faults.request(shared, &s.mr, iova, s.addr + s.len, true);
                 }
+                self.req.rewind(expected);
+                self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
+                return;
+            }
+            Err(Miss::Fenced) => {
                 self.req.rewind(expected);
                 self.req.hold_until = Some(Instant::now() + LOCAL_FAULT_BACKOFF);
                 return;

@@ -10,19 +10,22 @@
 //!   is re-ACKed (if it asks for an ACK) and not executed again.
 //! * Far out of the window either way: dropped and counted.
 //! * Bad rkey, missing rights, bounds past the MR or past backed memory:
-//!   remote-access-error NAK. Opcode out of sequence, wrong lengths:
+//!   remote-access-error NAK. An MR the RNIC fenced (it comes back once
+//!   the device answers): RNR NAK. Opcode out of sequence, wrong lengths:
 //!   invalid-request NAK. Receive buffer too small: invalid request, the
 //!   receive completes with LOC_LEN_ERR.
 //! * A page not in the MR's device page table: a device page fault is
-//!   queued and the requester gets an RNR NAK; it retries after the timer.
-//!   No receive posted: RNR NAK too.
+//!   queued and the requester gets an RNR NAK; it retries after the timer
+//!   (the QP's own `QpCaps::min_rnr_timer`). No receive posted: RNR NAK
+//!   too.
 //!
 //! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`,
 //! `odp_faults_on_the_responder_answer_with_rnr_naks`,
-//! `crafted_packets_are_dropped_or_naked_and_counted`).
+//! `crafted_packets_are_dropped_or_naked_and_counted`,
+//! `rnr_naks_carry_each_qps_own_min_rnr_timer`).
 
-use super::memory::{self, Miss, Seg};
+use super::memory::{self, Miss, Refused, Seg};
 use super::port::Wire;
 use super::qp::RcQp;
 use super::wire::*;
@@ -164,7 +167,10 @@ impl RcQp {
 
     fn rnr_nak(&mut self, wire: &mut Wire, psn: u32) {
         self.stats.rnr_naks_sent.fetch_add(1, Ordering::Relaxed);
-        let timer = self.config.rnr_timer;
+        // This QP's own timer (`QpCaps::min_rnr_timer`, as a verbs
+        // consumer sets it per QP), 5 bits on the wire (test
+        // `tests/roce.rs::rnr_naks_carry_each_qps_own_min_rnr_timer`).
+        let timer = self.qp.caps.min_rnr_timer & 31;
         self.send_aeth(wire, psn, Aeth::rnr_nak(timer, self.resp.msn));
     }
 
@@ -189,15 +195,17 @@ impl RcQp {
                 return;
             };
             let len = u64::from(reth.dma_len);
-            let Some(mr) = memory::remote_mr(
+            let mr = match memory::remote_mr(
                 shared,
                 self.qp.pd,
                 reth.rkey,
                 reth.va,
                 len,
                 Access::REMOTE_READ,
-            ) else {
-                return;
+            ) {
+                Ok(mr) => mr,
+                Err(Refused::Fenced) => return self.rnr_nak(wire, pkt.bth.psn),
+                Err(Refused::Access) => return,
             };
             match memory::first_missing(&mr, reth.va, len) {
                 Ok(None) => {
@@ -208,6 +216,7 @@ impl RcQp {
                     faults.request(shared, &mr, iova, reth.va + len, false);
                     self.rnr_nak(wire, pkt.bth.psn);
                 }
+                Err(Miss::Fenced) => self.rnr_nak(wire, pkt.bth.psn),
                 Err(_) => {}
             }
             return;
@@ -269,12 +278,12 @@ impl RcQp {
         let (mr, va, resid) = match (&self.resp.cur, pkt.reth) {
             (None, Some(r)) => {
                 let len = u64::from(r.dma_len);
-                let Some(mr) =
-                    memory::remote_mr(shared, self.qp.pd, r.rkey, r.va, len, Access::REMOTE_WRITE)
-                else {
-                    return Verdict::Nak(NakCode::RemoteAccessError);
-                };
-                (mr, r.va, len)
+                match memory::remote_mr(shared, self.qp.pd, r.rkey, r.va, len, Access::REMOTE_WRITE)
+                {
+                    Ok(mr) => (mr, r.va, len),
+                    Err(Refused::Fenced) => return Verdict::Rnr,
+                    Err(Refused::Access) => return Verdict::Nak(NakCode::RemoteAccessError),
+                }
             }
             (Some(InMsg::Write { mr, va, resid }), None) => (mr.clone(), *va, *resid),
             _ => return Verdict::Nak(NakCode::InvalidRequest),
@@ -290,6 +299,7 @@ impl RcQp {
                 faults.request(shared, &mr, iova, va + resid, true);
                 return Verdict::Rnr;
             }
+            Err(Miss::Fenced) => return Verdict::Rnr,
             Err(Miss::Dead) => return Verdict::Nak(NakCode::RemoteAccessError),
         }
         if last {
@@ -316,7 +326,7 @@ impl RcQp {
                 return Verdict::Rnr;
             };
             match memory::local_segs(shared, self.qp.pd, &wr.sges, true) {
-                Some((segs, cap)) => {
+                Ok((segs, cap)) => {
                     self.resp.recv = Some(PostedRecv {
                         wr,
                         segs,
@@ -324,7 +334,12 @@ impl RcQp {
                         off: 0,
                     })
                 }
-                None => {
+                Err(Refused::Fenced) => {
+                    // Not consumed: it takes the message once its MR is back.
+                    self.qp.rq.lock().push_front(wr);
+                    return Verdict::Rnr;
+                }
+                Err(Refused::Access) => {
                     self.complete_recv(wr.wr_id, WcStatus::LocProtErr, 0);
                     self.set_error();
                     return Verdict::Nak(NakCode::RemoteOperationalError);
@@ -348,6 +363,7 @@ impl RcQp {
                 }
                 return Verdict::Rnr;
             }
+            Err(Miss::Fenced) => return Verdict::Rnr,
             Err(Miss::Dead) => {
                 let id = recv.wr.wr_id;
                 self.resp.recv = None;
@@ -394,15 +410,17 @@ impl RcQp {
             return Verdict::Nak(NakCode::InvalidRequest);
         };
         let len = u64::from(reth.dma_len);
-        let Some(mr) = memory::remote_mr(
+        let mr = match memory::remote_mr(
             shared,
             self.qp.pd,
             reth.rkey,
             reth.va,
             len,
             Access::REMOTE_READ,
-        ) else {
-            return Verdict::Nak(NakCode::RemoteAccessError);
+        ) {
+            Ok(mr) => mr,
+            Err(Refused::Fenced) => return Verdict::Rnr,
+            Err(Refused::Access) => return Verdict::Nak(NakCode::RemoteAccessError),
         };
         // Fault everything in first: READ responses cannot be RNR-NAKed
         // halfway, so the request itself is.
@@ -412,6 +430,7 @@ impl RcQp {
                 faults.request(shared, &mr, iova, reth.va + len, false);
                 return Verdict::Rnr;
             }
+            Err(Miss::Fenced) => return Verdict::Rnr,
             Err(_) => return Verdict::Nak(NakCode::RemoteAccessError),
         }
         let npkts = len.div_ceil(self.mtu as u64).max(1) as u32;

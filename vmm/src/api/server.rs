@@ -383,6 +383,12 @@ impl ApiServer {
                     self.vm.shutdown();
                     c.queue(&Ok(Response::Done {}));
                 }
+                // Counters only: answered here, even while the worker is
+                // busy with a teardown or a long invalidation
+                // (`stats_is_answered_while_a_teardown_is_in_flight`).
+                Ok(Request::Stats) => {
+                    c.queue(&Ok(Response::Stats(Box::new(self.vm.stats()))));
+                }
                 Ok(req) => {
                     c.in_flight = true;
                     self.worker.submit(c.id, req);

@@ -56,7 +56,7 @@ pub fn faults(
             "vmm_rss_kib": rss,
             "guest_pages_faulted": r.faults_tracked,
         }),
-    );
+    )?;
     let mut per_page = std::collections::BTreeMap::new();
     for tracking in [Tracking::Mmu, Tracking::RawUffd, Tracking::None] {
         let mut samples = Vec::new();
@@ -91,7 +91,7 @@ pub fn faults(
                 "fault_retries": r.fault_retries,
                 "reps": reps.max(1),
             }),
-        );
+        )?;
     }
     emit(
         json_out,
@@ -101,7 +101,7 @@ pub fn faults(
             "mmu_over_raw_uffd": per_page["mmu"] / per_page["raw-uffd"],
             "mmu_over_no_uffd": per_page["mmu"] / per_page["none"],
         }),
-    );
+    )?;
 
     fault_around(fa_memory, json_out)?;
 
@@ -131,7 +131,7 @@ fn fault_around(memory: u64, json_out: bool) -> Result<(), String> {
                 "wasted_pages": r.stats.wasted_pages,
                 "memory_bytes": memory,
             }),
-        );
+        )?;
         Ok(secs)
     };
     let base = |fa: u64| VmConfig {
@@ -157,7 +157,7 @@ fn fault_around(memory: u64, json_out: bool) -> Result<(), String> {
             emit(
                 json_out,
                 &json!({"bench": "faults", "fault_around": "2M", "skipped": why}),
-            );
+            )?;
             None
         }
     };
@@ -181,6 +181,6 @@ fn fault_around(memory: u64, json_out: bool) -> Result<(), String> {
             "sequential_speedup_2m": huge.map(|h| off / h),
             "sparse_slowdown_adaptive": sparse_adaptive / sparse_off,
         }),
-    );
+    )?;
     Ok(())
 }

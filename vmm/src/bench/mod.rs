@@ -30,14 +30,17 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn emit(json_out: bool, v: &Value) {
-    if json_out {
-        println!("{v}");
+/// Print one row; Err once stdout is closed (`odpvm bench … | head -1`),
+/// which ends the benchmark with one clear line instead of a panic.
+fn emit(json_out: bool, v: &Value) -> Result<(), String> {
+    let text = if json_out {
+        v.to_string()
     } else {
         let o = v.as_object().expect("rows are objects");
         let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("{}", parts.join(" "));
-    }
+        parts.join(" ")
+    };
+    crate::cli::output::line(text).map_err(|e| e.to_string())
 }
 
 fn base(memory: u64, vcpus: usize, guest: Guest) -> VmConfig {

@@ -172,19 +172,19 @@ pub fn rnic(o: &RnicBench) -> Result<(), String> {
                 }
             }
         }
-        emit(o.json, &v);
+        emit(o.json, &v)
     };
     let span = 64u64 << 20;
     let s = space(3 * span)?;
     let rnic = EmulatedRnic::new(RnicConfig::default());
-    out(write_bw(o, &s, &rnic, span)?);
-    out(invalidate_rtt(o, &s, &rnic, span)?);
-    out(budget(o, &rnic)?);
-    out(fanout(o, &s, &rnic, span)?);
+    out(write_bw(o, &s, &rnic, span)?)?;
+    out(invalidate_rtt(o, &s, &rnic, span)?)?;
+    out(budget(o, &rnic)?)?;
+    out(fanout(o, &s, &rnic, span)?)?;
     let mut summary = Value::Object(all);
     summary["bench"] = json!("rnic");
     summary["summary"] = json!(true);
-    emit(o.json, &summary);
+    emit(o.json, &summary)?;
     Ok(())
 }
 

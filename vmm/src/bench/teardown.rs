@@ -426,7 +426,7 @@ fn size_and_mirrors(
             }
             let mut row = summarize(memory, method, mirrors, o.backing, &reps);
             row.0["rnic_mr_fenced"] = fenced.into();
-            emit(o.json, &row.0);
+            emit(o.json, &row.0)?;
             rows.push(row.1);
         }
         Ok(())

@@ -8,6 +8,7 @@
 //! guest memory.
 
 pub mod elf;
+mod pingpong;
 mod programs;
 pub mod rdma;
 pub mod sdk;
@@ -35,6 +36,9 @@ pub mod params {
     pub const ITERS: u64 = 0x48;
     pub const RAM_GPA: u64 = 0x50;
     pub const CQ_MOD: u64 = 0x58;
+    /// TSC ticks per millisecond (the host's calibration; payloads that
+    /// time out on silence).
+    pub const TICKS_PER_MS: u64 = 0x60;
     pub const MAGIC_VALUE: u64 = u64::from_le_bytes(*b"ODPVMPRM");
 }
 
@@ -157,6 +161,12 @@ pub fn build_image(
     img.write_u64(PARAMS_GPA + params::ITERS, p.iters);
     img.write_u64(PARAMS_GPA + params::RAM_GPA, ram.first().map_or(0, |r| r.0));
     img.write_u64(PARAMS_GPA + params::CQ_MOD, 16);
+    let ns = mmu::ticks_to_ns(1 << 32).max(1);
+    let per_ms = (1u128 << 32) * 1_000_000 / u128::from(ns);
+    img.write_u64(
+        PARAMS_GPA + params::TICKS_PER_MS,
+        u64::try_from(per_ms).unwrap_or(u64::MAX),
+    );
 
     let code = programs::assemble(guest, CODE_GPA)?;
     if code.len() as u64 > CODE_MAX {

@@ -35,6 +35,13 @@ pub enum Guest {
     RdmaWriteLat,
     /// SEND latency: the host peer echoes every message back.
     SendLat,
+    /// Stamped SEND/RECV to another guest running `recv-pong` (over
+    /// RoCE): sends `iters` messages one at a time, checks every reply's
+    /// stamps (`payload::pingpong`).
+    SendPing,
+    /// Answers `send-ping`: checks each message's stamps and replies with
+    /// its own, until the host asks it to stop.
+    RecvPong,
     /// Garbage to the RNIC's registers and rings, then a short
     /// `rdma-write-bw` proving the device still works.
     RnicGarbage,
@@ -52,7 +59,7 @@ pub enum Guest {
 }
 
 impl Guest {
-    pub const ALL: [Guest; 11] = [
+    pub const ALL: [Guest; 13] = [
         Guest::Touch,
         Guest::Idle,
         Guest::Rewrite,
@@ -61,6 +68,8 @@ impl Guest {
         Guest::RdmaReadBw,
         Guest::RdmaWriteLat,
         Guest::SendLat,
+        Guest::SendPing,
+        Guest::RecvPong,
         Guest::RnicGarbage,
         Guest::Sparse,
         Guest::Writer,
@@ -68,7 +77,7 @@ impl Guest {
 
     /// Whether it drives the RNIC.
     pub fn is_rdma(self) -> bool {
-        self.rdma_kind().is_some()
+        self.rdma_kind().is_some() || matches!(self, Guest::SendPing | Guest::RecvPong)
     }
 
     fn rdma_kind(self) -> Option<super::rdma::Kind> {
@@ -93,6 +102,8 @@ impl Guest {
             Guest::RdmaReadBw => "rdma-read-bw",
             Guest::RdmaWriteLat => "rdma-write-lat",
             Guest::SendLat => "send-lat",
+            Guest::SendPing => "send-ping",
+            Guest::RecvPong => "recv-pong",
             Guest::RnicGarbage => "rnic-garbage",
             Guest::Sparse => "sparse",
             Guest::Writer => "writer",
@@ -107,6 +118,20 @@ impl Guest {
             Guest::Rewrite => &["pages", "kept", "zeroed", "bad"],
             Guest::Churn => &["pages", "stale", "zero_reads"],
             Guest::Writer => &["pages", "stale", "lost"],
+            Guest::SendPing | Guest::RecvPong => &[
+                "msgs",
+                "msg_bytes",
+                "cycles_lo",
+                "cycles_hi",
+                "errors",
+                "recoveries",
+                "stale",
+                "checked",
+                "wiped",
+                "resends",
+                "redundant",
+                "timeouts",
+            ],
             _ => &[
                 "msgs",
                 "msg_bytes",
@@ -612,6 +637,8 @@ pub fn assemble(guest: Guest, ip: u64) -> Result<Vec<u8>, String> {
             Guest::Churn => churn(&mut a)?,
             Guest::Sparse => sparse(&mut a)?,
             Guest::Writer => writer(&mut a)?,
+            Guest::SendPing => super::pingpong::assemble(super::pingpong::Role::Ping, &mut a)?,
+            Guest::RecvPong => super::pingpong::assemble(super::pingpong::Role::Pong, &mut a)?,
             g => super::rdma::assemble(g.rdma_kind().expect("RDMA guest"), &mut a)?,
         }
         a.assemble(ip)

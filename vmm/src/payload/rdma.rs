@@ -23,20 +23,20 @@ use std::mem::offset_of;
 
 // Where the payloads store each field of a ring entry (the one layout in
 // `devices::rnic::abi`).
-const WQE_WR_ID: u64 = offset_of!(SendWqe, wr_id) as u64;
-const WQE_OPCODE: u64 = offset_of!(SendWqe, opcode) as u64;
-const WQE_FLAGS: u64 = offset_of!(SendWqe, flags) as u64;
-const WQE_ADDR: u64 = offset_of!(SendWqe, addr) as u64;
-const WQE_LENGTH: u64 = offset_of!(SendWqe, length) as u64;
-const WQE_LKEY: u64 = offset_of!(SendWqe, lkey) as u64;
+pub(super) const WQE_WR_ID: u64 = offset_of!(SendWqe, wr_id) as u64;
+pub(super) const WQE_OPCODE: u64 = offset_of!(SendWqe, opcode) as u64;
+pub(super) const WQE_FLAGS: u64 = offset_of!(SendWqe, flags) as u64;
+pub(super) const WQE_ADDR: u64 = offset_of!(SendWqe, addr) as u64;
+pub(super) const WQE_LENGTH: u64 = offset_of!(SendWqe, length) as u64;
+pub(super) const WQE_LKEY: u64 = offset_of!(SendWqe, lkey) as u64;
 const WQE_REMOTE_ADDR: u64 = offset_of!(SendWqe, remote_addr) as u64;
 const WQE_RKEY: u64 = offset_of!(SendWqe, rkey) as u64;
-const RQE_WR_ID: u64 = offset_of!(RecvEntry, wr_id) as u64;
-const RQE_ADDR: u64 = offset_of!(RecvEntry, addr) as u64;
-const RQE_LENGTH: u64 = offset_of!(RecvEntry, length) as u64;
-const RQE_LKEY: u64 = offset_of!(RecvEntry, lkey) as u64;
+pub(super) const RQE_WR_ID: u64 = offset_of!(RecvEntry, wr_id) as u64;
+pub(super) const RQE_ADDR: u64 = offset_of!(RecvEntry, addr) as u64;
+pub(super) const RQE_LENGTH: u64 = offset_of!(RecvEntry, length) as u64;
+pub(super) const RQE_LKEY: u64 = offset_of!(RecvEntry, lkey) as u64;
 /// The receive ring follows the send ring, one page into the region.
-const RQ_OFFSET: u64 = 0x1000;
+pub(super) const RQ_OFFSET: u64 = 0x1000;
 const _: () = assert!(RING * WQE_SIZE <= RQ_OFFSET);
 
 pub const REGION: u64 = 16 << 20;
@@ -61,8 +61,8 @@ pub enum Kind {
     SendLat,
 }
 
-type Asm = CodeAssembler;
-type R = Result<(), IcedError>;
+pub(super) type Asm = CodeAssembler;
+pub(super) type R = Result<(), IcedError>;
 
 // Register roles:
 //   r15 params, r14 vCPU, rbp RNIC queue-pair bank, rbx region VA,
@@ -73,35 +73,35 @@ type R = Result<(), IcedError>;
 //   xmm5 error completions, xmm6 recoveries, xmm7 stale pages,
 //   xmm8 receive producer index, xmm9 latency start TSC.
 
-fn xget(a: &mut Asm, dst: AsmRegister64, x: AsmRegisterXmm) -> R {
+pub(super) fn xget(a: &mut Asm, dst: AsmRegister64, x: AsmRegisterXmm) -> R {
     a.movq(dst, x)
 }
 
-fn xset(a: &mut Asm, x: AsmRegisterXmm, src: AsmRegister64) -> R {
+pub(super) fn xset(a: &mut Asm, x: AsmRegisterXmm, src: AsmRegister64) -> R {
     a.movq(x, src)
 }
 
-fn xinc(a: &mut Asm, x: AsmRegisterXmm) -> R {
+pub(super) fn xinc(a: &mut Asm, x: AsmRegisterXmm) -> R {
     xget(a, rax, x)?;
     a.inc(rax)?;
     xset(a, x, rax)
 }
 
-fn report_arg(a: &mut Asm, src: AsmRegister64) -> R {
+pub(super) fn report_arg(a: &mut Asm, src: AsmRegister64) -> R {
     a.mov(rax, src)?;
     a.mov(rdx, TESTDEV_MMIO_GPA)?;
     a.mov(dword_ptr(rdx + ARG), eax)?;
     Ok(())
 }
 
-fn report_cmd(a: &mut Asm, cmd: u32) -> R {
+pub(super) fn report_cmd(a: &mut Asm, cmd: u32) -> R {
     a.mov(eax, cmd)?;
     a.mov(rdx, TESTDEV_MMIO_GPA)?;
     a.mov(dword_ptr(rdx + CMD), eax)?;
     Ok(())
 }
 
-fn spin_forever(a: &mut Asm) -> R {
+pub(super) fn spin_forever(a: &mut Asm) -> R {
     let mut l = a.create_label();
     a.set_label(&mut l)?;
     a.pause()?;
@@ -110,7 +110,7 @@ fn spin_forever(a: &mut Asm) -> R {
 }
 
 /// rax = rdtsc (64-bit).
-fn tsc(a: &mut Asm) -> R {
+pub(super) fn tsc(a: &mut Asm) -> R {
     a.rdtsc()?;
     a.shl(rdx, 32)?;
     a.or(rax, rdx)?;
@@ -381,7 +381,7 @@ fn wait_one(a: &mut Asm, kind: Kind, recover: CodeLabel) -> R {
 }
 
 /// Record `rdtsc - xmm9` as a latency sample.
-fn sample(a: &mut Asm) -> R {
+pub(super) fn sample(a: &mut Asm) -> R {
     tsc(a)?;
     xget(a, rcx, xmm9)?;
     a.sub(rax, rcx)?;

@@ -299,6 +299,7 @@ fn groups() -> Vec<Group> {
                 c!("ERR_DOORBELL", ERR_DOORBELL, U32, ""),
                 c!("ERR_REGISTER", ERR_REGISTER, U32, ""),
                 c!("ERR_RING_READ", ERR_RING_READ, U32, ""),
+                c!("ERR_ROCE_GONE", ERR_ROCE_GONE, U32, ""),
             ],
         },
     ]

@@ -164,6 +164,7 @@ pub struct LiveStats {
     pub rnic_invalidations: u64,
     pub rnic_device_errors: u64,
     pub rnic_wqes_rejected: u64,
+    pub rnic_recvs_refused: u64,
     pub rnic_stale_accesses: u64,
     pub rnic_bytes_written: u64,
     /// Fault-around: mean and largest pages per fault, pages resolved
@@ -223,6 +224,7 @@ impl LiveStats {
             rnic_invalidations: rnic.invalidations + rnic.generations,
             rnic_device_errors: dev(|d| &d.device_errors),
             rnic_wqes_rejected: dev(|d| &d.wqes_rejected),
+            rnic_recvs_refused: dev(|d| &d.recvs_refused),
             rnic_stale_accesses: dev(|d| &d.stale_accesses),
             rnic_bytes_written: dev(|d| &d.bytes_written),
             pages_per_fault_mean: c.faults.pages_per_fault.summary().mean,

@@ -96,6 +96,11 @@ pub const ERR_DOORBELL: u32 = 3;
 pub const ERR_REGISTER: u32 = 4;
 /// Reading a ring entry from guest memory failed.
 pub const ERR_RING_READ: u32 = 5;
+/// Enable of a queue pair whose RoCE connection is gone: it went into the
+/// error state (retries exhausted, a NAK, the peer's QP gone) and a reset
+/// dropped it. RoCE queue pairs are not re-connected; the VM must be
+/// restarted with a new exchange.
+pub const ERR_ROCE_GONE: u32 = 6;
 
 /// One send-ring entry. `addr` is guest-physical; `remote_addr` is an
 /// address in the peer's space (`REG_PEER_ADDR`); `rkey` the peer's.

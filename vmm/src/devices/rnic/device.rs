@@ -24,6 +24,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod roce_link;
 mod verify;
 use verify::Posted;
 
@@ -85,6 +86,8 @@ pub struct RnicDeviceStats {
     pub recvs_posted: AtomicU64,
     /// WQEs the device refused (bad opcode or length).
     pub wqes_rejected: AtomicU64,
+    /// Receive entries refused at the doorbell (key or buffer invalid).
+    pub recvs_refused: AtomicU64,
     /// Queue pairs put in the device error state by bad guest input.
     pub device_errors: AtomicU64,
     pub resets: AtomicU64,
@@ -351,6 +354,17 @@ impl RnicDevice {
             q.enabled = true;
             return;
         }
+        if self.roce.read().is_some() {
+            // Its connection went into error and a reset dropped it: say
+            // so rather than quietly give the bank a queue pair to the
+            // host peer (test `vmm/tests/roce.rs::a_queue_pair_whose_roce_connection_died_says_so`).
+            log::error!(
+                "rnic device: a queue pair's RoCE connection is gone (it went into the error \
+                 state); RoCE queue pairs are not re-connected: restart both VMs"
+            );
+            q.error = ERR_ROCE_GONE;
+            return;
+        }
         let caps = QpCaps {
             max_send_wr: q.sq_size as usize,
             max_recv_wr: q.rq_size as usize,
@@ -489,6 +503,31 @@ impl RnicDevice {
             let Ok(e) = read_obj::<RecvEntry>(&*self.mem, q.rq_base + slot * RQE_SIZE) else {
                 return self.device_error(q, ERR_RING_READ);
             };
+            // A receive the guest's own MR cannot hold (wrong key, outside
+            // its RAM — e.g. an entry a teardown wiped before the
+            // doorbell) completes at once with LOC_PROT_ERR. Posted, it
+            // would fail only when a SEND arrives, and on a RoCE queue pair
+            // that error ends the connection for both ends (test
+            // `fuzz::tests::receive_entries_the_mr_cannot_hold_complete_at_once`).
+            if e.lkey != self.mr.lkey()
+                || e.addr < self.floor
+                || !self.mem.contains(e.addr, u64::from(e.length))
+            {
+                self.stats.recvs_refused.fetch_add(1, Ordering::Relaxed);
+                if q.cqes.len() < MAX_PENDING_CQES {
+                    q.cqes.push_back(Wc {
+                        wr_id: e.wr_id,
+                        status: WcStatus::LocProtErr,
+                        opcode: WcOpcode::Recv,
+                        byte_len: 0,
+                        qp_num: 0,
+                    });
+                } else {
+                    q.cq_overrun = true;
+                }
+                q.rq_ci = q.rq_ci.wrapping_add(1);
+                continue;
+            }
             let wr = RecvWr {
                 wr_id: e.wr_id,
                 sges: vec![Sge {
@@ -524,7 +563,20 @@ impl RnicDevice {
             for wc in &buf[..n] {
                 self.stats.completions.fetch_add(1, Ordering::Relaxed);
                 if wc.status != WcStatus::Success {
-                    self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
+                    let k = self.stats.error_completions.fetch_add(1, Ordering::Relaxed);
+                    // Over RoCE an error completion usually ends the
+                    // connection: say why (the first few, then rarely).
+                    if self.roce.read().is_some()
+                        && wc.status != WcStatus::WrFlushErr
+                        && (k < 4 || k.is_power_of_two())
+                    {
+                        log::error!(
+                            "rnic device: RoCE queue pair {:#x}: {:?} completion ({:?})",
+                            wc.qp_num,
+                            wc.opcode,
+                            wc.status
+                        );
+                    }
                 }
                 q.cqes.push_back(*wc);
             }
@@ -701,58 +753,6 @@ impl RnicDevice {
             mem,
         });
         Ok(())
-    }
-
-    /// Queue pairs go to another odpvm over RoCE: one QP per bank is
-    /// created now (on the bank's CQ) and handed to `connect`, which
-    /// returns the link; the guest's next enable of a bank takes its QP.
-    /// A reset drops it (the connection is not re-established).
-    pub(super) fn attach_roce(
-        &self,
-        connect: impl FnOnce(&Pd, &[&Qp]) -> Result<super::roce::RoceRemote, super::roce::RoceLinkError>,
-    ) -> Result<(), super::roce::RoceLinkError> {
-        let caps = QpCaps {
-            max_send_wr: MAX_RING as usize,
-            max_recv_wr: MAX_RING as usize,
-            max_sge: 1,
-            rnr_retry: 7,
-            ..QpCaps::default()
-        };
-        let mut qps = Vec::with_capacity(self.qps.len());
-        for q in &self.qps {
-            let cq = q.lock().cq.clone();
-            qps.push(self.rnic.create_qp(&self.pd, &cq, &cq, caps)?);
-        }
-        let remote = connect(&self.pd, &qps.iter().collect::<Vec<_>>())?;
-        for (q, qp) in self.qps.iter().zip(qps) {
-            q.lock().preconnected = Some(qp);
-        }
-        *self.roce.write() = Some(remote);
-        Ok(())
-    }
-
-    /// Take the RoCE-connected queue pairs (with their CQs) away from the
-    /// guest, for the host to drive (`odpvm run --roce-echo` answers the
-    /// peer's SENDs for an idle guest).
-    pub fn take_roce_qps(&self) -> Vec<(Qp, Cq)> {
-        self.qps
-            .iter()
-            .filter_map(|q| {
-                let mut q = q.lock();
-                let cq = q.cq.clone();
-                q.preconnected.take().map(|qp| (qp, cq))
-            })
-            .collect()
-    }
-
-    fn kick_roce(&self) {
-        if let Some(r) = self.roce.read().as_ref() {
-            r.port.kick();
-        }
-    }
-
-    pub fn roce(&self) -> parking_lot::RwLockReadGuard<'_, Option<super::roce::RoceRemote>> {
-        self.roce.read()
     }
 
     pub fn peer(&self) -> &Arc<HostPeer> {

@@ -485,3 +485,71 @@ pub fn seeded_input(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdma_passthrough::WcStatus;
+    use std::sync::atomic::Ordering;
+
+    /// A receive entry the guest's MR cannot hold — zeroed (a teardown
+    /// between the guest's stores and its doorbell), another key, a buffer
+    /// outside RAM — completes at once with LOC_PROT_ERR and is counted;
+    /// the queue pair stays usable and a good entry is posted as before.
+    #[test]
+    fn receive_entries_the_mr_cannot_hold_complete_at_once() {
+        let h = Harness::new();
+        let q = 1;
+        h.setup(q, 0, 0);
+        assert_eq!(
+            h.reg_read(q, QP_STATUS) as u32 & STATUS_ENABLED,
+            STATUS_ENABLED
+        );
+        let (_, rq) = Harness::rings(q);
+        let lkey = h.dev.lkey();
+        let entries = [
+            RecvEntry::default(),
+            RecvEntry {
+                wr_id: 11,
+                addr: BUFFERS,
+                length: 4096,
+                lkey: lkey ^ 0x100,
+                reserved: 0,
+            },
+            RecvEntry {
+                wr_id: 12,
+                addr: FUZZ_RAM_GPA + FUZZ_RAM_SIZE - 100,
+                length: 4096,
+                lkey,
+                reserved: 0,
+            },
+            RecvEntry {
+                wr_id: 13,
+                addr: BUFFERS,
+                length: 4096,
+                lkey,
+                reserved: 0,
+            },
+        ];
+        for (i, e) in entries.iter().enumerate() {
+            h.write_ram(rq + i as u64 * RQE_SIZE, vm_memory::ByteValued::as_slice(e));
+        }
+        h.reg_write(q, QP_RQ_PI, entries.len() as u64, false);
+        assert_eq!(h.reg_read(q, QP_RQ_CI), 4);
+        assert_eq!(h.reg_read(q, QP_CQ_COUNT), 3);
+        for want in [0, 11, 12] {
+            assert_eq!(h.reg_read(q, QP_CQE_WR_ID) as u32, want);
+            assert_eq!(
+                h.reg_read(q, QP_CQE_STATUS) as u32,
+                WcStatus::LocProtErr.code()
+            );
+            assert_eq!(h.reg_read(q, QP_CQE_OPCODE) as u32, OP_RECV);
+            h.reg_write(q, QP_CQ_POP, 1, false);
+        }
+        assert_eq!(h.reg_read(q, QP_CQ_COUNT), 0);
+        let st = h.reg_read(q, QP_STATUS) as u32;
+        assert_eq!(st & (STATUS_QP_ERROR | STATUS_DEVICE_ERROR), 0, "{st:#x}");
+        assert_eq!(h.dev.stats.recvs_refused.load(Ordering::Relaxed), 3);
+        assert_eq!(h.dev.stats.recvs_posted.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,245 +1,18 @@
-//! The fault-handling thread: every missing-page fault on guest RAM (from a
-//! vCPU, from KVM on its behalf, or from a VMM thread) is resolved through
-//! the mmu protocol:
-//!
-//! ```text
-//!   T = try_read_begin(page)  → populate with DONTWAKE (zero page, or the
-//!   boot image's page) → install(T) → UFFDIO_WAKE
-//! ```
-//!
-//! so the faulting thread never runs on a page the mmu does not track, and
-//! an invalidation racing with the fault makes it start over.
-//!
-//! This thread must never block on an invalidation: the invalidation's
-//! `MADV_DONTNEED` waits until this thread has read the REMOVE event it
-//! generates. So a fault colliding with a range invalidation is deferred
-//! and retried, never waited for. A fault colliding with a teardown that
-//! is retiring the faulting region is served without tracking (fresh
-//! memory: a zero page or the boot image's page): when the teardown moves
-//! the old pages out in place, the vCPU must not wait for every chunk of
-//! RAM to move (test `teardown::stamped_writers_see_no_stale_page_and_lose_no_write`);
-//! when it swaps the mapping, the page dies with the retired one and the
-//! vCPU must not stay blocked in the kernel while vCPUs are paused. An
-//! untracked page is never seen by a device (devices fault through the
-//! mmu, which then tracks it) and goes at the next invalidation.
-//!
-//! Supervision: the thread beats a heartbeat on every pass and records why
-//! it can no longer serve the guest (it ended on an error, or guest memory
-//! ran out) in [`FaultStats::failure`]. [`Watchdog`], polled by the VMM's
-//! main loop, turns a failure, or guest faults left unread while the
-//! heartbeat stands still ([`STALL_AFTER`]), into a stop of the VM with the
-//! reason as its exit (`a_dead_fault_thread_stops_the_vm_with_the_reason`,
-//! `a_stalled_fault_thread_does_not_block_the_main_loop` in
-//! `vmm/tests/api.rs`).
+//! The fault handler's work: resolving one fault through the mmu protocol
+//! (with fault-around for sequential streams), deferring those that race
+//! with an invalidation, and the same protocol for device faults
+//! (`GuestResolver`). The protocol and its guarantees: the parent module.
 
+use super::{present, FaultStats, Injected, Tracking};
 use crate::memory::{GuestRam, HvaHit};
 use crate::uffd::{Fill, Userfault};
 use mmu::{Error as MmuError, Mmu, PageSize, Translation};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 use userfaultfd::Event;
 use vmm_sys_util::eventfd::EventFd;
-
-/// Counters of the fault thread.
-#[derive(Debug, Default)]
-pub struct FaultStats {
-    /// Faults resolved and installed in the mmu.
-    pub faults: AtomicU64,
-    /// Pages those faults installed.
-    pub pages: AtomicU64,
-    /// Installs that raced with an invalidation and started over.
-    pub retries: AtomicU64,
-    /// Faults deferred because an invalidation of their page was running.
-    pub deferred: AtomicU64,
-    /// Faults on mappings being retired by a teardown, served untracked.
-    pub untracked: AtomicU64,
-    /// REMOVE events (our own MADV_DONTNEED/REMOVE on guest RAM).
-    pub removes: AtomicU64,
-    /// Faults that could not be resolved properly (logged; the faulting
-    /// thread was woken anyway).
-    pub errors: AtomicU64,
-    /// Pages made present for devices (the RNIC's page faults/prefetches).
-    pub device_pages: AtomicU64,
-    /// Pages fault-around resolved beyond the faulting one.
-    pub speculative: AtomicU64,
-    /// Pages resolved per fault.
-    pub pages_per_fault: mmu::hist::Histogram,
-    /// Installed faults per RAM region (index order).
-    pub per_region: Vec<AtomicU64>,
-    /// Expected races with a teardown (a fault from before it on a mapping
-    /// it retired, a page of a retiring mapping that is already gone):
-    /// served or dropped as designed, counted apart from `errors`
-    /// (`teardown_races_are_not_fault_errors` in `vmm/tests/api.rs`).
-    pub teardown_races: AtomicU64,
-    /// Passes of the fault thread's loop (the watchdog's heartbeat).
-    pub heartbeat: AtomicU64,
-    /// Why the fault thread can no longer serve the guest, once it cannot.
-    pub failure: parking_lot::Mutex<Option<String>>,
-    /// Test hook (see [`FaultStats::inject`]).
-    inject: std::sync::atomic::AtomicU8,
-}
-
-/// A failure the supervision tests make the fault thread suffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Injected {
-    /// End the thread as a read error would.
-    Exit = 1,
-    /// Stop reading events (but still obey the stop request).
-    Stall = 2,
-}
-
-impl FaultStats {
-    fn new(regions: usize) -> Self {
-        FaultStats {
-            per_region: (0..regions).map(|_| AtomicU64::new(0)).collect(),
-            ..Default::default()
-        }
-    }
-
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-
-    /// Make the fault thread fail the way `what` says, to prove that the
-    /// VMM notices (supervision tests only; nothing else calls it).
-    #[doc(hidden)]
-    pub fn inject(&self, what: Injected) {
-        self.inject.store(what as u8, Ordering::SeqCst);
-    }
-
-    /// Record why the guest can no longer be served (the first reason wins).
-    fn fail(&self, why: String) {
-        log::error!("fault handler: {why}");
-        self.failure.lock().get_or_insert(why);
-    }
-}
-
-/// Guest faults unread for this long, with no pass of the fault thread,
-/// mean it is stalled.
-pub const STALL_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Watches a VM's fault thread from another thread (the VMM's main loop).
-pub struct Watchdog {
-    stats: Arc<FaultStats>,
-    uffd: Option<Arc<Userfault>>,
-    /// Heartbeat when faults were first seen waiting, and when.
-    waiting_since: Option<(u64, std::time::Instant)>,
-    reported: bool,
-}
-
-impl Watchdog {
-    pub fn new(vm: &crate::vm::VmHandle) -> Self {
-        Watchdog {
-            stats: vm.faults().clone(),
-            uffd: vm.uffd().cloned(),
-            waiting_since: None,
-            reported: false,
-        }
-    }
-
-    /// Let every thread blocked on guest memory go on without the fault
-    /// thread: guest RAM is unregistered from userfaultfd, which wakes the
-    /// faulting threads and leaves later faults to the kernel. Only for a
-    /// VM being stopped because its fault thread failed: nothing is tracked
-    /// after.
-    /// Events already queued are read here and dropped: that completes
-    /// any `madvise` waiting for its REMOVE event to be read (an
-    /// invalidation in flight), so the VM can be torn down.
-    pub fn release(&self, vm: &crate::vm::VmHandle) {
-        let Some(uffd) = &self.uffd else {
-            return;
-        };
-        for r in vm.ram().regions() {
-            uffd.unregister(r.hva, r.size);
-        }
-        let mut dropped = 0u64;
-        while let Ok(Some(_)) = uffd.read_event() {
-            dropped += 1;
-        }
-        log::warn!("fault thread failed: guest RAM released from userfaultfd, {dropped} queued events dropped");
-    }
-
-    /// Why the VM must stop, once (then None).
-    pub fn check(&mut self) -> Option<String> {
-        if self.reported {
-            return None;
-        }
-        if let Some(why) = self.stats.failure.lock().clone() {
-            self.reported = true;
-            return Some(format!("fault thread failed: {why}"));
-        }
-        let uffd = self.uffd.as_ref()?;
-        let beat = self.stats.heartbeat.load(Ordering::SeqCst);
-        if !readable(uffd.fd()) {
-            self.waiting_since = None;
-            return None;
-        }
-        match self.waiting_since {
-            Some((b, since)) if b == beat => {
-                if since.elapsed() >= STALL_AFTER {
-                    self.reported = true;
-                    return Some(format!(
-                        "fault thread stalled: guest page faults unanswered for {:.1}s",
-                        since.elapsed().as_secs_f64()
-                    ));
-                }
-            }
-            _ => self.waiting_since = Some((beat, std::time::Instant::now())),
-        }
-        None
-    }
-}
-
-/// Whether `fd` has something to read now.
-fn readable(fd: std::os::fd::RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, a zero timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0 && p.revents & libc::POLLIN != 0
-}
-
-/// How faults are resolved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Tracking {
-    /// Through the mmu protocol (the product).
-    #[default]
-    Mmu,
-    /// Populate and wake with no mmu at all: the benchmark baseline for
-    /// what tracking costs.
-    RawUffd,
-    /// No userfaultfd: the kernel fills pages on first touch. Nothing is
-    /// tracked and invalidation cannot work; benchmarks only.
-    None,
-}
-
-impl std::str::FromStr for Tracking {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "mmu" | "tracked" => Ok(Tracking::Mmu),
-            "raw-uffd" | "raw" => Ok(Tracking::RawUffd),
-            "none" | "no-uffd" => Ok(Tracking::None),
-            _ => Err(format!("unknown tracking {s:?} (mmu, raw-uffd, none)")),
-        }
-    }
-}
-
-impl Tracking {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tracking::Mmu => "mmu",
-            Tracking::RawUffd => "raw-uffd",
-            Tracking::None => "none",
-        }
-    }
-}
 
 /// A sequential access stream seen by fault-around.
 #[derive(Clone, Copy, Default)]
@@ -261,7 +34,13 @@ fn zeros() -> &'static [u8] {
     Z.get_or_init(|| vec![0; crate::layout::HUGE as usize])
 }
 
-struct Handler {
+/// First retry of deferred faults, and the longest gap between retries.
+const RETRY_FIRST_NS: u64 = 50_000;
+const RETRY_MAX_NS: u64 = 2_000_000;
+/// How long a fault waits for huge pages an earlier generation still holds.
+const HUGE_PAGE_WAIT: Duration = Duration::from_secs(10);
+
+pub(super) struct Handler {
     tracking: Tracking,
     uffd: Arc<Userfault>,
     ram: Arc<GuestRam>,
@@ -277,12 +56,42 @@ struct Handler {
     region_ends: Vec<u64>,
     streams: Vec<[Stream; STREAMS]>,
     clock: u64,
+    /// Since when a fault has waited for a free huge page.
+    huge_wait_since: Option<Instant>,
+}
+
+impl Handler {
+    pub(super) fn new(
+        tracking: Tracking,
+        fault_around: u64,
+        uffd: Arc<Userfault>,
+        ram: Arc<GuestRam>,
+        mmu: Arc<Mmu>,
+        stats: Arc<FaultStats>,
+    ) -> Handler {
+        let regions = ram.regions();
+        Handler {
+            tracking,
+            fault_around: fault_around.min(MAX_FAULT_AROUND),
+            zero_region: (0..regions.len()).map(|i| !ram.has_image(i)).collect(),
+            region_ends: regions.iter().map(|r| r.gpa + r.size).collect(),
+            streams: vec![[Stream::default(); STREAMS]; regions.len()],
+            clock: 1,
+            huge_wait_since: None,
+            page_size: ram.backing().page_size(),
+            uffd,
+            ram,
+            mmu,
+            stats,
+            pending: Vec::new(),
+        }
+    }
 }
 
 /// Populate `page` (a host address in region `at`'s current mapping, or a
 /// retiring one when `at` is None) with its initial content, without
 /// waking anyone.
-pub(crate) fn populate(
+fn populate(
     uffd: &Userfault,
     ram: &GuestRam,
     page_size: u64,
@@ -538,9 +347,7 @@ impl Handler {
                     if self.page_size == crate::layout::HUGE
                         && crate::memory::free_huge_pages() == 0
                     {
-                        self.stats.fail(format!(
-                            "no free 2 MiB huge page for gpa {gpa:#x} (the kernel answers EEXIST for a page that is not there)"
-                        ));
+                        return self.huge_page_shortage(gpa);
                     }
                     return Step::Defer;
                 }
@@ -678,16 +485,40 @@ impl Handler {
         Ok(())
     }
 
-    fn retry_pending(&mut self) {
+    /// hugetlbfs has no free huge page for `gpa` (the kernel answers EEXIST
+    /// for a page that is not there). While an earlier generation's
+    /// mappings still hold huge pages the reclaimer is about to give back
+    /// (a teardown swapped in an unreserved fresh mapping), the fault waits
+    /// for them; otherwise, or after `HUGE_PAGE_WAIT`, the pool is truly
+    /// short and the VM stops with the reason
+    /// (`a_teardown_storm_on_a_hugetlbfs_guest_does_not_run_the_pool_dry`).
+    fn huge_page_shortage(&mut self, gpa: u64) -> Step {
+        let since = *self.huge_wait_since.get_or_insert_with(Instant::now);
+        if self.ram.retired_count() > 0 && since.elapsed() < HUGE_PAGE_WAIT {
+            return Step::Defer;
+        }
+        self.stats.fail(format!(
+            "no free 2 MiB huge page for gpa {gpa:#x} (the kernel answers EEXIST for a page that is not there)"
+        ));
+        Step::Defer
+    }
+
+    /// Retry the deferred faults; whether any of them was served.
+    fn retry_pending(&mut self) -> bool {
         let pending = std::mem::take(&mut self.pending);
+        let before = pending.len();
         for (addr, write) in pending {
             if let Step::Defer = self.handle(addr, write) {
                 self.pending.push((addr, write));
             }
         }
+        if self.pending.is_empty() {
+            self.huge_wait_since = None;
+        }
+        self.pending.len() < before
     }
 
-    fn run(mut self, stop: EventFd) {
+    pub(super) fn run(mut self, stop: EventFd) {
         let mut fds = [
             libc::pollfd {
                 fd: self.uffd.fd(),
@@ -700,11 +531,13 @@ impl Handler {
                 revents: 0,
             },
         ];
-        // Deferred faults wait for an invalidation to end; look again soon.
-        let retry_after = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 50_000,
-        };
+        // Deferred faults wait for an invalidation to end (or for huge
+        // pages to come back): look again after `RETRY_FIRST`, then ever
+        // less often up to `RETRY_MAX` while nothing moves, so a long
+        // invalidation costs this real-time thread a few hundred wakeups a
+        // second, not 20 000
+        // (`a_deferred_fault_does_not_make_the_fifo_fault_thread_poll_every_50us`).
+        let mut retry_ns = RETRY_FIRST_NS;
         loop {
             self.stats.heartbeat.fetch_add(1, Ordering::SeqCst);
             match self.stats.inject.load(Ordering::SeqCst) {
@@ -720,6 +553,10 @@ impl Handler {
                 }
                 _ => {}
             }
+            let retry_after = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: retry_ns as libc::c_long,
+            };
             let timeout = if self.pending.is_empty() {
                 std::ptr::null()
             } else {
@@ -741,104 +578,14 @@ impl Handler {
                 return self.stats.fail(e.to_string());
             }
             if !self.pending.is_empty() {
-                self.retry_pending();
+                retry_ns = if n > 0 || self.retry_pending() {
+                    RETRY_FIRST_NS
+                } else {
+                    (retry_ns * 2).min(RETRY_MAX_NS)
+                };
             }
         }
     }
-}
-
-/// The running fault thread.
-pub struct FaultThread {
-    stop: EventFd,
-    handle: Option<JoinHandle<()>>,
-    pub stats: Arc<FaultStats>,
-}
-
-impl FaultThread {
-    /// Counters for a VM with no fault thread (`Tracking::None`).
-    pub fn idle_stats(regions: usize) -> Arc<FaultStats> {
-        Arc::new(FaultStats::new(regions))
-    }
-}
-
-impl FaultThread {
-    pub fn spawn(
-        tracking: Tracking,
-        fault_around: u64,
-        uffd: Arc<Userfault>,
-        ram: Arc<GuestRam>,
-        mmu: Arc<Mmu>,
-    ) -> std::io::Result<FaultThread> {
-        let page_size = ram.backing().page_size();
-        let stats = Arc::new(FaultStats::new(ram.regions().len()));
-        let stop = EventFd::new(libc::EFD_CLOEXEC)?;
-        let regions = ram.regions();
-        let handler = Handler {
-            tracking,
-            fault_around: fault_around.min(MAX_FAULT_AROUND),
-            zero_region: (0..regions.len()).map(|i| !ram.has_image(i)).collect(),
-            region_ends: regions.iter().map(|r| r.gpa + r.size).collect(),
-            streams: vec![[Stream::default(); STREAMS]; regions.len()],
-            clock: 1,
-            uffd,
-            ram,
-            mmu,
-            stats: stats.clone(),
-            page_size,
-            pending: Vec::new(),
-        };
-        let stop_rx = stop.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name("odpvm-fault".into())
-            .spawn(move || {
-                // Every guest fault waits on this thread: let it preempt
-                // the VMM's busy threads as soon as it is woken.
-                crate::contention::set_own_slice(crate::contention::LATENCY_SLICE_NS);
-                handler.run(stop_rx)
-            })?;
-        Ok(FaultThread {
-            stop,
-            handle: Some(handle),
-            stats,
-        })
-    }
-}
-
-impl Drop for FaultThread {
-    /// Stop the thread and join it, unless it does not stop within a
-    /// second (stuck in the kernel): then it is left behind, so a VM whose
-    /// fault thread stalled can still be torn down and reported.
-    fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(h) = self.handle.take() {
-            let t0 = std::time::Instant::now();
-            while !h.is_finished() && t0.elapsed() < std::time::Duration::from_secs(1) {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            if h.is_finished() {
-                let _ = h.join();
-            } else {
-                log::error!("the fault thread did not stop; leaving it behind");
-            }
-        }
-    }
-}
-
-/// Whether the host page at `hva` (page aligned, `len` bytes) is present
-/// (`mincore`): a page the kernel says exists must really be there.
-pub(crate) fn present(hva: u64, len: u64) -> bool {
-    let pages = len.div_ceil(crate::layout::PAGE) as usize;
-    let mut vec = vec![0u8; pages];
-    // SAFETY: mincore only reads the page tables of the range and writes
-    // `pages` bytes into `vec`, which has that length.
-    let rc = unsafe {
-        libc::mincore(
-            (hva & !(crate::layout::PAGE - 1)) as *mut libc::c_void,
-            len as usize,
-            vec.as_mut_ptr(),
-        )
-    };
-    rc == 0 && vec.iter().all(|b| b & 1 == 1)
 }
 
 #[cfg(test)]
@@ -880,6 +627,7 @@ mod tests {
             region_ends: vec![size],
             streams: vec![[Stream::default(); STREAMS]],
             clock: 1,
+            huge_wait_since: None,
             uffd,
             ram: ram.clone(),
             mmu: mmu.clone(),
