@@ -113,7 +113,16 @@ fn release_later(table: PageTable) {
         let (tx, rx) = channel::<PageTable>();
         std::thread::Builder::new()
             .name("rnic-table-free".into())
-            .spawn(move || rx.into_iter().for_each(drop))
+            .spawn(move || {
+                // Freeing a table is O(its pages) of CPU and nobody waits
+                // for it: at the lowest priority it never preempts a vCPU
+                // (one preempted inside get_user_pages holds the mmap lock
+                // every other guest fault then queues behind).
+                // SAFETY: setpriority on the calling thread (who 0);
+                // raising one's own nice value needs no privilege.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+                rx.into_iter().for_each(drop)
+            })
             .ok()
             .map(|_| Mutex::new(tx))
     });
