@@ -224,3 +224,77 @@ fn a_silent_exchange_peer_does_not_hang_the_vmm() {
          and sent nothing"
     );
 }
+
+/// What a hostile peer sends must show in the run report's `roce`
+/// counters (issue 12: "dropped or NAKed and counted"): here a well-formed
+/// packet from a port other than the connected peer's (spoofing), and
+/// ACKs and READ responses that answer nothing outstanding. The port
+/// counts both (`wrong_source`, `unexpected_responses`), but the `--json`
+/// report leaves those counters out, so the drops are invisible: the
+/// report's counters do not add up to its `rx_packets`.
+#[test]
+fn spoofed_and_unsolicited_packets_show_in_the_run_report() {
+    let net = 64;
+    let (us, them) = (Ipv4Addr::new(127, 0, net, 1), Ipv4Addr::new(127, 0, net, 2));
+    let exchange = format!("{them}:{}", 18_000 + u32::from(net));
+    let mut vmm = listening_vmm(them, &exchange, 5);
+    let sock = UdpSocket::bind(SocketAddrV4::new(us, 4791)).unwrap();
+    let spoof = UdpSocket::bind(SocketAddrV4::new(us, 4792)).unwrap();
+    let mut tcp = connect(&exchange);
+    writeln!(
+        tcp,
+        "odpvm-roce-v1 addr={us}:4791 rkey=0x1 window=0x0+0x1000000 qps=0x77:{OUR_PSN:#x}"
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(&tcp).read_line(&mut line).unwrap();
+    let (_, _, _, qpn, their_psn) = their_info(&line);
+    let them_at = SocketAddrV4::new(them, 4791);
+    // The VMM connects its QPs after reading our line: give it a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    // Sealed (ICRC) for the UDP source port `from` sends it from.
+    let seal = |from: u16, op: wire::Op, psn: u32, aeth: Option<&wire::Aeth>, payload: &[u8]| {
+        let mut buf = Vec::new();
+        wire::build(&mut buf, wire::Bth::new(op, qpn, psn), None, aeth, payload);
+        icrc::seal(&icrc::Ipv4Meta::linux_df(us, them), from, 4791, &mut buf);
+        buf
+    };
+    let (spoofed, unsolicited) = (5u64, 6u64);
+    for _ in 0..spoofed {
+        let p = seal(4792, wire::Op::SendOnly, OUR_PSN, None, &[1u8; 64]);
+        spoof.send_to(&p, them_at).unwrap();
+    }
+    // The guest (idle) sent nothing: every ACK and READ response is
+    // unsolicited.
+    for i in 0..unsolicited as u32 / 2 {
+        let ack = wire::Aeth::ack(0);
+        let psn = their_psn.wrapping_add(i) & 0xff_ffff;
+        let a = seal(4791, wire::Op::Acknowledge, psn, Some(&ack), &[]);
+        let r = seal(
+            4791,
+            wire::Op::ReadResponseOnly,
+            psn,
+            Some(&ack),
+            &[0u8; 64],
+        );
+        sock.send_to(&a, them_at).unwrap();
+        sock.send_to(&r, them_at).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while vmm.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(vmm.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    drop(tcp);
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    let r = &report["roce"];
+    assert_eq!(r["rx_packets"], spoofed + unsolicited, "{r}");
+    let n = |k: &str| r[k].as_u64();
+    assert!(
+        n("wrong_source") == Some(spoofed) && n("unexpected_responses") == Some(unsolicited),
+        "spoofed ({spoofed}) and unsolicited ({unsolicited}) packets are not in the run \
+         report's roce counters: {r}"
+    );
+}
