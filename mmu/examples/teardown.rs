@@ -1,5 +1,10 @@
 //! Teardown cost: generation bump (O(1)) against the zap-everything walk
-//! (O(n)), for tables of any size, plus the reclaimer's lock holds and what
+//! (O(n)), for tables of any size, with one counting mirror subscribed.
+//! Each generation teardown runs on a freshly filled table with the CPU
+//! caches evicted first (as after a running guest), and is timed twice:
+//! `ns` as the teardown reports it (until old translations are invisible
+//! and the mirror confirmed) and the whole call as its caller sees it;
+//! p50 and p99 of both are reported. Then the reclaimer's lock holds and what
 //! a concurrent fault waits meanwhile — beside the scheduling delay of an
 //! idle control thread measured at the same time, so host preemption is
 //! told apart from waits the design causes.
@@ -25,9 +30,15 @@ struct Args {
     /// Lock policies to measure, in turn: spin, mutex or both.
     #[arg(long, value_delimiter = ',', default_value = "spin")]
     lock: Vec<LockPolicy>,
-    /// Repetitions per size (medians are reported).
+    /// Walk repetitions per size, each with the concurrent-fault probes
+    /// during reclaim and during the walk (medians are reported).
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Generation teardowns per size (at least `reps`), each on a freshly
+    /// filled table with caches evicted (p50 and p99 are reported). At 1 TiB
+    /// each one costs a ~5 s refill.
+    #[arg(long, default_value_t = 31)]
+    gen_reps: usize,
     /// Leaves detached per reclaimer lock hold.
     #[arg(long, default_value_t = 10)]
     reclaim_batch: usize,
@@ -92,6 +103,25 @@ fn fill(m: &Mmu, size: u64) {
     }
 }
 
+/// Keep the measuring thread on the CPU it runs on now, so the caches
+/// `evict_caches` empties are the ones the teardown then runs on (a
+/// migration to the other core found its caches warm from earlier work:
+/// bimodal figures). Best effort: a failure leaves the thread unpinned.
+fn pin_to_current_cpu() {
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu < 0 {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes
+    // inside it (cpu < CPU_SETSIZE, as the kernel numbered it).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Stream through a buffer larger than the last-level cache so every
 /// measurement starts equally cold, whatever the previous fill touched.
 fn evict_caches(buf: &mut [u8]) {
@@ -102,8 +132,15 @@ fn evict_caches(buf: &mut [u8]) {
 }
 
 fn median(v: &mut [u64]) -> u64 {
+    quantile(v, 0.5)
+}
+
+/// The `q` quantile of the samples (nearest rank; p99 of fewer than 100
+/// samples is their maximum).
+fn quantile(v: &mut [u64], q: f64) -> u64 {
     v.sort_unstable();
-    v[v.len() / 2]
+    let rank = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
 }
 
 /// Latencies seen while one phase ran: a concurrent fault (the "vCPU"),
@@ -173,7 +210,10 @@ fn wait_reclaimed(m: &Mmu) {
 struct Row {
     lock: LockPolicy,
     size: u64,
+    /// As the teardown reports it (`TeardownReport::ns`).
     gen_ns: Vec<u64>,
+    /// The whole `teardown_all` call, timed by its caller.
+    gen_call_ns: Vec<u64>,
     walk_ns: Vec<u64>,
     reclaim_hold: Histogram,
     reclaim: Seen,
@@ -205,17 +245,26 @@ fn measure(args: &Args, lock: LockPolicy, size: u64, evict: &mut [u8]) -> Result
         lock,
         size,
         gen_ns: Vec::new(),
+        gen_call_ns: Vec::new(),
         walk_ns: Vec::new(),
         reclaim_hold: Histogram::new(),
         reclaim: Seen::default(),
         walk: Seen::default(),
         notices: 0,
     };
-    for _ in 0..args.reps.max(1) {
+    let reps = args.reps.max(1);
+    for rep in 0..args.gen_reps.max(reps) {
         fill(&m, size);
         m.stats().reset_histograms();
         evict_caches(evict);
-        row.gen_ns.push(m.teardown_all()?.ns);
+        let t0 = ticks();
+        let report = m.teardown_all()?;
+        row.gen_call_ns.push(ticks_to_ns(ticks().wrapping_sub(t0)));
+        row.gen_ns.push(report.ns);
+        if rep >= reps {
+            wait_reclaimed(&m);
+            continue;
+        }
         // The background reclaimer frees the old generation while the
         // prober keeps faulting.
         let ((), seen) = observed(&m, || wait_reclaimed(&m));
@@ -230,6 +279,40 @@ fn measure(args: &Args, lock: LockPolicy, size: u64, evict: &mut [u8]) -> Result
     }
     row.notices = counter.0.load(Ordering::Relaxed);
     Ok(row)
+}
+
+/// CPU time the background reclaimer threads have used so far, in ns
+/// (`/proc/self/task/*/schedstat`), or `None` if that cannot be read.
+fn reclaimer_cpu_ns() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let dir = task.ok()?.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "mmu-reclaim" {
+            continue;
+        }
+        // A thread that exited meanwhile (an mmu dropped) has no file left.
+        let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) else {
+            continue;
+        };
+        total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(total)
+}
+
+/// What an idle mmu's reclaimer costs: it polls for teardowns' kicks
+/// instead of being woken (see `RECLAIM_POLL` in the mmu). Returns µs of
+/// CPU per second of wall time.
+fn idle_reclaimer_cost() -> Result<Option<f64>, Error> {
+    let m = Mmu::new(Config::default())?;
+    std::thread::sleep(Duration::from_millis(100));
+    let (t0, c0) = (Instant::now(), reclaimer_cpu_ns());
+    std::thread::sleep(Duration::from_secs(2));
+    let (c1, secs) = (reclaimer_cpu_ns(), t0.elapsed().as_secs_f64());
+    drop(m);
+    Ok(c0
+        .zip(c1)
+        .map(|(c0, c1)| c1.saturating_sub(c0) as f64 / 1e3 / secs))
 }
 
 fn quantiles(h: &Histogram) -> [u64; 4] {
@@ -247,6 +330,7 @@ fn main() {
         }
     };
     let mut evict = vec![0u8; 128 << 20];
+    pin_to_current_cpu();
     let mut rows = Vec::new();
     for &lock in &args.lock {
         for &size in &sizes {
@@ -259,18 +343,35 @@ fn main() {
             }
         }
     }
+    let idle = match idle_reclaimer_cost() {
+        Ok(idle) => idle,
+        Err(e) => {
+            eprintln!("teardown: {e}");
+            std::process::exit(1);
+        }
+    };
     if args.json {
         for r in &rows {
             print_json(r);
         }
+        println!(
+            "{}",
+            serde_json::json!({ "idle_reclaimer_cpu_us_per_s": idle })
+        );
     } else {
         print_tables(&rows);
+        match idle {
+            Some(us) => {
+                println!("\nidle reclaimer (polling for kicks): {us:.1} µs of CPU per second")
+            }
+            None => println!("\nidle reclaimer: /proc/self/task/*/schedstat unreadable"),
+        }
     }
 }
 
 fn print_json(r: &Row) {
-    let (mut g, mut w) = (r.gen_ns.clone(), r.walk_ns.clone());
-    let (g, w) = (median(&mut g), median(&mut w));
+    let (mut gen, mut call, mut w) = (r.gen_ns.clone(), r.gen_call_ns.clone(), r.walk_ns.clone());
+    let (g, w) = (median(&mut gen), median(&mut w));
     let hold = r.reclaim_hold.summary();
     let q = |h: &Histogram| {
         let [p50, p99, p999, max] = quantiles(h);
@@ -283,6 +384,9 @@ fn print_json(r: &Row) {
             "size_bytes": r.size,
             "entries": r.size / PAGE_SIZE,
             "gen_teardown_ns": g,
+            "gen_teardown_ns_p99": quantile(&mut gen, 0.99),
+            "gen_call_ns_p50": median(&mut call),
+            "gen_call_ns_p99": quantile(&mut call, 0.99),
             "gen_teardown_ns_samples": r.gen_ns,
             "walk_teardown_ns": w,
             "walk_over_gen": w as f64 / g.max(1) as f64,
@@ -294,15 +398,24 @@ fn print_json(r: &Row) {
             "fault_ns_during_walk": q(&r.walk.fault),
             "idle_delay_ns_during_walk": q(&r.walk.idle),
             "mirror_notices": r.notices,
-            "reps": r.gen_ns.len(),
+            "reps": r.walk_ns.len(),
+            "gen_reps": r.gen_ns.len(),
         })
     );
 }
 
 fn print_tables(rows: &[Row]) {
     println!(
-        "{:>5} {:>6} {:>11} {:>9} {:>12} {:>9} {:>13} {:>12}",
-        "lock", "size", "entries", "gen_ns", "walk_ns", "walk/gen", "hold p99.9", "hold max"
+        "{:>5} {:>6} {:>11} {:>13} {:>13} {:>12} {:>9} {:>13} {:>12}",
+        "lock",
+        "size",
+        "entries",
+        "gen_ns p50/99",
+        "call p50/99",
+        "walk_ns",
+        "walk/gen",
+        "hold p99.9",
+        "hold max"
     );
     let base = rows.first().map(|r| median(&mut r.gen_ns.clone()));
     for r in rows {
@@ -310,13 +423,15 @@ fn print_tables(rows: &[Row]) {
             median(&mut r.gen_ns.clone()),
             median(&mut r.walk_ns.clone()),
         );
+        let (mut gen, mut call) = (r.gen_ns.clone(), r.gen_call_ns.clone());
         let hold = r.reclaim_hold.summary();
         println!(
-            "{:>5} {:>6} {:>11} {:>9} {:>12} {:>9.0} {:>13} {:>12}",
+            "{:>5} {:>6} {:>11} {:>13} {:>13} {:>12} {:>9.0} {:>13} {:>12}",
             r.lock.as_str(),
             human(r.size),
             r.size / PAGE_SIZE,
-            g,
+            format!("{g}/{}", quantile(&mut gen, 0.99)),
+            format!("{}/{}", median(&mut call), quantile(&mut call, 0.99)),
             w,
             w as f64 / g.max(1) as f64,
             hold.p999,

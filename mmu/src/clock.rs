@@ -62,6 +62,13 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     (ticks as f64 / imp::ticks_per_ns()) as u64
 }
 
+/// Nanoseconds per tick, for callers that keep their own copy next to the
+/// data they time (the calibration lives in a static: one more cache line
+/// to miss on a cold path).
+pub(crate) fn ns_per_tick() -> f64 {
+    1.0 / imp::ticks_per_ns()
+}
+
 /// Calibrate now rather than on the first measurement.
 pub fn calibrate() {
     let _ = START.get_or_init(Instant::now);

@@ -135,7 +135,13 @@
 //! its own entries with generations — through the same two passes.
 //!
 //! The **reclaimer** (a background thread, or [`Mmu::reclaim_step`]) then
-//! frees obsolete leaves: per lock hold it detaches at most `reclaim_batch`
+//! frees obsolete leaves. A teardown does not wake the background thread
+//! (a futex wake is a syscall, often an inter-processor interrupt: several
+//! times the rest of the teardown here); it sets a flag the thread polls,
+//! every 1 ms while it finds work and backing off to every 16 ms when idle,
+//! so reclaim starts at most 16 ms after a teardown (`tests/teardown_path.rs`
+//! `a_teardown_makes_no_futex_call_and_is_still_reclaimed`). Per lock hold it
+//! detaches at most `reclaim_batch`
 //! of them (KVM's `BATCH_ZAP_PAGES` is 10) and examines at most
 //! `reclaim_scan` directory slots, then drops the lock, reports the freed
 //! translations to the mirrors (`Mirror::reclaimed`, e.g. so the backing
@@ -187,7 +193,10 @@
 //!    `invalidate_wait` for it has returned.
 //! 3. After `teardown_*` returns, no translation of the old generation is
 //!    visible, and every mirror's `invalidate_wait` for the notice has
-//!    returned. Its cost does not depend on how much memory is mapped.
+//!    returned. Its cost does not depend on how much memory is mapped, and
+//!    it wakes no thread unless one waits on the mmu (a `read_begin` or
+//!    `unregister_mirror` sleeper): no futex call of its own
+//!    (`tests/teardown_path.rs`).
 //! 4. Overlapping and nested invalidations may run concurrently; a range is
 //!    even only when all of them have ended.
 //! 5. Bad input (misaligned, empty or overflowing ranges, ranges outside

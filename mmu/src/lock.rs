@@ -68,25 +68,17 @@ impl Raw {
         }
     }
 
+    /// Inlined into its callers: on a cold path every separate function is
+    /// one more instruction page to miss in the TLB.
+    #[inline(always)]
     fn lock(&self) {
         match self {
             Raw::Spin(locked) => {
-                let mut spins = 0u32;
-                loop {
-                    if locked
-                        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        return;
-                    }
-                    while locked.load(Ordering::Relaxed) {
-                        spins += 1;
-                        if spins.is_multiple_of(SPINS_BEFORE_YIELD) {
-                            yield_now();
-                        } else {
-                            spin_hint();
-                        }
-                    }
+                if locked
+                    .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                    .is_err()
+                {
+                    Self::spin(locked);
                 }
             }
             #[cfg(not(loom))]
@@ -94,6 +86,28 @@ impl Raw {
         }
     }
 
+    #[cold]
+    fn spin(locked: &AtomicBool) {
+        let mut spins = 0u32;
+        loop {
+            while locked.load(Ordering::Relaxed) {
+                spins += 1;
+                if spins.is_multiple_of(SPINS_BEFORE_YIELD) {
+                    yield_now();
+                } else {
+                    spin_hint();
+                }
+            }
+            if locked
+                .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return;
+            }
+        }
+    }
+
+    #[inline(always)]
     fn unlock(&self) {
         match self {
             Raw::Spin(locked) => locked.store(false, Ordering::Release),
@@ -105,11 +119,15 @@ impl Raw {
 }
 
 /// Data protected by the mmu lock.
-/// `repr(C)`: the lock word first, then the data it protects.
+/// `repr(C)`: the lock word first, with the clock's scale beside it, then
+/// the data it protects.
 #[repr(C)]
 pub(crate) struct MmuLock<T> {
     raw: Raw,
     policy: LockPolicy,
+    /// `clock::ns_per_tick()`, copied so converting a hold time touches
+    /// no static.
+    ns_per_tick: f64,
     data: UnsafeCell<T>,
 }
 
@@ -130,6 +148,7 @@ impl<T> MmuLock<T> {
         Self {
             raw: Raw::new(policy),
             policy,
+            ns_per_tick: clock::ns_per_tick(),
             data: UnsafeCell::new(data),
         }
     }
@@ -138,9 +157,16 @@ impl<T> MmuLock<T> {
         self.policy
     }
 
+    /// A tick difference in nanoseconds.
+    #[inline]
+    pub(crate) fn ns(&self, ticks: u64) -> u64 {
+        (ticks as f64 * self.ns_per_tick) as u64
+    }
+
     /// Take the lock; the hold time is recorded into `hist` when the guard
     /// drops. One histogram per hold, not two: on a cold path (a teardown
     /// after the guest ran) every histogram touched is a cache and TLB miss.
+    #[inline(always)]
     pub(crate) fn lock<'a>(&'a self, hist: &'a Histogram) -> Guard<'a, T> {
         self.raw.lock();
         Guard {
@@ -168,12 +194,45 @@ impl<T> DerefMut for Guard<'_, T> {
     }
 }
 
+impl<'a, T> Guard<'a, T> {
+    /// Unlock without recording the hold: returns the histogram it belongs
+    /// in and its length in nanoseconds, for the caller to record once its
+    /// own latency-critical work is done (a cold histogram bucket is a
+    /// cache miss or two).
+    #[inline(always)]
+    pub(crate) fn release(self) -> Deferred<'a> {
+        let this = std::mem::ManuallyDrop::new(self);
+        let held = clock::ticks().wrapping_sub(this.start);
+        this.lock.raw.unlock();
+        // SAFETY: `this` is neither dropped nor used after this read, so the
+        // pointer (under loom, a tracked access) is dropped exactly once, at
+        // the end of this function: after the unlock, as `Drop` below does.
+        let _ptr = unsafe { std::ptr::read(&this.ptr) };
+        Deferred {
+            hist: this.hist,
+            ns: this.lock.ns(held),
+        }
+    }
+}
+
+/// A lock hold not yet recorded (see [`Guard::release`]).
+#[must_use = "record it"]
+pub(crate) struct Deferred<'a> {
+    hist: &'a Histogram,
+    ns: u64,
+}
+
+impl Deferred<'_> {
+    pub(crate) fn record(self) {
+        self.hist.record(self.ns);
+    }
+}
+
 impl<T> Drop for Guard<'_, T> {
     fn drop(&mut self) {
         let held = clock::ticks().wrapping_sub(self.start);
         self.lock.raw.unlock();
-        let ns = clock::ticks_to_ns(held);
-        self.hist.record(ns);
+        self.hist.record(self.lock.ns(held));
     }
 }
 

@@ -147,6 +147,11 @@ impl SeqLog {
 
     /// End invalidation `id` (which `begin` returned and nobody ended yet):
     /// it leaves the in-flight set and enters the log.
+    /// The log slot the next `end` writes, for `prefetch`.
+    pub(crate) fn next_log_slot(&self) -> *const Span {
+        &self.log[self.log_next]
+    }
+
     pub(crate) fn end(&mut self, id: u64) {
         let Some(i) = self.in_flight().iter().position(|s| s.id == id) else {
             debug_assert!(false, "ending an invalidation that is not active");

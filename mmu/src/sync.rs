@@ -33,6 +33,30 @@ pub(crate) fn yield_now() {
     std::thread::yield_now();
 }
 
+/// Start loading the cache lines of `[p, p + bytes)` (at most 8 lines)
+/// without waiting for them. A cold teardown touches a dozen lines spread
+/// over several pages; issued up front, their misses overlap instead of
+/// following one another (every atomic read-modify-write on the path waits
+/// for all older loads, prefetches excepted). Only a hint: it reads nothing
+/// the program sees and never faults.
+#[inline(always)]
+pub(crate) fn prefetch<T: ?Sized>(p: *const T, bytes: usize) {
+    #[cfg(all(target_arch = "x86_64", not(loom), not(miri)))]
+    for offset in (0..bytes.min(512)).step_by(64) {
+        let line = p.cast::<i8>().wrapping_add(offset);
+        // SAFETY: PREFETCHT0 is a hint; it neither faults nor changes
+        // memory, whatever the address.
+        unsafe { core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(line) };
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(loom), not(miri))))]
+    let _ = (p, bytes);
+}
+
+/// The cache line `in_callback` reads, for `prefetch`.
+pub(crate) fn callback_depth_ptr() -> *const u8 {
+    CALLBACK_DEPTH.with(|d| d as *const _ as *const u8)
+}
+
 /// Names the calling thread, so the mmu can refuse to make a thread wait
 /// for work that thread itself is doing (a mirror callback calling back).
 #[cfg(loom)]
@@ -74,6 +98,7 @@ loom::thread_local! {
 pub(crate) struct InCallback(());
 
 impl InCallback {
+    #[inline(always)]
     pub(crate) fn enter() -> Self {
         CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
         InCallback(())
@@ -81,6 +106,7 @@ impl InCallback {
 }
 
 impl Drop for InCallback {
+    #[inline(always)]
     fn drop(&mut self) {
         CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
     }
@@ -88,6 +114,7 @@ impl Drop for InCallback {
 
 /// Whether the calling thread is inside a mirror callback (of any mmu: a
 /// callback of one mmu waiting on another can deadlock just the same).
+#[inline(always)]
 pub(crate) fn in_callback() -> bool {
     CALLBACK_DEPTH.with(|d| d.get() > 0)
 }

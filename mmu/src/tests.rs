@@ -388,6 +388,13 @@ fn read_begin_sleeps_while_an_overlapping_invalidation_runs() {
             t
         })
     };
+    // The reader counts a wait before it sleeps; on a loaded host it may
+    // not even run within a fixed delay (this test once failed that way).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while m.stats().snapshot().read_begin_waits == 0 {
+        assert!(std::time::Instant::now() < deadline, "reader never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     std::thread::sleep(Duration::from_millis(50));
     assert!(
         !got.load(Ordering::SeqCst),

@@ -75,6 +75,7 @@ impl Mmu {
     /// Two passes over the mirrors: start every cache mirror, wait for
     /// each; then the same for backing mirrors (after every device has
     /// stopped using the memory).
+    #[inline(always)]
     pub(super) fn fan_out(mirrors: &MirrorList, inv: &Invalidation) {
         let _inside = InCallback::enter();
         for role in [MirrorRole::Cache, MirrorRole::Backing] {
