@@ -69,7 +69,7 @@ pub fn run(
         crate::vm::GuestConfig::Builtin(crate::payload::Guest::RecvPong)
     );
     let vm = crate::vm::Vm::new(config).map_err(|e| e.to_string())?;
-    let link = prepare(&vm.handle(), memory, args, answers)?;
+    let link = prepare(&vm.handle(), memory, args, answers, timeout)?;
     let server = match api_sock {
         Some(path) => Some(
             crate::api::ApiServer::bind(path, vm.handle(), limits)
@@ -92,6 +92,7 @@ pub fn prepare(
     memory: u64,
     args: &RoceArgs,
     answers: bool,
+    timeout: Option<std::time::Duration>,
 ) -> Result<RoceRun, String> {
     let dev = vm
         .rnic()
@@ -115,6 +116,7 @@ pub fn prepare(
             mtu: args.mtu,
             window_base: base,
             window_len: len,
+            patience: timeout,
         },
     )
     .map_err(|e| e.to_string())?;
@@ -185,25 +187,9 @@ impl RoceRun {
     /// The link's counters for the run report.
     pub fn report(&self) -> Value {
         let s = self.port.stats();
-        json!({
+        let mut r = json!({
             "local": self.port.local_addr().to_string(),
             "peer": self.peer.to_string(),
-            "tx_packets": s.tx_packets,
-            "rx_packets": s.rx_packets,
-            "retransmits": s.retransmits,
-            "timeouts": s.timeouts,
-            "rnr_naks_sent": s.rnr_naks_sent,
-            "rnr_naks_received": s.rnr_naks_received,
-            "seq_naks_sent": s.seq_naks_sent,
-            "seq_naks_received": s.seq_naks_received,
-            "access_naks_sent": s.access_naks_sent,
-            "invalid_naks_sent": s.invalid_naks_sent,
-            "duplicates": s.duplicates,
-            "read_replays": s.read_replays,
-            "bad_icrc": s.bad_icrc,
-            "malformed": s.malformed,
-            "unknown_qpn": s.unknown_qpn,
-            "out_of_window": s.out_of_window,
             "pages_checked": self.pages_checked.load(Ordering::Relaxed),
             "stale_accesses": self.stale.load(Ordering::Relaxed),
             "echoes": self.echoes.load(Ordering::Relaxed),
@@ -211,7 +197,13 @@ impl RoceRun {
             // an error NAK): not re-connected; the guest's enable of such a
             // bank fails with ERR_ROCE_GONE.
             "queue_pairs_lost": self.dev.roce_qps_lost(),
-        })
+        });
+        // Every port counter, dropped packets included
+        // (`spoofed_and_unsolicited_packets_show_in_the_run_report`).
+        for (name, v) in s.named() {
+            r[name] = v.into();
+        }
+        r
     }
 }
 

@@ -16,6 +16,14 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: u64,)*
         }
 
+        impl RoceStatsSnapshot {
+            /// Every counter with its name, so reports list them all (a
+            /// counter left out of a report hides the drops it counts).
+            pub fn named(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+
         impl RoceStats {
             pub(crate) fn snapshot(&self) -> RoceStatsSnapshot {
                 RoceStatsSnapshot {

@@ -2,10 +2,15 @@
 //!
 //! Set-up follows perftest's default: the two VMMs exchange, over a TCP
 //! connection one of them listens for, one line each naming their RoCE
-//! address (the GID), the rkey of their guest-RAM MR, the window of guest
-//! memory they expose, and per queue-pair bank its QPN and first PSN. Each
-//! side then connects its banks' QPs to the other's. The guest sees the
-//! peer's window in PEER_ADDR/LEN/RKEY, as with the host peer:
+//! address (the GID), the rkey of an ODP MR covering exactly the window of
+//! guest memory they expose (nothing else of the guest is reachable:
+//! `adversary_roce::rdma_outside_the_advertised_window_is_naked`), the
+//! window, and per queue-pair bank its QPN and first PSN. Each side then
+//! connects its banks' QPs to the other's. A listener drops a peer that
+//! does not complete the exchange within 10 s and accepts the next, until
+//! the run's `--timeout` (`a_silent_exchange_peer_does_not_hang_the_vmm`).
+//! The guest sees the peer's window in PEER_ADDR/LEN/RKEY, as with the
+//! host peer:
 //!
 //! * `[0, len/2)` — where the other guest RDMA WRITEs (stamped pages,
 //!   checked by [`RoceLink::stale_pages`]);
@@ -57,6 +62,9 @@ pub struct RoceOptions {
     /// The window of our guest memory the peer may reach.
     pub window_base: u64,
     pub window_len: u64,
+    /// How long to wait for a peer to complete the exchange (the run's
+    /// `--timeout`; `EXCHANGE_PATIENCE` without one).
+    pub patience: Option<Duration>,
 }
 
 /// Why a RoCE link could not be set up. The exchange line comes from the
@@ -94,6 +102,10 @@ pub enum RoceLinkError {
     },
     #[error("the RoCE exchange did not complete")]
     Incomplete,
+    #[error("no RoCE peer completed the exchange within {0:?}")]
+    NoPeer(Duration),
+    #[error("registering the RoCE window's memory region: {0}")]
+    WindowMr(#[source] rdma_passthrough::VerbsError),
     #[error("RoCE queue pairs: {0}")]
     Verbs(#[from] rdma_passthrough::VerbsError),
 }
@@ -110,6 +122,12 @@ const MAX_QPS: usize = 256;
 
 /// How long a connecting side keeps trying while the listener starts.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(30);
+/// How long a listener waits for a peer to complete the exchange, without
+/// a `--timeout`.
+const EXCHANGE_PATIENCE: Duration = Duration::from_secs(600);
+/// How long one connected peer may take to send its exchange line: a
+/// silent or slow one is dropped (and, listening, the next one accepted).
+const LINE_PATIENCE: Duration = Duration::from_secs(10);
 /// Longest exchange line accepted.
 const MAX_LINE: u64 = 4096;
 const MAGIC: &str = "odpvm-roce-v1";
@@ -210,27 +228,17 @@ fn io_error(what: &'static str, at: impl ToString) -> impl FnOnce(std::io::Error
     move |source| RoceLinkError::Io { what, at, source }
 }
 
-fn meet(exchange: &Exchange) -> Result<TcpStream, RoceLinkError> {
-    match exchange {
-        Exchange::Listen(at) => {
-            let l = TcpListener::bind(at).map_err(io_error("listen on", at))?;
-            log::info!("roce: waiting for the peer on {at}");
-            let (s, from) = l.accept().map_err(io_error("accept on", at))?;
-            log::info!("roce: peer {from} connected");
-            Ok(s)
-        }
-        Exchange::Connect(to) => {
-            let deadline = Instant::now() + CONNECT_PATIENCE;
-            loop {
-                match TcpStream::connect_timeout(to, Duration::from_secs(2)) {
-                    Ok(s) => return Ok(s),
-                    Err(e) if Instant::now() < deadline => {
-                        log::debug!("roce: connecting to {to}: {e}; retrying");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(e) => return Err(io_error("connect to", to)(e)),
-                }
+/// Connect to a listening peer, retrying until `CONNECT_PATIENCE`.
+fn connect_to(to: &SocketAddr) -> Result<TcpStream, RoceLinkError> {
+    let deadline = Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match TcpStream::connect_timeout(to, Duration::from_secs(2)) {
+            Ok(s) => return Ok(s),
+            Err(e) if Instant::now() < deadline => {
+                log::debug!("roce: connecting to {to}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(100));
             }
+            Err(e) => return Err(io_error("connect to", to)(e)),
         }
     }
 }
@@ -241,6 +249,8 @@ pub struct RoceLink {
     pub stream: TcpStream,
     pub peer: Info,
     pub local: Info,
+    /// The MR the peer's rkey names: exactly our window.
+    _window_mr: Option<rdma_passthrough::Mr>,
 }
 
 /// Bind the RoCE port, meet the peer, exchange, connect every bank's QP.
@@ -259,10 +269,23 @@ pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, RoceLinkEr
         })?,
     );
     let mut result = None;
-    dev.attach_roce(|_pd: &Pd, qps: &[&Qp]| {
+    let mut window_mr = None;
+    dev.attach_roce(|pd: &Pd, qps: &[&Qp]| {
+        // The peer's rkey names an MR of exactly the advertised window, not
+        // the guest-RAM MR: anything outside it is a remote access error
+        // (`rdma_outside_the_advertised_window_is_naked`).
+        let mr = dev
+            .rnic()
+            .reg_mr(
+                pd,
+                opts.window_base,
+                opts.window_len,
+                rdma_passthrough::Access::ALL_REMOTE | rdma_passthrough::Access::ON_DEMAND,
+            )
+            .map_err(RoceLinkError::WindowMr)?;
         let local = Info {
             addr: port.local_addr(),
-            rkey: dev.lkey(),
+            rkey: mr.rkey(),
             base: opts.window_base,
             len: opts.window_len,
             qps: qps
@@ -271,15 +294,8 @@ pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, RoceLinkEr
                 .map(|(i, q)| (q.qpn(), initial_psn(i)))
                 .collect(),
         };
-        let mut stream = meet(&opts.exchange)?;
-        stream
-            .write_all(local.line().as_bytes())
-            .map_err(io_error("send to", "the peer"))?;
-        let mut line = String::new();
-        BufReader::new((&stream).take(MAX_LINE))
-            .read_line(&mut line)
-            .map_err(io_error("receive from", "the peer"))?;
-        let peer = Info::parse(&line)?;
+        let patience = opts.patience.unwrap_or(EXCHANGE_PATIENCE);
+        let (stream, peer) = exchange(&opts.exchange, &local, patience)?;
         if peer.qps.len() != qps.len() {
             return Err(RoceLinkError::BankMismatch {
                 peer: peer.qps.len(),
@@ -302,17 +318,87 @@ pub fn link(dev: &RnicDevice, opts: &RoceOptions) -> Result<RoceLink, RoceLinkEr
             len: peer.len,
             rkey: peer.rkey,
         };
+        window_mr = Some(mr);
         result = Some(RoceLink {
             stream,
             peer,
             local,
+            _window_mr: None,
         });
         Ok(super::roce::RoceRemote {
             port: port.clone(),
             window,
         })
     })?;
-    result.ok_or(RoceLinkError::Incomplete)
+    let mut link = result.ok_or(RoceLinkError::Incomplete)?;
+    link._window_mr = window_mr;
+    Ok(link)
+}
+
+/// Meet the peer and swap exchange lines. Listening, a peer that fails the
+/// exchange (silent past `LINE_PATIENCE`, or not speaking the protocol)
+/// is dropped with a warning and the next one accepted, until `deadline`;
+/// connecting, any failure is the error.
+fn exchange(
+    how: &Exchange,
+    local: &Info,
+    patience: Duration,
+) -> Result<(TcpStream, Info), RoceLinkError> {
+    let deadline = Instant::now() + patience;
+    let swap = |stream: &TcpStream| -> Result<Info, RoceLinkError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let patience = LINE_PATIENCE.min(left).max(Duration::from_millis(1));
+        stream
+            .set_read_timeout(Some(patience))
+            .and_then(|_| stream.set_write_timeout(Some(patience)))
+            .map_err(io_error("configure", "the exchange connection"))?;
+        let mut s = stream;
+        s.write_all(local.line().as_bytes())
+            .map_err(io_error("send to", "the peer"))?;
+        let mut line = String::new();
+        BufReader::new(s.take(MAX_LINE))
+            .read_line(&mut line)
+            .map_err(io_error("receive from", "the peer"))?;
+        stream
+            .set_read_timeout(None)
+            .map_err(io_error("configure", "the exchange connection"))?;
+        Info::parse(&line)
+    };
+    match how {
+        Exchange::Connect(to) => {
+            let stream = connect_to(to)?;
+            let peer = swap(&stream)?;
+            Ok((stream, peer))
+        }
+        Exchange::Listen(at) => {
+            let l = TcpListener::bind(at).map_err(io_error("listen on", at))?;
+            l.set_nonblocking(true).map_err(io_error("listen on", at))?;
+            log::info!("roce: waiting for the peer on {at}");
+            loop {
+                match l.accept() {
+                    Ok((stream, from)) => {
+                        stream
+                            .set_nonblocking(false)
+                            .map_err(io_error("accept on", at))?;
+                        match swap(&stream) {
+                            Ok(peer) => {
+                                log::info!("roce: peer {from} connected");
+                                return Ok((stream, peer));
+                            }
+                            Err(e) => log::warn!("roce: dropping exchange peer {from}: {e}"),
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(io_error("accept on", at)(e)),
+                }
+                if Instant::now() >= deadline {
+                    return Err(RoceLinkError::NoPeer(patience));
+                }
+            }
+        }
+    }
 }
 
 impl RoceLink {
