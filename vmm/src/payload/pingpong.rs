@@ -173,16 +173,7 @@ pub fn assemble(role: Role, a: &mut Asm) -> R {
     // After a reset its completions are gone: nothing is in flight, and
     // whatever the peer may still wait for is sent again, flagged.
     a.set_label(&mut setup)?;
-    a.mov(dword_ptr(rbp + QP_CTRL), CTRL_RESET)?;
-    a.mov(qword_ptr(rbp + QP_SQ_BASE), r12)?;
-    a.mov(dword_ptr(rbp + QP_SQ_SIZE), RING as u32)?;
-    a.lea(rax, qword_ptr(r12 + RQ_OFFSET))?;
-    a.mov(qword_ptr(rbp + QP_RQ_BASE), rax)?;
-    a.mov(dword_ptr(rbp + QP_RQ_SIZE), RING as u32)?;
-    a.mov(dword_ptr(rbp + QP_CTRL), CTRL_ENABLE)?;
-    a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
-    a.test(eax, STATUS_ENABLED)?;
-    a.jz(not_enabled)?;
+    reset_and_enable_qp(a, not_enabled)?;
     a.xor(r10, r10)?;
     a.xor(eax, eax)?;
     xset(a, xmm8, rax)?;

@@ -109,6 +109,22 @@ pub(super) fn spin_forever(a: &mut Asm) -> R {
     Ok(())
 }
 
+/// Reset queue pair `rbp` and enable it again on the ring at `r12` (send
+/// queue there, receive queue `RQ_OFFSET` after it); jump to `failed` if
+/// the device does not enable it. Clobbers eax.
+pub(super) fn reset_and_enable_qp(a: &mut Asm, failed: CodeLabel) -> R {
+    a.mov(dword_ptr(rbp + QP_CTRL), CTRL_RESET)?;
+    a.mov(qword_ptr(rbp + QP_SQ_BASE), r12)?;
+    a.mov(dword_ptr(rbp + QP_SQ_SIZE), RING as u32)?;
+    a.lea(rax, qword_ptr(r12 + RQ_OFFSET))?;
+    a.mov(qword_ptr(rbp + QP_RQ_BASE), rax)?;
+    a.mov(dword_ptr(rbp + QP_RQ_SIZE), RING as u32)?;
+    a.mov(dword_ptr(rbp + QP_CTRL), CTRL_ENABLE)?;
+    a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
+    a.test(eax, STATUS_ENABLED)?;
+    a.jz(failed)
+}
+
 /// rax = rdtsc (64-bit).
 pub(super) fn tsc(a: &mut Asm) -> R {
     a.rdtsc()?;
@@ -182,16 +198,7 @@ pub fn assemble(kind: Kind, a: &mut Asm) -> R {
 
     // ---- (re)initialise the queue pair -----------------------------------
     a.set_label(&mut setup)?;
-    a.mov(dword_ptr(rbp + QP_CTRL), CTRL_RESET)?;
-    a.mov(qword_ptr(rbp + QP_SQ_BASE), r12)?;
-    a.mov(dword_ptr(rbp + QP_SQ_SIZE), RING as u32)?;
-    a.lea(rax, qword_ptr(r12 + RQ_OFFSET))?;
-    a.mov(qword_ptr(rbp + QP_RQ_BASE), rax)?;
-    a.mov(dword_ptr(rbp + QP_RQ_SIZE), RING as u32)?;
-    a.mov(dword_ptr(rbp + QP_CTRL), CTRL_ENABLE)?;
-    a.mov(eax, dword_ptr(rbp + QP_STATUS))?;
-    a.test(eax, STATUS_ENABLED)?;
-    a.jz(no_device)?;
+    reset_and_enable_qp(a, no_device)?;
     a.xor(r10, r10)?;
     a.xor(eax, eax)?;
     xset(a, xmm8, rax)?;
