@@ -1,16 +1,14 @@
 //! The emulated RNIC on real threads and memory: loopback traffic through
 //! ODP MRs, invalidation during traffic, bad work requests, fencing.
 
-use mmu::{
-    Config, Error as MmuError, FaultResolver, Invalidation, InvalidationKind, Mirror, MirrorRole,
-    Mmu, RegionSpec, Translation, PAGE_SIZE,
-};
+mod common;
+
+use common::MIB;
+use mmu::{Mmu, PAGE_SIZE};
 use rdma_passthrough::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const MIB: u64 = 1 << 20;
 
 /// Process memory registered with an mmu as an address space whose
 /// iova == host address. `guard` makes invalidated pages PROT_NONE until a
@@ -24,95 +22,14 @@ struct Env {
     pd: Pd,
 }
 
-fn mmap(len: u64) -> u64 {
-    // SAFETY: a fresh anonymous mapping; unmapped never (test lifetime).
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as u64
-}
-
-fn protect(addr: u64, len: u64, rw: bool) {
-    let prot = if rw {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_NONE
-    };
-    // SAFETY: the range lies in a mapping this test owns.
-    let rc = unsafe { libc::mprotect(addr as *mut _, len as usize, prot) };
-    assert_eq!(rc, 0);
-}
-
-/// The backing of a guarded space: invalidated pages become inaccessible.
-struct Guard;
-impl Mirror for Guard {
-    fn name(&self) -> &str {
-        "guard"
-    }
-    fn role(&self) -> MirrorRole {
-        MirrorRole::Backing
-    }
-    fn invalidate_start(&self, inv: &Invalidation) {
-        if let InvalidationKind::Range { gpa, len } = inv.kind {
-            protect(gpa, len, false);
-        }
-    }
-    fn invalidate_wait(&self, _: &Invalidation) {}
-}
-
-/// Resolves by making the pages accessible again.
-struct GuardResolver {
-    mmu: std::sync::Weak<Mmu>,
-}
-impl FaultResolver for GuardResolver {
-    fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
-        let mmu = self.mmu.upgrade().expect("mmu alive");
-        mmu.fault_in(gpa, len, |t, out| {
-            protect(t.gpa(), t.len(), true);
-            let mut p = t.gpa();
-            while p < t.end() {
-                out.push(Translation::small(p, p));
-                p += PAGE_SIZE;
-            }
-            Ok(())
-        })
-        .map(|_| ())
-    }
-}
-
 fn env(len: u64, guard: bool, config: RnicConfig) -> Env {
-    let base = mmap(len);
-    let mmu = Mmu::new(Config::default()).unwrap();
-    mmu.add_region(RegionSpec {
-        name: "buf".into(),
-        gpa: base,
-        size: len,
-        hva: base,
-    })
-    .unwrap();
-    let resolver: Arc<dyn FaultResolver> = if guard {
-        mmu.register_mirror(Arc::new(Guard));
-        Arc::new(GuardResolver {
-            mmu: Arc::downgrade(&mmu),
-        })
-    } else {
-        Arc::new(mmu::DirectResolver::new(mmu.clone()))
-    };
-    let space = AddressSpace::new("test", mmu.clone(), resolver);
+    let m = common::memory(len, guard);
     let rnic = EmulatedRnic::new(config);
-    let pd = rnic.alloc_pd(space);
+    let pd = rnic.alloc_pd(m.space);
     Env {
-        base,
+        base: m.base,
         len,
-        mmu,
+        mmu: m.mmu,
         rnic,
         pd,
     }

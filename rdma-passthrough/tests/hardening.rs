@@ -4,7 +4,9 @@
 //! address space, and fencing that waits for the copy in progress and
 //! recovers once the device answers again.
 
-use mmu::{Config, Mmu, RegionSpec, PAGE_SIZE};
+mod common;
+
+use mmu::{Mmu, PAGE_SIZE};
 use rdma_passthrough::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,37 +22,12 @@ struct Env {
 }
 
 fn env(len: u64, config: RnicConfig) -> Env {
-    // SAFETY: a fresh anonymous mapping, never unmapped (test lifetime).
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    let base = p as u64;
-    let mmu = Mmu::new(Config::default()).unwrap();
-    mmu.add_region(RegionSpec {
-        name: "buf".into(),
-        gpa: base,
-        size: len,
-        hva: base,
-    })
-    .unwrap();
-    let space = AddressSpace::new(
-        "test",
-        mmu.clone(),
-        Arc::new(mmu::DirectResolver::new(mmu.clone())),
-    );
+    let m = common::memory(len, false);
     let rnic = EmulatedRnic::new(config);
-    let pd = rnic.alloc_pd(space);
+    let pd = rnic.alloc_pd(m.space);
     Env {
-        base,
-        mmu,
+        base: m.base,
+        mmu: m.mmu,
         rnic,
         pd,
     }

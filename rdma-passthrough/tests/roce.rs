@@ -4,6 +4,7 @@
 //! error NAKs, retry exhaustion, crafted bad packets, invalidations under
 //! incoming traffic.
 
+mod common;
 mod roce_common;
 
 use rdma_passthrough::roce::{icrc, wire};

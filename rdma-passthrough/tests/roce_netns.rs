@@ -9,6 +9,7 @@
 //! and the packages `scripts/ensure-deps` installs. Without them they fail
 //! with a message saying so rather than skip.
 
+mod common;
 mod roce_common;
 
 use rdma_passthrough::*;

@@ -3,81 +3,14 @@
 //! across them.
 #![allow(dead_code)]
 
-use mmu::{
-    Config, Error as MmuError, FaultResolver, Invalidation, InvalidationKind, Mirror, MirrorRole,
-    Mmu, RegionSpec, Translation, PAGE_SIZE,
-};
+use mmu::Mmu;
 use rdma_passthrough::*;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const MIB: u64 = 1 << 20;
+pub use crate::common::MIB;
 pub const ODP: Access = Access(Access::ALL_REMOTE.0 | Access::ON_DEMAND.0);
-
-pub fn mmap(len: u64) -> u64 {
-    // SAFETY: a fresh anonymous mapping, never unmapped (test lifetime).
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    p as u64
-}
-
-fn protect(addr: u64, len: u64, rw: bool) {
-    let prot = if rw {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_NONE
-    };
-    // SAFETY: the range lies in a mapping the test owns.
-    let rc = unsafe { libc::mprotect(addr as *mut _, len as usize, prot) };
-    assert_eq!(rc, 0);
-}
-
-/// Invalidated pages become PROT_NONE: an access after an invalidation
-/// returned (a stale access) crashes the test.
-struct Guard;
-impl Mirror for Guard {
-    fn name(&self) -> &str {
-        "guard"
-    }
-    fn role(&self) -> MirrorRole {
-        MirrorRole::Backing
-    }
-    fn invalidate_start(&self, inv: &Invalidation) {
-        if let InvalidationKind::Range { gpa, len } = inv.kind {
-            protect(gpa, len, false);
-        }
-    }
-    fn invalidate_wait(&self, _: &Invalidation) {}
-}
-
-struct GuardResolver {
-    mmu: std::sync::Weak<Mmu>,
-}
-impl FaultResolver for GuardResolver {
-    fn resolve(&self, gpa: u64, len: u64, _write: bool) -> Result<(), MmuError> {
-        let mmu = self.mmu.upgrade().expect("mmu alive");
-        mmu.fault_in(gpa, len, |t, out| {
-            protect(t.gpa(), t.len(), true);
-            let mut p = t.gpa();
-            while p < t.end() {
-                out.push(Translation::small(p, p));
-                p += PAGE_SIZE;
-            }
-            Ok(())
-        })
-        .map(|_| ())
-    }
-}
 
 /// One "host": memory, an mmu, an emulated RNIC and its RoCE port.
 pub struct Node {
@@ -107,32 +40,15 @@ pub fn node_with(
     config: RoceConfig,
     rnic_config: RnicConfig,
 ) -> Node {
-    let base = mmap(len);
-    let mmu = Mmu::new(Config::default()).unwrap();
-    mmu.add_region(RegionSpec {
-        name: "buf".into(),
-        gpa: base,
-        size: len,
-        hva: base,
-    })
-    .unwrap();
-    let resolver: Arc<dyn FaultResolver> = if guard {
-        mmu.register_mirror(Arc::new(Guard));
-        Arc::new(GuardResolver {
-            mmu: Arc::downgrade(&mmu),
-        })
-    } else {
-        Arc::new(mmu::DirectResolver::new(mmu.clone()))
-    };
-    let space = AddressSpace::new("test", mmu.clone(), resolver);
+    let m = crate::common::memory(len, guard);
     let rnic = EmulatedRnic::new(rnic_config);
-    let pd = rnic.alloc_pd(space);
+    let pd = rnic.alloc_pd(m.space);
     let port = RocePort::bind(&rnic, SocketAddrV4::new(addr, 4791), config)
         .unwrap_or_else(|e| panic!("binding {addr}:4791: {e}"));
     Node {
-        base,
+        base: m.base,
         len,
-        mmu,
+        mmu: m.mmu,
         rnic,
         pd,
         port,
