@@ -11,7 +11,7 @@ use rdma_passthrough::roce::{icrc, wire};
 use rdma_passthrough::*;
 use roce_common::*;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -445,28 +445,7 @@ fn invalidations_under_incoming_writes_leave_nothing_stale() {
     let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
     let (ea, _eb) = connect(&a, &b, QpCaps::default(), 0, 0);
     let dst = b.base + MIB;
-    let stop = Arc::new(AtomicBool::new(false));
-    let churn = Arc::new(AtomicU64::new(0));
-    let inv = {
-        let (mmu, stop, n) = (b.mmu.clone(), stop.clone(), churn.clone());
-        std::thread::spawn(move || {
-            let mut x = 7u64;
-            while !stop.load(Ordering::Relaxed) {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                if (x >> 60) == 0 {
-                    mmu.teardown_all().unwrap();
-                } else {
-                    let page = (x >> 33) % 512;
-                    let pages = 1 + (x >> 20) % 32.min(512 - page);
-                    mmu.invalidate(dst + page * 4096, pages * 4096).unwrap();
-                }
-                n.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
+    let churn = Churn::start(b.mmu.clone(), dst, 512, 7, Duration::from_micros(200));
     let deadline = Instant::now() + Duration::from_secs(3);
     let mut round = 0u64;
     while Instant::now() < deadline {
@@ -491,12 +470,11 @@ fn invalidations_under_incoming_writes_leave_nothing_stale() {
         }
         check_stamp(back, 2 * MIB, round).unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
-    stop.store(true, Ordering::Relaxed);
-    inv.join().unwrap();
+    let churn = churn.finish();
     let s = b.rnic.stats();
     println!(
         "rounds {round}, churn {}, {s:?}\n{:?}",
-        churn.load(Ordering::Relaxed),
+        churn,
         b.port.stats()
     );
     assert!(round > 3);

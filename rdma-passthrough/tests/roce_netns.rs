@@ -17,8 +17,6 @@ use roce_common::*;
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(60);
@@ -181,28 +179,7 @@ fn two_hosts_under_one_percent_loss_and_invalidations() {
     let mb = b.rnic.reg_mr(&b.pd, b.base, b.len, ODP).unwrap();
     let (ea, eb) = connect(&a, &b, QpCaps::default(), 0xff_ff00, 17);
     let dst = b.base + 2 * MIB;
-    let stop = Arc::new(AtomicBool::new(false));
-    let churn = Arc::new(AtomicU64::new(0));
-    let inv = {
-        let (mmu, stop, n) = (b.mmu.clone(), stop.clone(), churn.clone());
-        std::thread::spawn(move || {
-            let mut x = 11u64;
-            while !stop.load(Ordering::Relaxed) {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                if (x >> 60) == 0 {
-                    mmu.teardown_all().unwrap();
-                } else {
-                    let page = (x >> 33) % 1024;
-                    let pages = 1 + (x >> 20) % 32.min(1024 - page);
-                    mmu.invalidate(dst + page * 4096, pages * 4096).unwrap();
-                }
-                n.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_micros(500));
-            }
-        })
-    };
+    let churn = Churn::start(b.mmu.clone(), dst, 1024, 11, Duration::from_micros(500));
     let deadline = Instant::now() + Duration::from_secs(4);
     let mut round = 0u64;
     let mut bytes_moved = 0u64;
@@ -261,20 +238,19 @@ fn two_hosts_under_one_percent_loss_and_invalidations() {
             .unwrap_or_else(|e| panic!("SEND round {round}: {e}"));
         bytes_moved += 2 * len + 100_000;
     }
-    stop.store(true, Ordering::Relaxed);
-    inv.join().unwrap();
+    let churn = churn.finish();
     let (sa, sb) = (a.port.stats(), b.port.stats());
     let dropped = net.dropped();
     println!(
         "rounds {round}, {bytes_moved} bytes, churn {}, nft dropped {dropped}\na {sa:?}\nb {sb:?}\n{:?}",
-        churn.load(Ordering::Relaxed),
+        churn,
         b.rnic.stats()
     );
     assert!(dropped > 0, "the nftables rule dropped nothing");
     assert!(sa.retransmits + sb.retransmits > 0, "{sa:?} {sb:?}");
     assert_eq!(sa.bad_icrc + sb.bad_icrc, 0);
     assert_eq!(b.rnic.stats().fenced_mrs, 0);
-    assert!(churn.load(Ordering::Relaxed) > 10);
+    assert!(churn > 10);
 }
 
 /// Done-when of issue 12, second bullet: every packet tcpdump captured on

@@ -163,3 +163,52 @@ pub fn send(id: u64, sges: Vec<Sge>) -> SendWr {
         signaled: true,
     }
 }
+
+/// A thread that keeps invalidating random runs of up to 32 pages in
+/// `[dst, dst + pages × 4 KiB)` of `mmu`, and now and then (1 in 16) tears
+/// its whole space down, pausing `pause` between operations, until
+/// `finish`: the churn a responder's memory sees under incoming traffic.
+pub struct Churn {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    count: Arc<std::sync::atomic::AtomicU64>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Churn {
+    pub fn start(mmu: Arc<Mmu>, dst: u64, pages: u64, seed: u64, pause: Duration) -> Churn {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (s, n) = (stop.clone(), count.clone());
+        let handle = std::thread::spawn(move || {
+            let mut x = seed;
+            while !s.load(Ordering::Relaxed) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if (x >> 60) == 0 {
+                    mmu.teardown_all().unwrap();
+                } else {
+                    let page = (x >> 33) % pages;
+                    let run = 1 + (x >> 20) % 32.min(pages - page);
+                    mmu.invalidate(dst + page * 4096, run * 4096).unwrap();
+                }
+                n.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(pause);
+            }
+        });
+        Churn {
+            stop,
+            count,
+            handle,
+        }
+    }
+
+    /// Stop the thread; how many operations it made.
+    pub fn finish(self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap();
+        self.count.load(Ordering::Relaxed)
+    }
+}
