@@ -6,7 +6,7 @@
 //!
 //! Every datagram is parsed ([`super::wire::parse`]) and its ICRC checked
 //! before anything reads it; bad ones are dropped and counted
-//! ([`RoceStatsSnapshot`]; `tests/roce.rs::crafted_packets_are_dropped_or_naked_and_counted`).
+//! ([`RoceStatsSnapshot`]; `tests/roce_crafted.rs::crafted_packets_are_dropped_or_naked_and_counted`).
 //! The window is clamped to the receive buffer the kernel grants
 //! (`tests/roce.rs::small_socket_buffers_do_not_livelock_reads`).
 

@@ -22,8 +22,8 @@
 //! Tests: `tests/roce.rs` (`write_read_send_between_two_rnics_mtu_{1024,4096}`,
 //! `bad_rkey_and_bounds_complete_with_remote_access_error`,
 //! `odp_faults_on_the_responder_answer_with_rnr_naks`,
-//! `crafted_packets_are_dropped_or_naked_and_counted`,
-//! `rnr_naks_carry_each_qps_own_min_rnr_timer`).
+//! `rnr_naks_carry_each_qps_own_min_rnr_timer`) and
+//! `tests/roce_crafted.rs` (`crafted_packets_are_dropped_or_naked_and_counted`).
 
 use super::memory::{self, Miss, Refused, Seg};
 use super::port::Wire;

@@ -10,6 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::common::MIB;
+/// A test's own pair of loopback addresses, `127.0.n.1` and `127.0.n.2`.
+pub fn addrs(n: u8) -> (Ipv4Addr, Ipv4Addr) {
+    (Ipv4Addr::new(127, 0, n, 1), Ipv4Addr::new(127, 0, n, 2))
+}
+
 pub const ODP: Access = Access(Access::ALL_REMOTE.0 | Access::ON_DEMAND.0);
 
 /// One "host": memory, an mmu, an emulated RNIC and its RoCE port.
