@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::thread_cpu;
+
 use mmu::{Mmu, PAGE_SIZE};
 use rdma_passthrough::*;
 use std::sync::Arc;
@@ -93,29 +95,6 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
-}
-
-/// CPU seconds used so far by this process's thread named `comm`.
-fn thread_cpu(comm: &str) -> f64 {
-    for t in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = t.unwrap().path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if name.trim_end() != comm {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<u64> = rest
-            .split(' ')
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        return (f[0] + f[1]) as f64 / hz;
-    }
-    panic!("no thread named {comm}");
 }
 
 /// Issue 11 item 1 (the RNIC side): unsignaled WQEs retire in order without

@@ -5,44 +5,15 @@
 //! Longer, coverage-guided runs: `cargo +nightly fuzz run rnic_device` in
 //! `fuzz/`.
 
+mod common;
+
+use common::{rss_kib, thread_cpu};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vmm::devices::rnic::fuzz::{harness, seeded_input, RunStats};
 
 /// Seeded inputs per run (a second or two on the development host).
 const SEEDED: u64 = 1000;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// CPU seconds used so far by this process's thread named `comm`.
-fn thread_cpu(comm: &str) -> f64 {
-    for t in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = t.unwrap().path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if name.trim_end() != comm {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<u64> = rest
-            .split(' ')
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        return (f[0] + f[1]) as f64 / hz;
-    }
-    panic!("no thread named {comm}");
-}
 
 fn corpus() -> Vec<(String, Vec<u8>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/rnic_device");

@@ -6,6 +6,9 @@
 //! the device answered through the test device. What the host must keep
 //! bounded (memory, CPU) is checked from the outside while they run.
 
+mod common;
+
+use common::{rss_kib, thread_cpu};
 use iced_x86::code_asm::*;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -260,38 +263,6 @@ fn reported(r: &RunReport, n: usize) -> Vec<u32> {
 
 fn device(h: &VmHandle) -> Arc<RnicDevice> {
     h.rnic().expect("an RNIC device")
-}
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// CPU seconds used so far by this process's thread named `comm`.
-fn thread_cpu(comm: &str) -> f64 {
-    for t in std::fs::read_dir("/proc/self/task").unwrap() {
-        let dir = t.unwrap().path();
-        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if name.trim_end() != comm {
-            continue;
-        }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<u64> = rest
-            .split(' ')
-            .skip(11)
-            .take(2)
-            .map(|v| v.parse().unwrap())
-            .collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        return (f[0] + f[1]) as f64 / hz;
-    }
-    panic!("no thread named {comm}");
 }
 
 /// A named emulated RNIC and host peer of its own, so its threads can be

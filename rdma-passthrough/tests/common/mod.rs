@@ -113,3 +113,26 @@ pub fn memory(len: u64, guard: bool) -> Memory {
         space,
     }
 }
+
+/// CPU seconds used so far by this process's thread named `comm`.
+pub fn thread_cpu(comm: &str) -> f64 {
+    for t in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = t.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.trim_end() != comm {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        return (f[0] + f[1]) as f64 / hz;
+    }
+    panic!("no thread named {comm}");
+}
