@@ -3,6 +3,8 @@
 //! would act. Each test fails on the code it was written against and names
 //! the guarantee it guards.
 
+mod common;
+
 use rdma_passthrough::roce::{icrc, wire};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
@@ -83,16 +85,8 @@ struct Peer {
 
 impl Peer {
     fn send(&self, op: wire::Op, psn: u32, reth: Option<&wire::Reth>, payload: &[u8]) {
-        let mut bth = wire::Bth::new(op, self.qpn, psn);
-        bth.ack_req = true;
-        let mut buf = Vec::new();
-        wire::build(&mut buf, bth, reth, None, payload);
-        icrc::seal(
-            &icrc::Ipv4Meta::linux_df(self.us, *self.them.ip()),
-            4791,
-            4791,
-            &mut buf,
-        );
+        let buf =
+            common::sealed_request(self.us, *self.them.ip(), self.qpn, op, psn, reth, payload);
         self.sock.send_to(&buf, self.them).unwrap();
     }
 

@@ -13,6 +13,8 @@
 //!   guest's receive completes in error, its connection is gone
 //!   (`queue_pairs_lost`), and the guest ends with its report.
 
+mod common;
+
 use rdma_passthrough::roce::{icrc, wire};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -58,16 +60,8 @@ enum Answer {
 
 impl Peer {
     fn send(&self, op: wire::Op, psn: u32, payload: &[u8]) {
-        let mut bth = wire::Bth::new(op, self.qpn, psn);
-        bth.ack_req = true;
-        let mut buf = Vec::new();
-        wire::build(&mut buf, bth, None, None, payload);
-        icrc::seal(
-            &icrc::Ipv4Meta::linux_df(self.us, *self.them.ip()),
-            4791,
-            4791,
-            &mut buf,
-        );
+        let buf =
+            common::sealed_request(self.us, *self.them.ip(), self.qpn, op, psn, None, payload);
         self.sock.send_to(&buf, self.them).unwrap();
     }
 

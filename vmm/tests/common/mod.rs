@@ -35,3 +35,24 @@ pub fn thread_cpu(comm: &str) -> f64 {
     }
     panic!("no thread named {comm}");
 }
+
+/// A RoCEv2 request packet as a peer at `us` sends it to the RoCE port at
+/// `them` (both on UDP port 4791): BTH with AckReq, the RETH if any, the
+/// payload and the ICRC Linux would compute (DF set, IP ID 0).
+pub fn sealed_request(
+    us: std::net::Ipv4Addr,
+    them: std::net::Ipv4Addr,
+    qpn: u32,
+    op: rdma_passthrough::roce::wire::Op,
+    psn: u32,
+    reth: Option<&rdma_passthrough::roce::wire::Reth>,
+    payload: &[u8],
+) -> Vec<u8> {
+    use rdma_passthrough::roce::{icrc, wire};
+    let mut bth = wire::Bth::new(op, qpn, psn);
+    bth.ack_req = true;
+    let mut buf = Vec::new();
+    wire::build(&mut buf, bth, reth, None, payload);
+    icrc::seal(&icrc::Ipv4Meta::linux_df(us, them), 4791, 4791, &mut buf);
+    buf
+}
