@@ -5,8 +5,9 @@
 //! mmap lock for writing, one chunk at a time) and gives them back later
 //! (`MADV_DONTNEED`, holding it for reading). Every guest refault needs
 //! the lock for reading (KVM's `get_user_pages`). Measured with
-//! `perf record -e sched:sched_switch -g` on the 2-core development host,
-//! two things turned this into guest stalls of 10–150 ms at 4 GiB:
+//! `perf record -a -e sched:sched_switch -g` on the 2-core development
+//! host, the VMM's own threads turned this into guest stalls of 10–150 ms
+//! at 4 GiB:
 //!
 //! * **the fault thread took the mmap lock for writing**: glibc grows a
 //!   thread's malloc arena with `mprotect`, a page or so at a time (160
@@ -17,9 +18,13 @@
 //! * **the woken fault thread waited for a CPU**: with two vCPUs and the
 //!   teardown thread busy on both cores it ran only at the next scheduler
 //!   tick (~4 ms), while vCPUs waited on it in `handle_userfault`.
-//!   [`set_own_slice`] asks EEVDF (Linux 6.12+) for a short slice, so the
-//!   woken thread preempts at once. No privilege needed; older kernels
-//!   refuse it and nothing changes.
+//!   [`make_latency_critical`] makes it `SCHED_FIFO` when the process may,
+//!   else asks EEVDF (Linux 6.12+) for a short slice ([`set_own_slice`]:
+//!   no privilege needed; older kernels refuse it and nothing changes);
+//! * **the thread moving pages out was preempted holding the lock**:
+//!   [`with_burst_class`] runs it `SCHED_FIFO` (or with a short slice) in
+//!   4 MiB bursts, and [`breathe`] pauses it between them so the vCPUs
+//!   keep most of the CPUs through the O(n) phase.
 //!
 //! Tests: `vmm/tests/allocator.rs` (the heap grows in big steps),
 //! `a_short_slice_is_taken_and_given_back`; the effect on the guest is
