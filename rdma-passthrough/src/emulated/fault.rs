@@ -145,7 +145,7 @@ fn map_segment(
             continue;
         }
         for &(page, hva) in &entries {
-            table.pages.insert(page, hva);
+            table.insert(page, hva);
         }
         return Ok(entries.len() as u64);
     }
@@ -155,7 +155,7 @@ fn map_segment(
 /// The host ranges behind a (pinned) MR's table, coalesced.
 pub(crate) fn host_extents(mr: &MrState) -> Vec<(u64, u64)> {
     let table = mr.table.lock();
-    let mut pages: Vec<(u64, u64)> = table.pages.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut pages: Vec<(u64, u64)> = table.iter().collect();
     pages.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (_, hva) in pages {

@@ -65,7 +65,7 @@ impl Mr {
 
     /// Pages the device currently maps.
     pub fn mapped_pages(&self) -> usize {
-        self.state.table.lock().pages.len()
+        self.state.table.lock().len() as usize
     }
 
     /// Whether the device maps the page containing `iova`.

@@ -43,6 +43,7 @@ mod engine;
 mod fault;
 mod handles;
 pub(crate) mod mr;
+mod page_table;
 
 pub use cq::Cq;
 use handles::libc_mlock;

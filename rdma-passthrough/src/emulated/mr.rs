@@ -19,11 +19,7 @@ pub(crate) const FENCED: u8 = 1;
 /// Deregistered.
 pub(crate) const DEAD: u8 = 2;
 
-/// The device's page table of one MR: iova page → host page.
-#[derive(Default)]
-pub(crate) struct PageTable {
-    pub(crate) pages: HashMap<u64, u64>,
-}
+pub(crate) use super::page_table::PageTable;
 
 pub(crate) struct MrState {
     pub(crate) key: u32,
@@ -66,76 +62,24 @@ impl MrState {
     /// Host address of the page containing `iova`, if mapped.
     pub(crate) fn lookup(&self, iova: u64) -> Option<u64> {
         let page = iova & !(PAGE_SIZE - 1);
-        self.table.lock().pages.get(&page).copied()
+        self.table.lock().get(page)
     }
 
     /// Zap `[start, end)` (device side of an invalidation).
     pub(crate) fn zap(&self, start: u64, end: u64) -> u64 {
         let mut t = self.table.lock();
-        let pages = end.saturating_sub(start) / PAGE_SIZE;
-        let before = t.pages.len();
-        if pages < t.pages.len() as u64 {
-            let mut p = start & !(PAGE_SIZE - 1);
-            while p < end {
-                t.pages.remove(&p);
-                let Some(next) = p.checked_add(PAGE_SIZE) else {
-                    break;
-                };
-                p = next;
-            }
-        } else {
-            t.pages.retain(|p, _| *p < start || *p >= end);
-        }
-        (before - t.pages.len()) as u64
+        t.zap(start, end)
     }
 
-    /// O(1) teardown: swap the table for an empty one. The old table is
-    /// one allocation, but giving tens of MiB back to the kernel (munmap)
-    /// costs time in proportion to it, so it is freed by the releaser
-    /// thread, after the device has confirmed (bench: `odpvm bench
-    /// teardown --mirrors rnic`).
+    /// O(1) teardown: swap the table for an empty one. The old table's
+    /// leaves go to the pool (`page_table.rs`): pointer moves, outside the
+    /// table lock, and nothing handed back to the kernel (bench: `odpvm
+    /// bench teardown --mirrors rnic`).
     pub(crate) fn zap_all(&self) -> u64 {
         let old = std::mem::take(&mut *self.table.lock());
-        let n = old.pages.len() as u64;
-        release_later(old);
+        let n = old.len();
+        drop(old);
         n
-    }
-}
-
-/// Free old page tables off the device thread: one long-lived thread per
-/// process fed through a channel. If it cannot be started (or has gone),
-/// the table is freed right here — correct, only slower.
-fn release_later(table: PageTable) {
-    use std::sync::mpsc::{channel, Sender};
-    use std::sync::OnceLock;
-    static RELEASER: OnceLock<Option<Mutex<Sender<PageTable>>>> = OnceLock::new();
-    let tx = RELEASER.get_or_init(|| {
-        let (tx, rx) = channel::<PageTable>();
-        std::thread::Builder::new()
-            .name("rnic-table-free".into())
-            .spawn(move || {
-                // Freeing a table is O(its pages) of CPU and nobody waits
-                // for it: at the lowest priority it never preempts a vCPU
-                // (one preempted inside get_user_pages holds the mmap lock
-                // every other guest fault then queues behind).
-                // SAFETY: setpriority on the calling thread (who 0);
-                // raising one's own nice value needs no privilege.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-                rx.into_iter().for_each(drop)
-            })
-            .ok()
-            .map(|_| Mutex::new(tx))
-    });
-    if table.pages.capacity() == 0 {
-        return;
-    }
-    match tx {
-        Some(tx) => {
-            if let Err(back) = tx.lock().send(table) {
-                drop(back.0);
-            }
-        }
-        None => drop(table),
     }
 }
 

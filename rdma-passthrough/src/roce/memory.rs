@@ -159,7 +159,7 @@ pub(crate) fn write(mr: &MrState, iova: u64, data: &[u8]) -> Result<(), Miss> {
         if !mr.live() {
             return Err(not_live(mr));
         }
-        let Some(&page) = table.pages.get(&(at & !(PAGE_SIZE - 1))) else {
+        let Some(page) = table.get(at & !(PAGE_SIZE - 1)) else {
             return Err(Miss::Page {
                 key: mr.key,
                 iova: at,
@@ -187,7 +187,7 @@ pub(crate) fn read(mr: &MrState, iova: u64, out: &mut [u8]) -> Result<(), Miss> 
         if !mr.live() {
             return Err(not_live(mr));
         }
-        let Some(&page) = table.pages.get(&(at & !(PAGE_SIZE - 1))) else {
+        let Some(page) = table.get(at & !(PAGE_SIZE - 1)) else {
             return Err(Miss::Page {
                 key: mr.key,
                 iova: at,
@@ -214,7 +214,7 @@ pub(crate) fn first_missing(mr: &MrState, va: u64, len: u64) -> Result<Option<u6
     }
     let mut p = va & !(PAGE_SIZE - 1);
     while p < va + len {
-        if !table.pages.contains_key(&p) {
+        if !table.contains(p) {
             return Ok(Some(p.max(va)));
         }
         p += PAGE_SIZE;

@@ -141,6 +141,10 @@ struct Rep {
     mmu_rnic: u64,
     release: u64,
     progress_ratio: f64,
+    /// Guest faults the fault thread put off (an invalidation in their
+    /// way) or served untracked (a retiring region) during the teardown.
+    deferred: u64,
+    untracked: u64,
 }
 
 /// One row of the output (also what the plot draws).
@@ -313,9 +317,13 @@ fn repetition(h: &VmHandle, marks: &mut Marks, method: Method, memory: u64) -> R
     })?;
     std::thread::sleep(RATE_WINDOW);
     h.take_teardown_parts();
+    let faults = h.stats();
     let t_req = Instant::now();
     run_method(h, method)?;
     let t_done = Instant::now();
+    let faults_after = h.stats();
+    rep.deferred = faults_after.faults_deferred - faults.faults_deferred;
+    rep.untracked = faults_after.faults_untracked - faults.faults_untracked;
     let parts = h.take_teardown_parts();
     rep.complete = (t_done - t_req).as_nanos() as u64;
     rep.prezap = parts.prezap_ns;
@@ -412,7 +420,7 @@ fn size_and_mirrors(
                 }
                 let r = repetition(&h, &mut marks, method, memory)?;
                 eprintln!(
-                    "  {:>6} MiB {:<14} {:<8} rep {}/{}: stall {:.3} ms, complete {:.3} ms, release {:.1} ms",
+                    "  {:>6} MiB {:<14} {:<8} rep {}/{}: stall {:.3} ms, complete {:.3} ms, release {:.1} ms, faults deferred {} untracked {}",
                     memory >> 20,
                     method.name(),
                     mirrors.name(),
@@ -420,7 +428,9 @@ fn size_and_mirrors(
                     o.reps,
                     r.stall as f64 / 1e6,
                     r.complete as f64 / 1e6,
-                    r.release as f64 / 1e6
+                    r.release as f64 / 1e6,
+                    r.deferred,
+                    r.untracked
                 );
                 reps.push(r);
             }
@@ -473,6 +483,8 @@ fn summarize(
         "pause_kick_ns_p50": p50(|r| r.kick),
         "mmu_rnic_ns_p50": p50(|r| r.mmu_rnic),
         "release_ns_p50": p50(|r| r.release),
+        "faults_deferred_p50": p50(|r| r.deferred),
+        "faults_untracked_p50": p50(|r| r.untracked),
         "progress_ratio_p50": median_f(reps.iter().map(|r| r.progress_ratio).collect()),
     });
     let row = Row {

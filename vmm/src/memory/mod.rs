@@ -119,9 +119,10 @@ struct Region {
     content: Content,
     current: Arc<MmapRegion>,
     retired: Vec<Retired>,
-    /// A teardown is about to retire `current`: faults on it may be served
-    /// without tracking (their pages die with the mapping).
-    retiring: bool,
+    /// How many teardowns are about to retire `current` (nested: the whole
+    /// teardown, and the mirror's retire inside it): while non-zero, faults
+    /// on it may be served without tracking (their pages die with it).
+    retiring: u32,
     /// Pages resolved speculatively (fault-around) and not yet counted as
     /// used or wasted: one bit per 4 KiB page of the current mapping.
     speculative: Vec<AtomicU64>,
@@ -257,7 +258,7 @@ impl GuestRam {
                 content,
                 current,
                 retired: Vec::new(),
-                retiring: false,
+                retiring: 0,
                 speculative: bitmap(size),
             });
         }
@@ -312,7 +313,7 @@ impl GuestRam {
                 return Some(HvaHit::Current {
                     index,
                     gpa: r.gpa + (hva - base),
-                    retiring: r.retiring,
+                    retiring: r.retiring > 0,
                 });
             }
             if r.retired.iter().any(|m| m.holds(hva, r.size)) {
@@ -395,12 +396,18 @@ impl GuestRam {
             .sum()
     }
 
-    /// Mark the current mappings of `indices` as about to be retired (or
-    /// not any more).
+    /// Mark the current mappings of `indices` as about to be retired, or
+    /// end one such mark (marks nest: a mapping stays retiring until every
+    /// mark on it has ended).
     pub fn set_retiring(&self, indices: &[usize], retiring: bool) {
         let mut regions = self.regions.write();
         for &i in indices {
-            regions[i].retiring = retiring;
+            let r = &mut regions[i].retiring;
+            *r = if retiring {
+                *r + 1
+            } else {
+                r.saturating_sub(1)
+            };
         }
     }
 

@@ -256,7 +256,21 @@ impl VmHandle {
         if self.0.uffd.is_some() && self.0.kvm_mirror_id.lock().is_some() {
             self.0.mirror.prezap();
         }
-        self.0.mmu.teardown_all().map(|r| r.ns)
+        // Retiring from before the mmu starts the teardown until it has
+        // ended, not only while KVM's side moves the pages out: the devices
+        // are told first, and a vCPU fault meanwhile would otherwise wait
+        // (deferred) for the device's confirmation and the whole move.
+        // Served untracked, its fresh page is moved out with the rest.
+        let ram = &self.0.ram;
+        let all: Vec<usize> = if ram.can_retire_in_place() {
+            (0..ram.regions().len()).collect()
+        } else {
+            Vec::new()
+        };
+        ram.set_retiring(&all, true);
+        let r = self.0.mmu.teardown_all().map(|r| r.ns);
+        ram.set_retiring(&all, false);
+        r
     }
 
     pub fn pause(&self) {

@@ -44,10 +44,10 @@ pub(super) fn copy_page(
     if !d.live() {
         return CopyOutcome::DstDead;
     }
-    let Some(&src_page) = st.pages.get(&(siova & !(PAGE_SIZE - 1))) else {
+    let Some(src_page) = st.get(siova & !(PAGE_SIZE - 1)) else {
         return CopyOutcome::SrcMissing;
     };
-    let Some(&dst_page) = dt.pages.get(&(diova & !(PAGE_SIZE - 1))) else {
+    let Some(dst_page) = dt.get(diova & !(PAGE_SIZE - 1)) else {
         return CopyOutcome::DstMissing;
     };
     if delay_us > 0 {

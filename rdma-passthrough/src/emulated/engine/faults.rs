@@ -11,7 +11,7 @@ impl Engine {
     /// whose `read_retry` catches any invalidation that went by meanwhile.
     pub(super) fn recover(&mut self, mr: &MrState) {
         let mut table = mr.table.lock();
-        table.pages.clear();
+        let emptied = std::mem::take(&mut *table);
         if mr
             .state
             .compare_exchange(
@@ -25,6 +25,7 @@ impl Engine {
             return; // deregistered meanwhile
         }
         drop(table);
+        drop(emptied);
         let n = self
             .shared
             .stats
