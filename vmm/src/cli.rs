@@ -104,6 +104,7 @@ impl RunArgs {
             msg: self.msg,
             iters: self.iters,
             fault_around: self.fault_around,
+            pin_vcpus: self.vm.pin_vcpus,
         })
     }
 }
@@ -321,6 +322,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             mirrors,
             reps,
             vcpus,
+            pin_vcpus,
             plot,
             prezap,
             backing,
@@ -333,6 +335,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             mirrors,
             reps,
             vcpus,
+            pin_vcpus,
             json,
             plot,
         })?,

@@ -29,6 +29,7 @@
 //!    guest SDK's generated ABI files in `guest/`);
 //! 7. `api` (control socket), `demo`, `bench`, `perftest` — the commands.
 
+pub mod affinity;
 pub mod api;
 pub mod arch;
 pub mod bench;

@@ -117,6 +117,7 @@ pub struct TeardownBench {
     pub mirrors: Vec<Mirrors>,
     pub reps: usize,
     pub vcpus: usize,
+    pub pin_vcpus: bool,
     pub json: bool,
     pub plot: Option<PathBuf>,
     /// Empty KVM's shadow tables through a throwaway memslot first (for
@@ -382,6 +383,7 @@ fn size_and_mirrors(
         guest: GuestConfig::Builtin(Guest::Writer),
         memory,
         vcpus: o.vcpus,
+        pin_vcpus: o.pin_vcpus,
         rounds: 0,
         rnic: RnicChoice::None,
         backing: o.backing,

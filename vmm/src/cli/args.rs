@@ -120,6 +120,10 @@ pub enum BenchKind {
         reps: usize,
         #[arg(long, default_value_t = 2)]
         vcpus: usize,
+        /// Pin each vCPU to a CPU of its own and the VMM's threads to the
+        /// CPUs left over (see `odpvm run --help`).
+        #[arg(long)]
+        pin_vcpus: bool,
         /// Also draw stall and completion against memory (log-log SVG).
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
@@ -192,6 +196,11 @@ pub struct VmArgs {
     /// The mmu lock: spin or mutex.
     #[arg(long, default_value = "spin")]
     pub lock: LockPolicy,
+    /// Each vCPU on a CPU of its own, the VMM's other threads (faults,
+    /// teardowns, devices) on the CPUs left over (libvirt's vcpupin and
+    /// emulatorpin in one switch).
+    #[arg(long)]
+    pub pin_vcpus: bool,
 }
 
 #[derive(Args, Debug)]

@@ -100,6 +100,9 @@ pub struct VmConfig {
     pub iters: u64,
     /// Largest fault-around window in 4 KiB pages (0: off).
     pub fault_around: u64,
+    /// Each vCPU on a CPU of its own, the VMM's other threads on the CPUs
+    /// left over (`affinity.rs`).
+    pub pin_vcpus: bool,
 }
 
 impl Default for VmConfig {
@@ -119,6 +122,7 @@ impl Default for VmConfig {
             msg: 64 << 10,
             iters: 5000,
             fault_around: DEFAULT_FAULT_AROUND,
+            pin_vcpus: false,
         }
     }
 }

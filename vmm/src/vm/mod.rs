@@ -103,14 +103,42 @@ impl Vm {
         VmHandle(self.core.clone())
     }
 
+    /// Where vCPU threads go (`pin_vcpus`); the process's other threads
+    /// are moved to the housekeeping CPUs here.
+    fn cpu_plan(&self) -> Result<Option<crate::affinity::CpuPlan>, Error> {
+        if !self.core.config.pin_vcpus {
+            return Ok(None);
+        }
+        let io = |what| move |source| Error::Io { what, source };
+        let allowed = crate::affinity::allowed_cpus().map_err(io("reading the CPU affinity"))?;
+        let Some(plan) = crate::affinity::plan(self.core.config.vcpus, &allowed) else {
+            return Ok(None);
+        };
+        crate::affinity::pin_process(&plan.housekeeping)
+            .map_err(io("moving the VMM's threads to the housekeeping CPUs"))?;
+        log::info!(
+            "CPU pinning: vCPUs on {:?}, the VMM's threads on {:?}",
+            plan.vcpu,
+            plan.housekeeping
+        );
+        Ok(Some(plan))
+    }
+
     /// Start every vCPU on its own thread.
     pub fn start(&mut self) -> Result<(), Error> {
+        let plan = self.cpu_plan()?;
         for vcpu in self.vcpus.drain(..) {
             let core = self.core.clone();
             let index = vcpu.index;
+            let cpu = plan.as_ref().map(|p| p.vcpu[index]);
             let t = std::thread::Builder::new()
                 .name(format!("odpvm-vcpu{index}"))
                 .spawn(move || {
+                    if let Some(cpu) = cpu {
+                        if let Err(e) = crate::affinity::pin(0, &[cpu]) {
+                            log::warn!("pinning vCPU {index} to CPU {cpu}: {e}");
+                        }
+                    }
                     let end = vcpu.run(&core.gate, &core.devices);
                     core.vcpu_ended(index, end);
                 })
