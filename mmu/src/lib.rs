@@ -46,6 +46,13 @@
 //! lists are built outside and swapped in). The one exception is
 //! [`Mmu::teardown_all_by_walk`], the O(n) baseline kept for benchmarks.
 //!
+//! **Waiting for it:** spin, then yield, then sleep in 20 µs naps. Holders
+//! may be preempted (this is user space), and a real-time waiter (the
+//! VMM's fault thread is `SCHED_FIFO`) that only yields never lets a
+//! normal-priority holder on its CPU run: the two livelocked for ~0.95 s,
+//! until the kernel's real-time throttling
+//! (`lock::tests::a_real_time_waiter_lets_a_preempted_holder_finish`).
+//!
 //! **May sleep** (so never call them holding a spinlock of your own):
 //! `read_begin` (waits for colliding invalidations), `fault_in` (and the
 //! resolver it runs), `invalidate`, `teardown_*`, `remove_region` (mirror

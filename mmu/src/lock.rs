@@ -6,7 +6,7 @@
 
 use crate::clock;
 use crate::hist::Histogram;
-use crate::sync::{spin_hint, yield_now, AtomicBool, MutPtr, Ordering, UnsafeCell};
+use crate::sync::{sleep_briefly, spin_hint, yield_now, AtomicBool, MutPtr, Ordering, UnsafeCell};
 use std::ops::{Deref, DerefMut};
 
 /// Which primitive protects the translation table.
@@ -52,6 +52,10 @@ enum Raw {
 /// Spins this many times before yielding the CPU: the holder of a
 /// short section is either about to release or has been preempted.
 const SPINS_BEFORE_YIELD: u32 = 128;
+/// Yields before the waiter sleeps instead (`sync::sleep_briefly`): a
+/// real-time waiter's yield never lets a preempted normal-priority holder
+/// on its CPU run (`a_real_time_waiter_lets_a_preempted_holder_finish`).
+const YIELDS_BEFORE_SLEEP: u32 = 8;
 
 impl Raw {
     fn new(policy: LockPolicy) -> Self {
@@ -92,7 +96,9 @@ impl Raw {
         loop {
             while locked.load(Ordering::Relaxed) {
                 spins += 1;
-                if spins.is_multiple_of(SPINS_BEFORE_YIELD) {
+                if spins.is_multiple_of(SPINS_BEFORE_YIELD * YIELDS_BEFORE_SLEEP) {
+                    sleep_briefly();
+                } else if spins.is_multiple_of(SPINS_BEFORE_YIELD) {
                     yield_now();
                 } else {
                     spin_hint();
@@ -240,6 +246,71 @@ impl<T> Drop for Guard<'_, T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    fn pin_to(cpu: usize) {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set; `cpu` is
+        // below CPU_SETSIZE; pid 0 is the calling thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            assert_eq!(
+                libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set),
+                0
+            );
+        }
+    }
+
+    /// The VMM's fault thread is `SCHED_FIFO`. If it waits on the spinlock
+    /// while the holder, a normal thread on the same CPU, is preempted
+    /// (by the waiter itself), only sleeping lets the holder finish: a
+    /// FIFO thread's yield never hands the CPU to it. Before the fix the
+    /// waiter got the lock after ~0.95 s (the kernel's RT throttling) and
+    /// a guest fault stalled that long (`odpvm bench teardown --pin-vcpus`).
+    /// Needs CAP_SYS_NICE (CI runs as root); says so and passes otherwise.
+    #[test]
+    fn a_real_time_waiter_lets_a_preempted_holder_finish() {
+        let lock = Arc::new(MmuLock::new(LockPolicy::Spin, 0u64));
+        let held = Arc::new(std::sync::Barrier::new(2));
+        let holder = {
+            let (lock, held) = (lock.clone(), held.clone());
+            std::thread::spawn(move || {
+                pin_to(0);
+                let h = Histogram::new();
+                let mut g = lock.lock(&h);
+                held.wait();
+                // A short section the waiter preempts midway.
+                let t = std::time::Instant::now();
+                while t.elapsed() < std::time::Duration::from_millis(5) {
+                    std::hint::spin_loop();
+                }
+                *g += 1;
+            })
+        };
+        let waiter = std::thread::spawn(move || {
+            pin_to(0);
+            held.wait();
+            let fifo = libc::sched_param { sched_priority: 1 };
+            // SAFETY: pid 0 is the calling thread; valid sched_param.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } != 0 {
+                eprintln!("no SCHED_FIFO here (needs CAP_SYS_NICE): not exercised");
+                return None;
+            }
+            let t = std::time::Instant::now();
+            let h = Histogram::new();
+            *lock.lock(&h) += 1;
+            Some(t.elapsed())
+        });
+        let waited = waiter.join().unwrap();
+        holder.join().unwrap();
+        if let Some(waited) = waited {
+            // Liveness, not speed: ~5 ms of section plus a few sleeps,
+            // against ~950 ms of livelock without the fix.
+            assert!(
+                waited < std::time::Duration::from_millis(400),
+                "a FIFO waiter took {waited:?} to get a lock a preempted holder had"
+            );
+        }
+    }
 
     #[test]
     fn both_policies_exclude() {

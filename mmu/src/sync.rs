@@ -33,6 +33,19 @@ pub(crate) fn yield_now() {
     std::thread::yield_now();
 }
 
+/// Sleep briefly: what a waiter does once spinning and yielding have not
+/// let the holder finish. A `SCHED_FIFO` waiter's `sched_yield` gives the
+/// CPU only to other real-time threads, never to a preempted normal-priority
+/// holder on the same CPU; only sleeping does (without it the two livelock
+/// until the kernel's real-time throttling, ~0.95 s).
+#[inline]
+pub(crate) fn sleep_briefly() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::thread::sleep(std::time::Duration::from_micros(20));
+}
+
 /// Start loading the cache lines of `[p, p + bytes)` (at most 8 lines)
 /// without waiting for them. A cold teardown touches a dozen lines spread
 /// over several pages; issued up front, their misses overlap instead of

@@ -11,7 +11,7 @@
 //! 1-vCPU guest lost 1.4 ms that way with a core idle. With a spare CPU for
 //! the VMM, vCPUs then wait only for what they truly share (the mmap lock,
 //! a fault being served). Test: `tests::a_plan_keeps_vcpus_off_the_housekeeping_cpus`
-//! and `vmm/tests/kvm.rs::pinned_vcpus_run_on_their_own_cpus`.
+//! and `vmm/tests/pinning.rs::pinned_vcpus_run_on_their_own_cpus`.
 
 /// Which CPUs each vCPU and the VMM's other threads run on.
 #[derive(Clone, Debug, PartialEq, Eq)]

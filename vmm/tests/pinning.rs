@@ -1,0 +1,88 @@
+//! `--pin-vcpus` (`vmm/src/affinity.rs`): each vCPU thread runs on a CPU of
+//! its own and every other thread of the VMM on the CPUs left over. A binary
+//! of its own: pinning moves every thread of the process.
+
+use std::time::{Duration, Instant};
+use vmm::devices::serial::Sink;
+use vmm::payload::Guest;
+use vmm::vm::{GuestConfig, RnicChoice, Vm, VmConfig};
+
+fn affinity_of(tid: libc::pid_t) -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid out-buffer of the size passed.
+    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity({tid})");
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+/// (name, tid) of every thread of this process.
+fn threads() -> Vec<(String, libc::pid_t)> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| {
+            let tid: libc::pid_t = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+            Some((comm.trim().to_string(), tid))
+        })
+        .collect()
+}
+
+#[test]
+fn pinned_vcpus_run_on_their_own_cpus() {
+    let allowed = vmm::affinity::allowed_cpus().unwrap();
+    let plan = vmm::affinity::plan(1, &allowed).unwrap();
+    let cfg = VmConfig {
+        guest: GuestConfig::Builtin(Guest::Writer),
+        memory: 64 << 20,
+        vcpus: 1,
+        rounds: 0,
+        rnic: RnicChoice::None,
+        pin_vcpus: true,
+        console: Sink::Buffer(Default::default()),
+        ..VmConfig::default()
+    };
+    let mut vm = Vm::new(cfg).expect("building the VM (is /dev/kvm usable?)");
+    let h = vm.handle();
+    vm.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let vcpu = loop {
+        if let Some((_, tid)) = threads().into_iter().find(|(n, _)| n == "odpvm-vcpu0") {
+            break tid;
+        }
+        assert!(Instant::now() < deadline, "no vCPU thread");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // Let it run past its own pinning.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(affinity_of(vcpu), vec![plan.vcpu[0]], "the vCPU on its CPU");
+    // KVM's own workers (`kvm-nx-lpage-recovery`) are threads of the
+    // process too, started by the vCPU thread: they follow it.
+    let others: Vec<_> = threads()
+        .into_iter()
+        .filter(|(n, t)| *t != vcpu && !n.starts_with("kvm-"))
+        .collect();
+    assert!(
+        others.iter().any(|(n, _)| n == "odpvm-fault"),
+        "the fault thread is among them: {others:?}"
+    );
+    for (name, tid) in others {
+        assert_eq!(
+            affinity_of(tid),
+            plan.housekeeping,
+            "thread {name} ({tid}) on the housekeeping CPUs"
+        );
+    }
+    if allowed.len() > 1 {
+        assert!(
+            !plan.housekeeping.contains(&plan.vcpu[0]),
+            "with a CPU to spare, the VMM's threads stay off the vCPU's"
+        );
+    }
+    h.request_stop();
+    let r = vm.wait(Some(Duration::from_secs(60)));
+    assert_eq!(r.guest_result, "pass", "{r:?}");
+}
