@@ -534,3 +534,36 @@ fn vms_started_one_after_another_do_not_leak_memory() {
     }
     assert!(rss[2] < rss[0] + 16 * 1024, "RSS grew: {rss:?} KiB");
 }
+
+/// Guest RAM split into many VMAs (here by `MADV_DONTDUMP` on every other
+/// MiB; anything that changes flags on part of it does the same): one
+/// `UFFDIO_COPY` fills one VMA, so a fault-around window across a boundary
+/// was refused whole (ENOENT), the page left empty and the same window
+/// asked again, forever: the vCPU never got past the boundary. Now the
+/// faulting page is filled alone and the guest goes on.
+#[test]
+fn fault_around_across_a_vma_boundary_in_guest_ram_goes_on() {
+    let mut vm = Vm::new(config(Guest::Touch, 64 * MIB, 2)).expect("building the VM");
+    let h = vm.handle();
+    for r in h.ram().regions() {
+        let mut off = MIB;
+        while off < r.size {
+            // SAFETY: `[hva + off, +1 MiB)` lies in guest RAM the VM maps;
+            // DONTDUMP changes only the VMA's core-dump flag.
+            let rc = unsafe {
+                libc::madvise(
+                    (r.hva + off) as *mut libc::c_void,
+                    MIB as usize,
+                    libc::MADV_DONTDUMP,
+                )
+            };
+            assert_eq!(rc, 0);
+            off += 2 * MIB;
+        }
+    }
+    vm.start().unwrap();
+    let r = vm.wait(Some(Duration::from_secs(60)));
+    assert_eq!(r.guest_result, "pass", "{r:?}");
+    assert_eq!(r.exit, "guest-done");
+    assert_eq!(r.pages_touched, 64 * MIB / PAGE);
+}

@@ -425,10 +425,22 @@ impl Handler {
         if len == self.page_size {
             return self.fill(Some((index, gpa)), page);
         }
-        if write {
+        let filled = if write {
             self.uffd.copy(page, &zeros()[..len as usize])
         } else {
             self.uffd.zero(page, len)
+        };
+        match filled {
+            // One ioctl fills one VMA: a window across a VMA boundary in
+            // guest RAM (split by anything) is refused whole, and the same
+            // fault would get the same window again, forever. The faulting
+            // page alone lies in one VMA.
+            // `Done` would claim the whole window: only the page is filled.
+            Fill::Failed(libc::ENOENT) => match self.fill(Some((index, gpa)), page) {
+                Fill::Done => Fill::Filled(self.page_size),
+                other => other,
+            },
+            other => other,
         }
     }
 
