@@ -24,7 +24,16 @@
 //! * **the thread moving pages out was preempted holding the lock**:
 //!   [`with_burst_class`] runs it `SCHED_FIFO` (or with a short slice) in
 //!   4 MiB bursts, and [`breathe`] pauses it between them so the vCPUs
-//!   keep most of the CPUs through the O(n) phase.
+//!   keep most of the CPUs through the O(n) phase;
+//! * **the RNIC freed its old page table with `munmap`** (one 32 MiB hash
+//!   map at 4 GiB) on a nice-19 thread, preempted while the kernel held
+//!   the mmap lock for it: the device table is now a radix of recycled
+//!   4 KiB leaves (`rdma-passthrough/src/emulated/page_table.rs`);
+//! * **a real-time waiter on the mmu spinlock only yielded** to a
+//!   preempted normal holder on its CPU: ~0.95 s livelock (the mmu's lock
+//!   now sleeps after yielding, `mmu/src/lib.rs`);
+//! * with `--pin-vcpus` the VMM's threads keep off the vCPUs' CPUs
+//!   (`affinity.rs`).
 //!
 //! Tests: `vmm/tests/allocator.rs` (the heap grows in big steps),
 //! `a_short_slice_is_taken_and_given_back`; the effect on the guest is
