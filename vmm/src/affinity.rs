@@ -25,11 +25,16 @@ pub struct CpuPlan {
 
 /// The CPUs the calling thread may run on.
 pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
+    cpus_of(0)
+}
+
+/// The CPUs thread `tid` (0: the calling thread) may run on.
+pub fn cpus_of(tid: libc::pid_t) -> std::io::Result<Vec<usize>> {
     // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is the calling thread; `set` is a valid out-buffer of
-    // the size passed.
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    // SAFETY: `set` is a valid out-buffer of the size passed; any tid may
+    // be asked (the kernel checks it).
+    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -8,15 +8,7 @@ use vmm::payload::Guest;
 use vmm::vm::{GuestConfig, RnicChoice, Vm, VmConfig};
 
 fn affinity_of(tid: libc::pid_t) -> Vec<usize> {
-    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid out-buffer of the size passed.
-    let rc = unsafe { libc::sched_getaffinity(tid, std::mem::size_of_val(&set), &mut set) };
-    assert_eq!(rc, 0, "sched_getaffinity({tid})");
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: `i` is below CPU_SETSIZE.
-        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-        .collect()
+    vmm::affinity::cpus_of(tid).expect("sched_getaffinity")
 }
 
 /// (name, tid) of every thread of this process.
