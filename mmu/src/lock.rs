@@ -247,6 +247,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// The first CPU this thread may run on (CPU 0 may be outside a
+    /// cpuset).
+    fn first_cpu() -> usize {
+        // SAFETY: an all-zero cpu_set_t is a valid empty set; pid 0 is the
+        // calling thread; `i` stays below CPU_SETSIZE.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(
+                libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set),
+                0
+            );
+            (0..libc::CPU_SETSIZE as usize)
+                .find(|&i| libc::CPU_ISSET(i, &set))
+                .expect("some CPU")
+        }
+    }
+
     fn pin_to(cpu: usize) {
         // SAFETY: an all-zero cpu_set_t is a valid empty set; `cpu` is
         // below CPU_SETSIZE; pid 0 is the calling thread.
@@ -271,10 +288,11 @@ mod tests {
     fn a_real_time_waiter_lets_a_preempted_holder_finish() {
         let lock = Arc::new(MmuLock::new(LockPolicy::Spin, 0u64));
         let held = Arc::new(std::sync::Barrier::new(2));
+        let cpu = first_cpu();
         let holder = {
             let (lock, held) = (lock.clone(), held.clone());
             std::thread::spawn(move || {
-                pin_to(0);
+                pin_to(cpu);
                 let h = Histogram::new();
                 let mut g = lock.lock(&h);
                 held.wait();
@@ -287,7 +305,7 @@ mod tests {
             })
         };
         let waiter = std::thread::spawn(move || {
-            pin_to(0);
+            pin_to(cpu);
             held.wait();
             let fifo = libc::sched_param { sched_priority: 1 };
             // SAFETY: pid 0 is the calling thread; valid sched_param.

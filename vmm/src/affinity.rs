@@ -28,6 +28,18 @@ pub fn allowed_cpus() -> std::io::Result<Vec<usize>> {
     cpus_of(0)
 }
 
+/// The CPUs the process could use before any VM pinned its threads (read
+/// once): a second VM plans over the same CPUs as the first, not over the
+/// housekeeping CPUs the first one left its caller on.
+pub fn process_cpus() -> std::io::Result<Vec<usize>> {
+    static FIRST: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+    if let Some(cpus) = FIRST.get() {
+        return Ok(cpus.clone());
+    }
+    let cpus = allowed_cpus()?;
+    Ok(FIRST.get_or_init(|| cpus).clone())
+}
+
 /// The CPUs thread `tid` (0: the calling thread) may run on.
 pub fn cpus_of(tid: libc::pid_t) -> std::io::Result<Vec<usize>> {
     // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
@@ -77,7 +89,8 @@ pub fn pin(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
 
 /// Move every thread of the process to `cpus`. Threads they start later
 /// inherit it; a vCPU thread then pins itself to its own CPU. A thread
-/// that ended meanwhile is skipped.
+/// that ended meanwhile is skipped, and one the kernel will not move
+/// (another cpuset, `SCHED_DEADLINE`) is left where it is, with a warning.
 pub fn pin_process(cpus: &[usize]) -> std::io::Result<()> {
     for entry in std::fs::read_dir("/proc/self/task")? {
         let Some(tid) = entry?
@@ -89,7 +102,8 @@ pub fn pin_process(cpus: &[usize]) -> std::io::Result<()> {
         };
         match pin(tid, cpus) {
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
-            other => other?,
+            Err(e) => log::warn!("thread {tid} keeps its CPUs: {e}"),
+            Ok(()) => {}
         }
     }
     Ok(())

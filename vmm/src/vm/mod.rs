@@ -110,7 +110,7 @@ impl Vm {
             return Ok(None);
         }
         let io = |what| move |source| Error::Io { what, source };
-        let allowed = crate::affinity::allowed_cpus().map_err(io("reading the CPU affinity"))?;
+        let allowed = crate::affinity::process_cpus().map_err(io("reading the CPU affinity"))?;
         let Some(plan) = crate::affinity::plan(self.core.config.vcpus, &allowed) else {
             return Ok(None);
         };
@@ -295,10 +295,16 @@ impl VmHandle {
         } else {
             Vec::new()
         };
+        // Ended by a guard: a panic inside must not leave RAM retiring.
+        struct Retiring<'a>(&'a GuestRam, Vec<usize>);
+        impl Drop for Retiring<'_> {
+            fn drop(&mut self) {
+                self.0.set_retiring(&self.1, false);
+            }
+        }
         ram.set_retiring(&all, true);
-        let r = self.0.mmu.teardown_all().map(|r| r.ns);
-        ram.set_retiring(&all, false);
-        r
+        let _mark = Retiring(ram, all);
+        self.0.mmu.teardown_all().map(|r| r.ns)
     }
 
     pub fn pause(&self) {
