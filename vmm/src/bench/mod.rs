@@ -4,6 +4,7 @@
 //! latency against memory size).
 
 mod faults;
+pub mod host;
 mod plot;
 mod rnic;
 pub mod teardown;

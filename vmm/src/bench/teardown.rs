@@ -375,6 +375,7 @@ fn repetition(h: &VmHandle, marks: &mut Marks, method: Method, memory: u64) -> R
 /// One VM per (size, mirrors); every method on it in turn.
 fn size_and_mirrors(
     o: &TeardownBench,
+    host: &super::host::HostContext,
     memory: u64,
     mirrors: Mirrors,
     rows: &mut Vec<Row>,
@@ -438,6 +439,12 @@ fn size_and_mirrors(
             }
             let mut row = summarize(memory, method, mirrors, o.backing, &reps);
             row.0["rnic_mr_fenced"] = fenced.into();
+            // What else shares the CPUs: the stall over a long window
+            // includes it (see `bench::host`).
+            row.0["vcpus"] = o.vcpus.into();
+            row.0["pin_vcpus"] = o.pin_vcpus.into();
+            row.0["host_cpus"] = host.cpus.into();
+            row.0["host_damon_running"] = host.damon_running.into();
             emit(o.json, &row.0)?;
             rows.push(row.1);
         }
@@ -504,11 +511,15 @@ pub fn teardown(o: &TeardownBench) -> Result<(), String> {
     if o.reps == 0 || o.sizes.is_empty() || o.methods.is_empty() || o.mirrors.is_empty() {
         return Err("--reps, --memory, --methods and --mirrors must not be empty".into());
     }
+    let host = super::host::HostContext::read();
+    for note in host.notes(o.vcpus, o.pin_vcpus) {
+        eprintln!("teardown: note: {note}");
+    }
     let mut rows = Vec::new();
     for &memory in &o.sizes {
         for &mirrors in &o.mirrors {
             eprintln!("teardown: {} MiB, mirrors {}", memory >> 20, mirrors.name());
-            size_and_mirrors(o, memory, mirrors, &mut rows)?;
+            size_and_mirrors(o, &host, memory, mirrors, &mut rows)?;
         }
     }
     if let Some(path) = &o.plot {

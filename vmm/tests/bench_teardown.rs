@@ -1,0 +1,100 @@
+//! The contract of `odpvm bench teardown --json` that scripts rely on
+//! (issue 9 item 2): one JSON object per (size, mirrors, method) row with
+//! the documented fields, p99 never below p50, the host context beside the
+//! figures, and `--plot` writing an SVG. Real KVM, a real writer guest.
+
+use serde_json::Value;
+use std::process::Command;
+
+fn odpvm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_odpvm"))
+}
+
+const SIZES: [u64; 2] = [32 << 20, 64 << 20];
+const METHODS: [&str; 3] = ["generation", "invalidate-all", "walk"];
+
+#[test]
+fn json_rows_carry_every_documented_field() {
+    let plot = std::env::temp_dir().join(format!("odpvm-bench-{}.svg", std::process::id()));
+    let out = odpvm()
+        .args([
+            "bench",
+            "teardown",
+            "--memory",
+            "32M,64M",
+            "--methods",
+            "generation,invalidate-all,walk",
+            "--mirrors",
+            "kvm+rnic",
+            "--reps",
+            "5",
+            "--json",
+            "--plot",
+        ])
+        .arg(&plot)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let rows: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(rows.len(), SIZES.len() * METHODS.len(), "{rows:#?}");
+    for (i, row) in rows.iter().enumerate() {
+        let (size, method) = (SIZES[i / METHODS.len()], METHODS[i % METHODS.len()]);
+        let num = |k: &str| {
+            row[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{k} missing or not a count in {row}"))
+        };
+        assert_eq!(row["bench"], "teardown", "{row}");
+        assert_eq!(num("memory_bytes"), size, "{row}");
+        assert_eq!(row["method"], method, "{row}");
+        assert_eq!(row["mirrors"], "kvm+rnic", "{row}");
+        assert_eq!(num("reps"), 5, "{row}");
+        for (p50, p99) in [
+            ("stall_ns_p50", "stall_ns_p99"),
+            ("complete_ns_p50", "complete_ns_p99"),
+        ] {
+            assert!(num(p50) > 0, "{p50} is zero: {row}");
+            assert!(num(p99) >= num(p50), "{p99} below {p50}: {row}");
+        }
+        for k in [
+            "release_ns_p50",
+            "stall_before_ns_p50",
+            "kvm_ns_p50",
+            "mmu_rnic_ns_p50",
+            "faults_deferred_p50",
+            "faults_untracked_p50",
+            "rnic_mr_fenced",
+        ] {
+            num(k);
+        }
+        // The parts never add up to more than the whole.
+        assert!(
+            num("kvm_ns_p50") <= num("complete_ns_p99"),
+            "KVM's share above completion: {row}"
+        );
+        assert!(row["progress_ratio_p50"].as_f64().is_some(), "{row}");
+        // The host context, so rows from different machines or settings
+        // are not compared blindly.
+        assert_eq!(num("vcpus"), 2, "{row}");
+        assert_eq!(row["pin_vcpus"], false, "{row}");
+        assert!(num("host_cpus") >= 1, "{row}");
+        assert!(row["host_damon_running"].is_boolean(), "{row}");
+    }
+    // Progress is on stderr, one line per repetition.
+    let lines = err.lines().filter(|l| l.contains(" rep ")).count();
+    assert_eq!(lines, SIZES.len() * METHODS.len() * 5, "{err}");
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(
+        svg.starts_with("<svg") || svg.contains("<svg"),
+        "not an SVG"
+    );
+    for method in METHODS {
+        assert!(svg.contains(method), "the plot has no line for {method}");
+    }
+    std::fs::remove_file(&plot).unwrap();
+}
