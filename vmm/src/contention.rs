@@ -145,6 +145,15 @@ const BREATHE_FACTOR: u32 = 3;
 /// a `SCHED_FIFO` burst thread never holds a core for long. Measured at
 /// 4 GiB: guest stall p50 2.6 ms with this factor, 4.0 ms with 1 (twice
 /// the completion time for it).
+///
+/// The pauses are needed even with a core to spare: KVM makes every vCPU
+/// fault in flight retry when *any* invalidation ends (its
+/// `mmu_invalidate_seq` is VM-wide), so a fault completes only in a gap
+/// between two bursts at least as long as the fault (a userfaultfd round
+/// trip, ~0.1 ms here). Back-to-back bursts on a spare core, one pinned
+/// vCPU: completion 73 ms at 4 GiB and 288 ms at 16 GiB instead of ~450 ms
+/// and ~1.9 s, but the guest ran at 3 % of its speed and 2 of 5
+/// repetitions stalled for the whole window.
 pub fn breathe(burst: std::time::Duration) {
     std::thread::sleep((burst * BREATHE_FACTOR).min(std::time::Duration::from_millis(2)));
 }
