@@ -17,7 +17,7 @@ pub mod space;
 pub mod stats;
 pub mod verbs;
 
-pub use emulated::{Cq, EmulatedRnic, Mr, Pd, Qp, RnicConfig};
+pub use emulated::{CompChannel, Cq, EmulatedRnic, Mr, Pd, Qp, RnicConfig};
 pub use roce::{RemoteEnd, RoceConfig, RocePort, RoceStatsSnapshot};
 pub use space::AddressSpace;
 pub use stats::RnicStatsSnapshot;

@@ -18,6 +18,8 @@ pub(crate) struct CqState {
     pub(crate) overrun: AtomicBool,
     waiters: AtomicUsize,
     cv: Condvar,
+    /// Told of every completion queued here (`ibv_comp_channel`).
+    channel: Option<Arc<CompChannel>>,
 }
 
 impl CqState {
@@ -37,6 +39,9 @@ impl CqState {
             let _g = self.q.lock();
             self.cv.notify_all();
         }
+        if let Some(ch) = &self.channel {
+            ch.notify();
+        }
         true
     }
 
@@ -45,12 +50,63 @@ impl CqState {
     }
 }
 
+/// A completion channel (`ibv_create_comp_channel`): one thread sleeps on
+/// it for completions on any of the CQs created with it, instead of polling
+/// each. Always armed (no `ibv_req_notify_cq` step): every completion
+/// counts. Wait with [`CompChannel::wait_past`] on the count read *before*
+/// polling, so a completion that lands between the poll and the wait is not
+/// slept through.
+#[derive(Debug, Default)]
+pub struct CompChannel {
+    events: AtomicU64,
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl CompChannel {
+    pub fn new() -> Arc<CompChannel> {
+        Arc::new(CompChannel::default())
+    }
+
+    /// Completions queued so far on this channel's CQs.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    fn notify(&self) {
+        self.events.fetch_add(1, Ordering::SeqCst);
+        let _g = self.lock.lock();
+        self.cv.notify_all();
+    }
+
+    /// Wake every waiter as a completion would (to make a serving thread
+    /// look at a stop flag now rather than at its next timeout).
+    pub fn kick(&self) {
+        self.notify();
+    }
+
+    /// Sleep until the count is past `seen` or `timeout` passes; returns
+    /// whether it moved.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.lock.lock();
+        // Checked under the lock `notify` takes after counting: a count
+        // that moves after this check wakes the wait below.
+        while self.events() == seen {
+            if self.cv.wait_until(&mut g, deadline).timed_out() {
+                return self.events() != seen;
+            }
+        }
+        true
+    }
+}
+
 /// A completion queue handle.
 #[derive(Clone)]
 pub struct Cq(Arc<CqState>);
 
 impl Cq {
-    pub(crate) fn new(depth: usize) -> Cq {
+    pub(crate) fn new(depth: usize, channel: Option<Arc<CompChannel>>) -> Cq {
         Cq(Arc::new(CqState {
             q: Mutex::new(VecDeque::with_capacity(depth.min(1 << 16))),
             depth: depth.max(1),
@@ -58,6 +114,7 @@ impl Cq {
             overrun: AtomicBool::new(false),
             waiters: AtomicUsize::new(0),
             cv: Condvar::new(),
+            channel,
         }))
     }
 
@@ -124,5 +181,59 @@ impl Cq {
     /// then in the error state.
     pub fn is_overrun(&self) -> bool {
         self.0.is_overrun()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verbs::{WcOpcode, WcStatus};
+
+    fn wc() -> Wc {
+        Wc {
+            wr_id: 1,
+            status: WcStatus::Success,
+            opcode: WcOpcode::Recv,
+            byte_len: 0,
+            qp_num: 0,
+        }
+    }
+
+    #[test]
+    fn a_channel_wakes_on_a_completion_of_any_of_its_cqs() {
+        let ch = CompChannel::new();
+        let (a, b) = (Cq::new(4, Some(ch.clone())), Cq::new(4, Some(ch.clone())));
+        let plain = Cq::new(4, None);
+        let seen = ch.events();
+        assert!(
+            !ch.wait_past(seen, Duration::from_millis(5)),
+            "nothing came"
+        );
+        plain.state().push(wc());
+        assert!(!ch.wait_past(seen, Duration::from_millis(5)), "not its CQ");
+        // A completion between reading the count and waiting is not slept
+        // through.
+        a.state().push(wc());
+        assert!(ch.wait_past(seen, Duration::from_secs(60)));
+        // One from another thread wakes a sleeping waiter.
+        let seen = ch.events();
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            b.state().push(wc());
+            b
+        });
+        let t0 = Instant::now();
+        assert!(ch.wait_past(seen, Duration::from_secs(60)));
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "woken, not timed out"
+        );
+        let b = pusher.join().unwrap();
+        let mut out = [wc(); 4];
+        assert_eq!(a.poll(&mut out) + b.poll(&mut out), 2);
+        // `kick` wakes without a completion.
+        let seen = ch.events();
+        ch.kick();
+        assert!(ch.wait_past(seen, Duration::from_secs(60)));
     }
 }

@@ -45,7 +45,7 @@ mod handles;
 pub(crate) mod mr;
 mod page_table;
 
-pub use cq::Cq;
+pub use cq::{CompChannel, Cq};
 use handles::libc_mlock;
 pub(crate) use handles::page_end;
 pub use handles::{Mr, Pd, Qp};
@@ -344,7 +344,13 @@ impl EmulatedRnic {
     }
 
     pub fn create_cq(&self, depth: usize) -> Cq {
-        Cq::new(depth)
+        Cq::new(depth, None)
+    }
+
+    /// A CQ whose completions also wake `channel` (`ibv_create_cq` with a
+    /// completion channel).
+    pub fn create_cq_on(&self, depth: usize, channel: &Arc<CompChannel>) -> Cq {
+        Cq::new(depth, Some(channel.clone()))
     }
 
     pub fn create_qp(

@@ -24,7 +24,7 @@ use rdma_passthrough::{
     Access, AddressSpace, Cq, EmulatedRnic, Mr, Opcode, Pd, Qp, QpCaps, RecvWr, SendWr, Sge,
     VerbsError, WcOpcode, WcStatus,
 };
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -105,7 +105,12 @@ pub struct HostPeer {
     units: Mutex<Vec<bool>>,
     qps: Mutex<Vec<Arc<AttachedQp>>>,
     stop: Arc<AtomicBool>,
+    /// Every host QP's CQ wakes it: the serving thread sleeps on it when
+    /// idle instead of polling.
+    channel: Arc<rdma_passthrough::CompChannel>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// The serving thread's kernel id, once it runs.
+    thread_tid: Arc<AtomicI32>,
     pub echoes: AtomicU64,
     pub recv_errors: AtomicU64,
     /// Last field: unmapped after the QPs above are gone (window MRs hold
@@ -170,18 +175,31 @@ impl HostPeer {
             units: Mutex::new(vec![false; (len / WINDOW_UNIT) as usize]),
             qps: Mutex::new(Vec::new()),
             stop: Arc::new(AtomicBool::new(false)),
+            channel: rdma_passthrough::CompChannel::new(),
             thread: Mutex::new(None),
+            thread_tid: Arc::new(AtomicI32::new(0)),
             echoes: AtomicU64::new(0),
             recv_errors: AtomicU64::new(0),
             _buffer: buffer,
         });
         let weak = Arc::downgrade(&peer);
-        let stop = peer.stop.clone();
+        let (stop, channel) = (peer.stop.clone(), peer.channel.clone());
+        let tid = peer.thread_tid.clone();
         let t = std::thread::Builder::new()
             .name("odpvm-peer".into())
-            .spawn(move || serve(weak, stop))?;
+            .spawn(move || {
+                // SAFETY: gettid has no arguments and cannot fail.
+                tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
+                serve(weak, stop, channel)
+            })?;
         *peer.thread.lock() = Some(t);
         Ok(peer)
+    }
+
+    /// The serving thread's kernel thread id (0 until it has started): to
+    /// pin it or watch what it costs.
+    pub fn thread_id(&self) -> i32 {
+        self.thread_tid.load(Ordering::Relaxed)
     }
 
     /// A window of at least `len` bytes (rounded up to whole
@@ -245,7 +263,7 @@ impl HostPeer {
         if qps.len() >= MAX_PEER_QPS {
             return Err(PeerError::TooManyQps);
         }
-        let cq = rnic.create_cq(4096);
+        let cq = rnic.create_cq_on(4096, &self.channel);
         let qp = rnic.create_qp(&window.pd, &cq, &cq, QpCaps::default())?;
         rnic.connect(guest, &qp);
         // Receives land in the window's last quarter, one slot range per QP.
@@ -295,6 +313,7 @@ fn post_recv(q: &PeerQp, slot: u64) -> Result<(), VerbsError> {
 impl Drop for HostPeer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.channel.kick();
         if let Some(t) = self.thread.lock().take() {
             // The serving thread holds a strong reference while it works,
             // so the last one may be dropped there: it cannot join itself
@@ -306,9 +325,22 @@ impl Drop for HostPeer {
     }
 }
 
-fn serve(peer: std::sync::Weak<HostPeer>, stop: Arc<AtomicBool>) {
+/// How long the serving thread polls after its last completion before it
+/// sleeps on the channel (a completion then costs a thread wake-up).
+const SPIN_BEFORE_SLEEP: u32 = 2000;
+/// How long it sleeps at most (to see `stop` and new QPs without a kick).
+const IDLE_SLEEP: Duration = Duration::from_millis(50);
+
+fn serve(
+    peer: std::sync::Weak<HostPeer>,
+    stop: Arc<AtomicBool>,
+    channel: Arc<rdma_passthrough::CompChannel>,
+) {
     let mut idle = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        // Read before polling: a completion after the poll moves it, and
+        // the wait below returns at once.
+        let seen = channel.events();
         let Some(p) = peer.upgrade() else { return };
         let qps: Vec<Arc<PeerQp>> = p.qps.lock().iter().map(|a| a.q.clone()).collect();
         let mut worked = false;
@@ -352,11 +384,11 @@ fn serve(peer: std::sync::Weak<HostPeer>, stop: Arc<AtomicBool>) {
         if worked {
             idle = 0;
         } else {
-            idle += 1;
-            if idle < 2000 {
+            idle = idle.saturating_add(1);
+            if idle < SPIN_BEFORE_SLEEP {
                 std::hint::spin_loop();
             } else {
-                std::thread::sleep(Duration::from_micros(200));
+                channel.wait_past(seen, IDLE_SLEEP);
             }
         }
     }
