@@ -141,19 +141,21 @@ const BREATHE_FACTOR: u32 = 3;
 
 /// Between two bursts of O(n) work that took `burst`: sleep three times as
 /// long (at most 2 ms), so on a host with as many busy vCPUs as cores the
-/// vCPUs keep seven eighths of the CPUs through the whole O(n) phase, and
+/// vCPUs keep most of the CPUs through the whole O(n) phase (seven eighths
+/// on two cores while bursts stay under ~0.7 ms, as 4 MiB ones do), and
 /// a `SCHED_FIFO` burst thread never holds a core for long. Measured at
 /// 4 GiB: guest stall p50 2.6 ms with this factor, 4.0 ms with 1 (twice
 /// the completion time for it).
 ///
-/// The pauses are needed even with a core to spare: KVM makes every vCPU
-/// fault in flight retry when *any* invalidation ends (its
-/// `mmu_invalidate_seq` is VM-wide), so a fault completes only in a gap
-/// between two bursts at least as long as the fault (a userfaultfd round
-/// trip, ~0.1 ms here). Back-to-back bursts on a spare core, one pinned
-/// vCPU: completion 73 ms at 4 GiB and 288 ms at 16 GiB instead of ~450 ms
-/// and ~1.9 s, but the guest ran at 3 % of its speed and 2 of 5
-/// repetitions stalled for the whole window.
+/// The pauses stay even with a core to spare for the VMM: the fault
+/// thread shares that core with the mover, both `SCHED_FIFO` at the same
+/// priority, so back-to-back bursts left it no CPU. Measured with one
+/// pinned vCPU: completion 73 ms at 4 GiB and 288 ms at 16 GiB (against
+/// ~450 ms and ~1.8 s with the pauses, same session), but the guest ran at
+/// 3 % of its speed and 2 of 5 repetitions stalled for the whole window;
+/// with the fault thread one priority above the mover it no longer
+/// starved, and the stall p50 was 1.06 / 1.74 / 4.44 ms at 256 MiB / 4 GiB
+/// / 16 GiB against 0.36 / 0.76 / 3.78 with the pauses.
 pub fn breathe(burst: std::time::Duration) {
     std::thread::sleep((burst * BREATHE_FACTOR).min(std::time::Duration::from_millis(2)));
 }

@@ -20,9 +20,9 @@
 //!      the chunks: each holds the mmap lock for writing (every vCPU
 //!      refault queues on it), so the moves run in bursts
 //!      (`contention::with_burst_class`: `SCHED_FIFO` when permitted, so a
-//!      burst is never preempted while holding the lock) with a sleep as
-//!      long as each burst between them (`contention::breathe`: the vCPUs
-//!      keep at least half the CPU through the O(n) phase). The moved pages
+//!      burst is never preempted while holding the lock) with a sleep three
+//!      times as long as each burst between them (`contention::breathe`:
+//!      the vCPUs keep most of the CPUs through the O(n) phase). The moved pages
 //!      are given back by the `Releaser` thread afterwards, 4 MiB per
 //!      `MADV_DONTNEED` (a short read hold), paced the same way unless the
 //!      host is short of memory.
@@ -60,8 +60,10 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 /// Bytes moved out per `mremap` in a teardown: the KVM invalidation a vCPU
-/// may wait for covers at most this much (~0.2 ms of kernel work with every
-/// page mapped, measured here: 12 ms for 256 MiB in one call).
+/// may wait for covers at most this much (0.1–0.2 ms of kernel work with
+/// every page mapped, measured here: 12 ms for 256 MiB in one call; the
+/// same moves take ~4 µs per 4 MiB in a process without KVM, so nearly all
+/// of it is KVM dropping its shadow entries).
 const RETIRE_CHUNK: u64 = 4 << 20;
 
 /// Bytes of moved-out memory released per `MADV_DONTNEED`: one mmap-lock

@@ -232,8 +232,6 @@ fn an_idle_host_peer_sleeps_instead_of_polling() {
     let woke = switches() - before;
     // 500 ms at one timeout wake per 50 ms: ~10 (polling: ~2500).
     assert!(woke < 100, "the idle peer woke {woke} times in 500 ms");
-    // Dropping it is prompt: the stop kicks the channel.
-    let t0 = std::time::Instant::now();
+    // Dropping it stops and joins the sleeping thread.
     drop(host);
-    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 }

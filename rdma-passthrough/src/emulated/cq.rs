@@ -59,6 +59,8 @@ impl CqState {
 #[derive(Debug, Default)]
 pub struct CompChannel {
     events: AtomicU64,
+    /// Threads inside `wait_past`: a completion with none takes no lock.
+    sleepers: AtomicUsize,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -68,15 +70,19 @@ impl CompChannel {
         Arc::new(CompChannel::default())
     }
 
-    /// Completions queued so far on this channel's CQs.
+    /// Completions queued so far on this channel's CQs, plus kicks.
     pub fn events(&self) -> u64 {
         self.events.load(Ordering::SeqCst)
     }
 
     fn notify(&self) {
+        // Count, then look for sleepers; a waiter registers, then looks at
+        // the count (both SeqCst): at least one of the two sees the other.
         self.events.fetch_add(1, Ordering::SeqCst);
-        let _g = self.lock.lock();
-        self.cv.notify_all();
+        if self.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock();
+            self.cv.notify_all();
+        }
     }
 
     /// Wake every waiter as a completion would (to make a serving thread
@@ -88,16 +94,24 @@ impl CompChannel {
     /// Sleep until the count is past `seen` or `timeout` passes; returns
     /// whether it moved.
     pub fn wait_past(&self, seen: u64, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout);
+        self.sleepers.fetch_add(1, Ordering::SeqCst);
         let mut g = self.lock.lock();
-        // Checked under the lock `notify` takes after counting: a count
-        // that moves after this check wakes the wait below.
+        // Checked under the lock a notifier takes once it sees a sleeper:
+        // a count that moves after this check wakes the wait below.
         while self.events() == seen {
-            if self.cv.wait_until(&mut g, deadline).timed_out() {
-                return self.events() != seen;
+            match deadline {
+                Some(d) => {
+                    if self.cv.wait_until(&mut g, d).timed_out() {
+                        break;
+                    }
+                }
+                None => self.cv.wait(&mut g),
             }
         }
-        true
+        drop(g);
+        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        self.events() != seen
     }
 }
 
@@ -235,5 +249,57 @@ mod tests {
         let seen = ch.events();
         ch.kick();
         assert!(ch.wait_past(seen, Duration::from_secs(60)));
+        // A timeout too large for an Instant waits without one.
+        ch.kick();
+        assert!(ch.wait_past(seen, Duration::MAX));
+    }
+
+    /// A completion racing the waiter's check is never slept through. The
+    /// two threads play ping-pong (the pusher posts one completion, after
+    /// a random short spin, only once the previous one was taken), so the
+    /// waiter sleeps on nearly every round and no later completion can
+    /// rescue a lost wake-up: it would leave the waiter asleep until its
+    /// 60 s timeout.
+    #[test]
+    fn a_racing_completion_is_never_slept_through() {
+        const N: usize = 20_000;
+        let ch = CompChannel::new();
+        let cq = Cq::new(4, Some(ch.clone()));
+        let taken = Arc::new(AtomicUsize::new(0));
+        let pusher = {
+            let (cq, taken) = (cq.clone(), taken.clone());
+            std::thread::spawn(move || {
+                let mut x = 0x9e37_79b9_7f4a_7c15u64;
+                for i in 0..N {
+                    while taken.load(Ordering::Acquire) < i {
+                        std::thread::yield_now();
+                    }
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    for _ in 0..(x % 4000) {
+                        std::hint::spin_loop();
+                    }
+                    assert!(cq.state().push(wc()));
+                }
+            })
+        };
+        let (mut got, mut out) = (0, [wc(); 4]);
+        while got < N {
+            let seen = ch.events();
+            let n = cq.poll(&mut out);
+            got += n;
+            taken.store(got, Ordering::Release);
+            if n == 0 {
+                let t0 = Instant::now();
+                ch.wait_past(seen, Duration::from_secs(60));
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "slept through a completion ({got} of {N} taken)"
+                );
+            }
+        }
+        pusher.join().unwrap();
+        assert_eq!(ch.sleepers.load(Ordering::SeqCst), 0);
     }
 }

@@ -11,24 +11,30 @@
 //! no CPU left over for anything but busy vCPUs, and DAMON's `kdamond`
 //! monitoring memory (its runs take a CPU for 1–4 ms, non-preemptibly on
 //! a kernel without full preemption).
+//!
+//! Tests: `bench::host::tests` (the proc scan, the notes) and
+//! `vmm/tests/bench_teardown.rs` (the fields in every row, checked against
+//! an independent scan).
 
 use std::path::Path;
 
-/// The host conditions a latency benchmark reports beside its figures.
+/// The host conditions a latency benchmark reports beside its figures;
+/// `None` where this process could not tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostContext {
     /// CPUs this process may run on.
-    pub cpus: usize,
-    /// Whether a DAMON monitor is running (sysfs admin interface, or the
-    /// `damon_reclaim` / `damon_lru_sort` modules).
-    pub damon_running: bool,
+    pub cpus: Option<usize>,
+    /// Whether a DAMON worker (`kdamond.N`) runs, whichever interface
+    /// started it (sysfs, a module, `damon_stat`, debugfs): read from
+    /// `/proc/*/comm`, which any user may read.
+    pub damon_running: Option<bool>,
 }
 
 impl HostContext {
     pub fn read() -> HostContext {
         HostContext {
-            cpus: crate::affinity::process_cpus().map_or(0, |c| c.len()),
-            damon_running: damon_running(Path::new("/sys")),
+            cpus: crate::affinity::process_cpus().ok().map(|c| c.len()),
+            damon_running: kdamond_running(Path::new("/proc")),
         }
     }
 
@@ -36,29 +42,27 @@ impl HostContext {
     /// figures of a VM with `vcpus` busy vCPUs.
     pub fn notes(&self, vcpus: usize, pinned: bool) -> Vec<String> {
         let mut out = Vec::new();
-        if self.cpus > 0 && vcpus >= self.cpus {
-            let spare = if self.cpus > 1 {
-                format!(
-                    "; `--vcpus {} --pin-vcpus` leaves one for them",
-                    self.cpus - 1
-                )
-            } else {
-                String::new()
-            };
-            out.push(format!(
-                "{vcpus} busy vCPU(s) on {} CPU(s) leave none for the VMM's other threads or the host's: \
-                 whatever else runs takes a vCPU's CPU, and the longer a teardown's window the more of that \
-                 its stall catches (compare stall_before_ns_p50){spare}",
-                self.cpus
-            ));
-        } else if !pinned {
-            out.push(
+        match self.cpus {
+            Some(cpus) if vcpus >= cpus => {
+                let spare = if cpus > 1 {
+                    format!("; `--vcpus {} --pin-vcpus` leaves one for them", cpus - 1)
+                } else {
+                    String::new()
+                };
+                out.push(format!(
+                    "{vcpus} busy vCPU(s) on {cpus} CPU(s) leave none for the VMM's other threads or the host's: \
+                     whatever else runs takes a vCPU's CPU, and the longer a teardown's window the more of that \
+                     its stall catches (compare stall_before_ns_p50){spare}"
+                ));
+            }
+            _ if !pinned => out.push(
                 "vCPUs are not pinned: the scheduler may put the VMM's threads or another vCPU on a vCPU's CPU \
                  (`--pin-vcpus` gives each vCPU a CPU of its own)"
                     .to_string(),
-            );
+            ),
+            _ => {}
         }
-        if self.damon_running {
+        if self.damon_running == Some(true) {
             out.push(
                 "DAMON is monitoring this host's memory (kdamond): each of its runs takes a CPU for \
                  milliseconds, and a vCPU waiting on a fault or a lock meanwhile may wait for it too"
@@ -69,54 +73,49 @@ impl HostContext {
     }
 }
 
-/// Whether any DAMON monitor runs, from the sysfs tree under `sys`.
-fn damon_running(sys: &Path) -> bool {
-    let kdamonds = sys.join("kernel/mm/damon/admin/kdamonds");
-    let admin = std::fs::read_dir(kdamonds)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|e| std::fs::read_to_string(e.path().join("state")).is_ok_and(|s| s.trim() == "on"));
-    let module = ["damon_reclaim", "damon_lru_sort"].iter().any(|m| {
-        std::fs::read_to_string(sys.join("module").join(m).join("parameters/enabled"))
-            .is_ok_and(|s| s.trim() == "Y")
-    });
-    admin || module
+/// Whether a `kdamond` thread runs, from the proc tree under `proc`
+/// (`None` if it cannot be read).
+pub fn kdamond_running(proc: &Path) -> Option<bool> {
+    let entries = std::fs::read_dir(proc).ok()?;
+    Some(entries.flatten().any(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            && std::fs::read_to_string(e.path().join("comm"))
+                .is_ok_and(|c| c.trim_end().starts_with("kdamond"))
+    }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn write(root: &Path, rel: &str, text: &str) {
-        let p = root.join(rel);
-        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, text).unwrap();
-    }
-
     #[test]
-    fn damon_is_seen_through_the_admin_tree_or_a_module() {
+    fn a_kdamond_is_found_by_its_name_in_proc() {
         let dir = std::env::temp_dir().join(format!("odpvm-host-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(!damon_running(&dir), "no sysfs tree: not running");
-        write(&dir, "kernel/mm/damon/admin/kdamonds/0/state", "off\n");
-        write(&dir, "kernel/mm/damon/admin/kdamonds/nr_kdamonds", "1\n");
-        assert!(!damon_running(&dir), "a stopped kdamond");
-        write(&dir, "kernel/mm/damon/admin/kdamonds/0/state", "on\n");
-        assert!(damon_running(&dir));
-        write(&dir, "kernel/mm/damon/admin/kdamonds/0/state", "off\n");
-        write(&dir, "module/damon_reclaim/parameters/enabled", "N\n");
-        assert!(!damon_running(&dir));
-        write(&dir, "module/damon_reclaim/parameters/enabled", "Y\n");
-        assert!(damon_running(&dir));
+        assert_eq!(kdamond_running(&dir), None, "no proc tree: unknown");
+        let comm = |pid: &str, name: &str| {
+            std::fs::create_dir_all(dir.join(pid)).unwrap();
+            std::fs::write(dir.join(pid).join("comm"), format!("{name}\n")).unwrap();
+        };
+        comm("1", "init");
+        comm("self", "kdamond.0");
+        assert_eq!(
+            kdamond_running(&dir),
+            Some(false),
+            "only numeric entries count"
+        );
+        comm("76", "kdamond.0");
+        assert_eq!(kdamond_running(&dir), Some(true));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn notes_name_an_oversubscribed_host_and_how_to_leave_a_core() {
         let host = HostContext {
-            cpus: 2,
-            damon_running: false,
+            cpus: Some(2),
+            damon_running: Some(false),
         };
         let notes = host.notes(2, false);
         assert_eq!(notes.len(), 1, "{notes:?}");
@@ -125,12 +124,17 @@ mod tests {
         let unpinned = host.notes(1, false);
         assert!(unpinned[0].contains("--pin-vcpus"), "{unpinned:?}");
         let one = HostContext {
-            cpus: 1,
-            damon_running: true,
+            cpus: Some(1),
+            damon_running: Some(true),
         };
         let notes = one.notes(1, false);
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert!(!notes[0].contains("--vcpus 0"), "{notes:?}");
         assert!(notes[1].contains("DAMON"), "{notes:?}");
+        let unknown = HostContext {
+            cpus: None,
+            damon_running: None,
+        };
+        assert_eq!(unknown.notes(4, true), Vec::<String>::new());
     }
 }
