@@ -328,7 +328,8 @@ impl Drop for HostPeer {
 /// How long the serving thread polls after its last completion before it
 /// sleeps on the channel (a completion then costs a thread wake-up).
 const SPIN_BEFORE_SLEEP: u32 = 2000;
-/// How long it sleeps at most (to see `stop` and new QPs without a kick).
+/// How long it sleeps at most: a safety net only, since every completion
+/// on a host QP's CQ (new QPs included) and the peer's drop kick the channel.
 const IDLE_SLEEP: Duration = Duration::from_millis(50);
 
 fn serve(
