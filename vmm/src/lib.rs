@@ -46,6 +46,7 @@ pub mod payload;
 pub mod perftest;
 pub mod roce_bench;
 pub mod roce_run;
+pub mod schedstat;
 pub mod uffd;
 pub mod vm;
 pub mod vstate;

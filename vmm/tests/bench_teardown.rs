@@ -88,6 +88,21 @@ fn json_rows_carry_every_documented_field() {
             assert!(num(p50) > 0, "{p50} is zero: {row}");
             assert!(num(p99) >= num(p50), "{p99} below {p50}: {row}");
         }
+        // The stall's split: the run delay is at most the stall it is part
+        // of (per repetition, so at every quantile too).
+        assert!(
+            num("stall_run_delay_ns_p50") <= num("stall_ns_p50"),
+            "run delay above the stall: {row}"
+        );
+        assert!(
+            num("stall_less_run_delay_ns_p50") <= num("stall_ns_p50"),
+            "{row}"
+        );
+        assert!(
+            num("stall_less_run_delay_ns_p99") >= num("stall_less_run_delay_ns_p50"),
+            "{row}"
+        );
+        assert!(num("stall_span_ns_p50") > 0, "{row}");
         for k in [
             "release_ns_p50",
             "stall_before_ns_p50",
@@ -131,4 +146,58 @@ fn json_rows_carry_every_documented_field() {
         assert!(svg.contains(method), "the plot has no line for {method}");
     }
     std::fs::remove_file(&plot).unwrap();
+}
+
+/// With every CPU also wanted by a busy thread of another process, the
+/// vCPUs wait runnable for a CPU across the teardown, and the bench says
+/// so: the stall's run-delay part is non-zero. (Its wiring from the vCPU
+/// threads' scheduler account to the row: a bench that read no account,
+/// or the wrong thread's, reports zero here.)
+#[test]
+fn a_vcpu_kept_off_its_cpu_shows_as_run_delay() {
+    if !std::path::Path::new("/proc/thread-self/schedstat").exists() {
+        eprintln!("no schedstat on this kernel; nothing to check");
+        return;
+    }
+    // Hogs in their own processes, so the VMM's pinning cannot move them.
+    let hogs: Vec<_> = (0..host_cpus())
+        .map(|_| {
+            Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let out = odpvm()
+        .args([
+            "bench",
+            "teardown",
+            "--memory",
+            "32M",
+            "--methods",
+            "generation",
+            "--mirrors",
+            "kvm",
+            "--reps",
+            "5",
+            "--json",
+        ])
+        .output();
+    for mut h in hogs {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    let out = out.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let row: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let num = |k: &str| row[k].as_u64().unwrap_or_else(|| panic!("{k}: {row}"));
+    assert!(
+        num("stall_run_delay_ns_p50") > 0,
+        "no run delay seen: {row}"
+    );
+    assert!(
+        num("stall_run_delay_ns_p50") <= num("stall_ns_p50"),
+        "{row}"
+    );
 }

@@ -10,7 +10,14 @@
 //! * **stall**: the longest page step any vCPU took across the teardown
 //!   (the guest's own TSC; a vCPU that could not run, or whose access
 //!   waited for the teardown, shows it here), next to the same figure just
-//!   before (`stall_before_ns`: the host's scheduling noise);
+//!   before (`stall_before_ns`: the host's scheduling noise), and split
+//!   by the vCPU thread's scheduler account (`crate::schedstat`):
+//!   `stall_run_delay_ns`, how long the vCPU waited runnable for a CPU
+//!   another task held over the span between the two marks around that
+//!   step (at most the step), and `stall_less_run_delay_ns`, the rest: the
+//!   vCPU blocked (a fault, a lock) or working. Over a span of ~512 pages
+//!   the run delay may include waits outside the step, so the rest is a
+//!   lower bound of what the VMM and KVM cost the guest;
 //! * **completion**: request → the call returned (every mirror stopped using
 //!   old translations); its parts: `prezap_ns` (KVM's zap through a
 //!   throwaway memslot, vCPUs running), `kvm_ns` (the KVM mirror's notice:
@@ -132,6 +139,8 @@ pub struct TeardownBench {
 struct Rep {
     stall: u64,
     stall_before: u64,
+    stall_run_delay: u64,
+    stall_span: u64,
     complete: u64,
     prezap: u64,
     kvm: u64,
@@ -174,6 +183,17 @@ fn median_f(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A vCPU's longest page step, and how the span between the two progress
+/// marks around it was spent by the vCPU thread (zero where the kernel
+/// keeps no account).
+#[derive(Clone, Copy, Debug, Default)]
+struct Step {
+    gap_ns: u64,
+    span_ns: u64,
+    /// Runnable, waiting for a CPU another task held.
+    run_delay_ns: u64,
+}
+
 /// The guest's progress marks, kept with their arrival times.
 struct Marks {
     all: Vec<ProgressMark>,
@@ -200,17 +220,25 @@ impl Marks {
     }
 
     /// The longest page step of any vCPU in the marks whose span (from the
-    /// vCPU's previous mark) overlaps `[a, b]`, in ns.
-    fn longest_step(&self, a: Instant, b: Instant) -> u64 {
-        let mut worst = 0;
+    /// vCPU's previous mark) overlaps `[a, b]`, and how that span was spent.
+    fn longest_step(&self, a: Instant, b: Instant) -> Step {
+        let mut worst = Step::default();
         for v in 0..self.vcpus {
-            let mut prev: Option<Instant> = None;
+            let mut prev: Option<&ProgressMark> = None;
             for m in self.all.iter().filter(|m| m.vcpu == v) {
-                let start = prev.unwrap_or(m.at);
-                if m.at >= a && start <= b {
-                    worst = worst.max(mmu::ticks_to_ns(u64::from(m.gap) << 10));
+                let start = prev.map_or(m.at, |p| p.at);
+                let gap = mmu::ticks_to_ns(u64::from(m.gap) << 10);
+                if m.at >= a && start <= b && gap >= worst.gap_ns {
+                    let account = prev
+                        .and_then(|p| Some(m.sched?.since(&p.sched?)))
+                        .unwrap_or_default();
+                    worst = Step {
+                        gap_ns: gap,
+                        span_ns: (m.at - start).as_nanos() as u64,
+                        run_delay_ns: account.run_delay_ns,
+                    };
                 }
-                prev = Some(m.at);
+                prev = Some(m);
             }
         }
         worst
@@ -361,7 +389,12 @@ fn repetition(h: &VmHandle, marks: &mut Marks, method: Method, memory: u64) -> R
             h.finished()
         )
     })?;
-    rep.stall = marks.longest_step(t_req, t_done);
+    let step = marks.longest_step(t_req, t_done);
+    rep.stall = step.gap_ns;
+    // The part of the step the host's scheduler can account for: at most
+    // the run delay over the span holding it.
+    rep.stall_run_delay = step.run_delay_ns.min(step.gap_ns);
+    rep.stall_span = step.span_ns;
     rep.stall_before = marks.longest_step_before(t_req, t_done - t_req);
     let rate_before = marks.pages_between(t_req - RATE_WINDOW, t_req);
     let rate_during = marks.pages_between(t_req, t_req + RATE_WINDOW);
@@ -423,13 +456,15 @@ fn size_and_mirrors(
                 }
                 let r = repetition(&h, &mut marks, method, memory)?;
                 eprintln!(
-                    "  {:>6} MiB {:<14} {:<8} rep {}/{}: stall {:.3} ms, complete {:.3} ms, release {:.1} ms, faults deferred {} untracked {}",
+                    "  {:>6} MiB {:<14} {:<8} rep {}/{}: stall {:.3} ms ({:.3} of it waiting for a CPU, over {:.1} ms), complete {:.3} ms, release {:.1} ms, faults deferred {} untracked {}",
                     memory >> 20,
                     method.name(),
                     mirrors.name(),
                     i + 1,
                     o.reps,
                     r.stall as f64 / 1e6,
+                    r.stall_run_delay as f64 / 1e6,
+                    r.stall_span as f64 / 1e6,
                     r.complete as f64 / 1e6,
                     r.release as f64 / 1e6,
                     r.deferred,
@@ -482,6 +517,10 @@ fn summarize(
         "stall_ns_p50": p50(|r| r.stall),
         "stall_ns_p99": p99(|r| r.stall),
         "stall_before_ns_p50": p50(|r| r.stall_before),
+        "stall_run_delay_ns_p50": p50(|r| r.stall_run_delay),
+        "stall_less_run_delay_ns_p50": p50(|r| r.stall - r.stall_run_delay),
+        "stall_less_run_delay_ns_p99": p99(|r| r.stall - r.stall_run_delay),
+        "stall_span_ns_p50": p50(|r| r.stall_span),
         "complete_ns_p50": p50(|r| r.complete),
         "complete_ns_p99": p99(|r| r.complete),
         "prezap_ns_p50": p50(|r| r.prezap),

@@ -162,6 +162,11 @@ pub struct ProgressMark {
     pub vcpu: usize,
     /// The longest step since the vCPU's previous mark, in 1024 TSC cycles.
     pub gap: u32,
+    /// The vCPU thread's scheduler account when the mark arrived (`None`
+    /// where the kernel keeps none): how long it had run and waited
+    /// runnable for a CPU, so a step can be told apart into time the
+    /// vCPU was preempted and time it was blocked or working.
+    pub sched: Option<crate::schedstat::SchedAccount>,
 }
 
 pub struct TestDevice {
@@ -225,6 +230,7 @@ impl TestDevice {
                     at: std::time::Instant::now(),
                     vcpu,
                     gap: value,
+                    sched: crate::schedstat::SchedAccount::of_this_thread(),
                 });
             }
             return Outcome::Continue;
