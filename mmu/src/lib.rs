@@ -172,6 +172,10 @@
 //! whoever runs the steps (loom
 //! `loom_overlapping_reclaim_steps_report_the_generation_last`;
 //! `overlapping_reclaim_steps_report_a_generation_after_its_last_batch`).
+//! [`Mmu::reclaim_pending`] stays true until the step that took the last
+//! obsolete state has told every mirror and counted it in the statistics,
+//! so a caller waiting for it to turn false never runs ahead of a mirror
+//! (`tests/reclaim_order.rs` `reclaim_is_pending_until_the_mirrors_are_told`).
 //!
 //! ## Fan-out: two passes
 //!

@@ -58,6 +58,10 @@ struct State {
     reclaim_owner: Option<ThreadToken>,
     /// Reclaim steps started so far.
     reclaim_epoch: u64,
+    /// The step in progress took obsolete state (leaves, or a generation
+    /// to report) and has not yet told the mirrors and freed it: until
+    /// then `reclaim_pending` stays true.
+    reclaim_reporting: bool,
     /// In-flight and recently ended invalidations.
     seq: SeqLog,
 }
@@ -296,6 +300,7 @@ impl Mmu {
             seq: SeqLog::new(),
             reclaim_owner: None,
             reclaim_epoch: 0,
+            reclaim_reporting: false,
             mirrors: Arc::new([]),
             next_mirror: 1,
             obsolete: LeafList::default(),

@@ -354,3 +354,41 @@ fn callbacks_calling_back_never_wait_for_themselves() {
     assert_eq!(m.mirror_count(), 1);
     m.unregister_mirror(id).unwrap();
 }
+
+/// A step that has taken the last obsolete leaf but not yet told the
+/// mirrors about it is still reclaim in progress: `reclaim_pending` stays
+/// true until `reclaimed` has returned and the statistics count the leaf,
+/// so a caller that waits for `!reclaim_pending()` (the teardown bench,
+/// a VMM giving memory back) never runs ahead of the mirrors.
+#[test]
+fn reclaim_is_pending_until_the_mirrors_are_told() {
+    // Default batch and scan: one step takes the leaf and finishes the
+    // generation, so nothing obsolete is left in the table meanwhile.
+    let m = Mmu::new(Config {
+        background_reclaim: false,
+        ..Config::default()
+    })
+    .unwrap();
+    populate(&m, 1);
+    let (mirror, entered, release) = Stalling::new(1);
+    m.register_mirror(mirror.clone());
+    m.teardown_all().unwrap();
+    assert!(m.reclaim_pending());
+    let stepper = {
+        let m = m.clone();
+        std::thread::spawn(move || m.reclaim_all())
+    };
+    entered.recv().unwrap();
+    // The only leaf is detached and the step is inside `reclaimed`.
+    assert!(
+        m.reclaim_pending(),
+        "reclaim reported done while a mirror had not been told"
+    );
+    assert_eq!(m.stats().snapshot().leaves_reclaimed, 0);
+    release.send(()).unwrap();
+    assert_eq!(stepper.join().unwrap().leaves, 1);
+    assert!(!m.reclaim_pending());
+    assert_eq!(m.stats().snapshot().leaves_reclaimed, 1);
+    assert_eq!(mirror.entries.load(Ordering::SeqCst), 1);
+    assert_eq!(mirror.reports.load(Ordering::SeqCst), 1);
+}
