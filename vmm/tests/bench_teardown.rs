@@ -1,7 +1,9 @@
 //! The contract of `odpvm bench teardown --json` that scripts rely on
 //! (issue 9 item 2): one JSON object per (size, mirrors, method) row with
 //! the documented fields, p99 never below p50, the host context beside the
-//! figures, and `--plot` writing an SVG. Real KVM, a real writer guest.
+//! figures, and `--plot` writing an SVG; and the stall's split by the vCPU
+//! threads' scheduler account, both ways: a vCPU kept off its CPU shows
+//! as run delay, a blocked one as the rest. Real KVM, a real writer guest.
 
 use serde_json::Value;
 use std::process::Command;
@@ -42,6 +44,7 @@ const METHODS: [&str; 3] = ["generation", "invalidate-all", "walk"];
 
 #[test]
 fn json_rows_carry_every_documented_field() {
+    let _one = one_at_a_time();
     let plot = std::env::temp_dir().join(format!("odpvm-bench-{}.svg", std::process::id()));
     let out = odpvm()
         .args([
@@ -103,6 +106,10 @@ fn json_rows_carry_every_documented_field() {
             "{row}"
         );
         assert!(num("stall_span_ns_p50") > 0, "{row}");
+        assert!(
+            num("stall_span_run_delay_ns_p50") >= num("stall_run_delay_ns_p50"),
+            "the capped run delay above the span's: {row}"
+        );
         for k in [
             "release_ns_p50",
             "stall_before_ns_p50",
@@ -148,49 +155,86 @@ fn json_rows_carry_every_documented_field() {
     std::fs::remove_file(&plot).unwrap();
 }
 
-/// With every CPU also wanted by a busy thread of another process, the
-/// vCPUs wait runnable for a CPU across the teardown, and the bench says
-/// so: the stall's run-delay part is non-zero. (Its wiring from the vCPU
-/// threads' scheduler account to the row: a bench that read no account,
-/// or the wrong thread's, reports zero here.)
+/// Busy shell loops, one per CPU, killed when dropped (also when the test
+/// fails half-way).
+struct Hogs(Vec<std::process::Child>);
+
+impl Hogs {
+    fn one_per_cpu() -> Hogs {
+        let mut hogs = Hogs(Vec::new());
+        for _ in 0..host_cpus() {
+            // It ends on its own once this process is gone (killed before
+            // the drop), checking with a builtin, so it stays CPU-bound.
+            let spin = format!(
+                "while kill -0 {} 2>/dev/null; do :; done",
+                std::process::id()
+            );
+            let child = Command::new("sh").args(["-c", &spin]).spawn().unwrap();
+            hogs.0.push(child);
+        }
+        hogs
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for h in &mut self.0 {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
+/// The tests here run benches that must not overlap: one loads every CPU
+/// on purpose, the others measure how vCPUs wait.
+static ONE_BENCH_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_BENCH_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+fn bench_row(args: &[&str]) -> Value {
+    let out = odpvm()
+        .args(["bench", "teardown", "--reps", "5", "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn has_schedstat() -> bool {
+    let yes = std::path::Path::new("/proc/thread-self/schedstat").exists();
+    if !yes {
+        eprintln!("no schedstat on this kernel; nothing to check");
+    }
+    yes
+}
+
+/// With every CPU also wanted by a busy process, the vCPUs wait runnable
+/// for a CPU across the teardown, and the bench says so: the stall's
+/// run-delay part is non-zero. A bench that read no scheduler account at
+/// the marks reports zero here.
 #[test]
 fn a_vcpu_kept_off_its_cpu_shows_as_run_delay() {
-    if !std::path::Path::new("/proc/thread-self/schedstat").exists() {
-        eprintln!("no schedstat on this kernel; nothing to check");
+    if !has_schedstat() {
         return;
     }
-    // Hogs in their own processes, so the VMM's pinning cannot move them.
-    let hogs: Vec<_> = (0..host_cpus())
-        .map(|_| {
-            Command::new("sh")
-                .args(["-c", "while :; do :; done"])
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let out = odpvm()
-        .args([
-            "bench",
-            "teardown",
+    let _one = one_at_a_time();
+    let row = {
+        let _hogs = Hogs::one_per_cpu();
+        bench_row(&[
             "--memory",
             "32M",
             "--methods",
             "generation",
             "--mirrors",
             "kvm",
-            "--reps",
-            "5",
-            "--json",
         ])
-        .output();
-    for mut h in hogs {
-        let _ = h.kill();
-        let _ = h.wait();
-    }
-    let out = out.unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    let row: Value = serde_json::from_slice(&out.stdout).unwrap();
+    };
     let num = |k: &str| row[k].as_u64().unwrap_or_else(|| panic!("{k}: {row}"));
     assert!(
         num("stall_run_delay_ns_p50") > 0,
@@ -199,5 +243,34 @@ fn a_vcpu_kept_off_its_cpu_shows_as_run_delay() {
     assert!(
         num("stall_run_delay_ns_p50") <= num("stall_ns_p50"),
         "{row}"
+    );
+}
+
+/// The other direction: a teardown that blocks the guest for its whole
+/// O(n) run (`invalidate-all`), one vCPU on a CPU of its own, no hogs: the
+/// stall is the vCPU blocked, not waiting for a CPU, so at least half of
+/// it is `stall_less_run_delay` (a bench counting every stall as run
+/// delay fails here).
+#[test]
+fn a_blocked_vcpu_shows_as_the_rest_not_run_delay() {
+    if !has_schedstat() {
+        return;
+    }
+    let _one = one_at_a_time();
+    let row = bench_row(&[
+        "--memory",
+        "64M",
+        "--methods",
+        "invalidate-all",
+        "--mirrors",
+        "kvm",
+        "--vcpus",
+        "1",
+        "--pin-vcpus",
+    ]);
+    let num = |k: &str| row[k].as_u64().unwrap_or_else(|| panic!("{k}: {row}"));
+    assert!(
+        2 * num("stall_less_run_delay_ns_p50") >= num("stall_ns_p50"),
+        "a blocking teardown's stall counted as run delay: {row}"
     );
 }

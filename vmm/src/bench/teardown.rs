@@ -141,6 +141,7 @@ struct Rep {
     stall_before: u64,
     stall_run_delay: u64,
     stall_span: u64,
+    stall_span_run_delay: u64,
     complete: u64,
     prezap: u64,
     kvm: u64,
@@ -205,18 +206,23 @@ impl Marks {
         self.all.extend(h.take_progress());
     }
 
-    /// Pages written since `t` (all vCPUs).
+    /// Pages written since `t` (all vCPUs; span marks count none).
     fn pages_since(&self, t: Instant) -> u64 {
-        self.all.iter().filter(|m| m.at >= t).count() as u64 * PAGES_PER_MARK
+        self.all.iter().filter(|m| m.work && m.at >= t).count() as u64 * PAGES_PER_MARK
     }
 
     fn pages_between(&self, a: Instant, b: Instant) -> u64 {
-        self.all.iter().filter(|m| m.at >= a && m.at < b).count() as u64 * PAGES_PER_MARK
+        let n = self
+            .all
+            .iter()
+            .filter(|m| m.work && m.at >= a && m.at < b)
+            .count();
+        n as u64 * PAGES_PER_MARK
     }
 
     /// Whether every vCPU posted a mark after `t`.
     fn all_after(&self, t: Instant) -> bool {
-        (0..self.vcpus).all(|v| self.all.iter().any(|m| m.vcpu == v && m.at > t))
+        (0..self.vcpus).all(|v| self.all.iter().any(|m| m.vcpu as usize == v && m.at > t))
     }
 
     /// The longest page step of any vCPU in the marks whose span (from the
@@ -225,17 +231,17 @@ impl Marks {
         let mut worst = Step::default();
         for v in 0..self.vcpus {
             let mut prev: Option<&ProgressMark> = None;
-            for m in self.all.iter().filter(|m| m.vcpu == v) {
+            for m in self.all.iter().filter(|m| m.vcpu as usize == v) {
                 let start = prev.map_or(m.at, |p| p.at);
                 let gap = mmu::ticks_to_ns(u64::from(m.gap) << 10);
                 if m.at >= a && start <= b && gap >= worst.gap_ns {
-                    let account = prev
-                        .and_then(|p| Some(m.sched?.since(&p.sched?)))
-                        .unwrap_or_default();
+                    let run_delay = prev
+                        .and_then(|p| Some(m.run_delay_ns?.saturating_sub(p.run_delay_ns?)))
+                        .unwrap_or(0);
                     worst = Step {
                         gap_ns: gap,
                         span_ns: (m.at - start).as_nanos() as u64,
-                        run_delay_ns: account.run_delay_ns,
+                        run_delay_ns: run_delay,
                     };
                 }
                 prev = Some(m);
@@ -380,7 +386,7 @@ fn repetition(h: &VmHandle, marks: &mut Marks, method: Method, memory: u64) -> R
                     .all
                     .iter()
                     .rev()
-                    .find(|m| m.vcpu == v)
+                    .find(|m| m.vcpu as usize == v)
                     .map(|m| m.at.elapsed())
             })
             .collect();
@@ -395,6 +401,7 @@ fn repetition(h: &VmHandle, marks: &mut Marks, method: Method, memory: u64) -> R
     // the run delay over the span holding it.
     rep.stall_run_delay = step.run_delay_ns.min(step.gap_ns);
     rep.stall_span = step.span_ns;
+    rep.stall_span_run_delay = step.run_delay_ns;
     rep.stall_before = marks.longest_step_before(t_req, t_done - t_req);
     let rate_before = marks.pages_between(t_req - RATE_WINDOW, t_req);
     let rate_during = marks.pages_between(t_req, t_req + RATE_WINDOW);
@@ -521,6 +528,7 @@ fn summarize(
         "stall_less_run_delay_ns_p50": p50(|r| r.stall - r.stall_run_delay),
         "stall_less_run_delay_ns_p99": p99(|r| r.stall - r.stall_run_delay),
         "stall_span_ns_p50": p50(|r| r.stall_span),
+        "stall_span_run_delay_ns_p50": p50(|r| r.stall_span_run_delay),
         "complete_ns_p50": p50(|r| r.complete),
         "complete_ns_p99": p99(|r| r.complete),
         "prezap_ns_p50": p50(|r| r.prezap),

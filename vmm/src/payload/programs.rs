@@ -5,7 +5,8 @@
 
 use super::params;
 use crate::devices::testdev::{
-    ARG, CMD, CMD_BARRIER, CMD_FAIL, CMD_IDLE, CMD_PASS, EPOCH_DONE, EPOCH_STARTED, PROGRESS, STOP,
+    ARG, CMD, CMD_BARRIER, CMD_FAIL, CMD_IDLE, CMD_PASS, EPOCH_DONE, EPOCH_STARTED, PROGRESS,
+    PROGRESS_SPAN, STOP,
 };
 use crate::layout::TESTDEV_MMIO_GPA;
 use iced_x86::code_asm::*;
@@ -54,7 +55,8 @@ pub enum Guest {
     /// its previous round's stamp (else stale); a zero with no RAM-freshening
     /// host action started since the previous round began is a lost write.
     /// Every 512 pages it posts a progress mark carrying the longest gap
-    /// between two page steps (the guest-visible stall).
+    /// between two page steps (the guest-visible stall), and a span mark
+    /// (no work counted) whenever ~0.2 ms passed since its last mark.
     Writer,
 }
 
@@ -497,11 +499,38 @@ fn read_reg(a: &mut Asm, offset: u64) -> R {
     Ok(())
 }
 
-/// Registers (none of its state lives in memory: a teardown refills the
+/// TSC cycles after which the `writer` posts a span mark (~0.2 ms at
+/// 2.5 GHz): the longest step of a span is then bracketed by marks at
+/// most this much apart plus the step itself.
+const SPAN_TICKS: i32 = 1 << 19;
+
+/// Post a progress mark to register `offset`: the longest gap since the
+/// last mark (r13) in 1024-cycle units, saturated; then restart the gap
+/// and the span clock (r10 and the stack slot) after the mark's own exit,
+/// which is not a guest stall. Clobbers rax, rdx.
+fn post_mark(a: &mut Asm, offset: u64) -> R {
+    let mut small = a.create_label();
+    a.mov(rax, r13)?;
+    a.shr(rax, 10)?;
+    a.mov(rdx, 0xffff_ffffu64)?;
+    a.cmp(rax, rdx)?;
+    a.jbe(small)?;
+    a.mov(rax, rdx)?;
+    a.set_label(&mut small)?;
+    a.mov(rdx, TESTDEV_MMIO_GPA)?;
+    a.mov(dword_ptr(rdx + offset), eax)?;
+    a.xor(r13, r13)?;
+    tsc(a, r10)?;
+    a.mov(qword_ptr(rsp - 8), r10)?;
+    Ok(())
+}
+
+/// Registers (no state it needs lives in memory: a teardown refills the
 /// boot region, stack included, from the image): r8 round, rcx page, rsi
 /// stale, r9 lost, rbp zeros read this round, r10 previous TSC, r13
 /// longest gap since the last mark, r14 = EPOCH_DONE at the start of the
-/// previous round << 32 | at the start of this one.
+/// previous round << 32 | at the start of this one. The one stack slot,
+/// `[rsp - 8]` = the last mark's TSC, only paces span marks.
 fn writer(a: &mut Asm) -> R {
     prologue(a)?;
     let (mut round_top, mut check_stop, mut go, mut done) = (
@@ -516,7 +545,7 @@ fn writer(a: &mut Asm) -> R {
         a.create_label(),
         a.create_label(),
     );
-    let (mut write, mut no_mark, mut small, mut next_round) = (
+    let (mut write, mut no_mark, mut no_span, mut next_round) = (
         a.create_label(),
         a.create_label(),
         a.create_label(),
@@ -528,6 +557,7 @@ fn writer(a: &mut Asm) -> R {
     a.xor(r14, r14)?;
     a.mov(r8, 1u64)?;
     tsc(a, r10)?;
+    a.mov(qword_ptr(rsp - 8), r10)?;
 
     a.set_label(&mut round_top)?;
     a.mov(rax, qword_ptr(r15 + params::ROUNDS))?;
@@ -559,6 +589,16 @@ fn writer(a: &mut Asm) -> R {
     a.jbe(no_max)?;
     a.mov(r13, rdx)?;
     a.set_label(&mut no_max)?;
+    // A span mark once SPAN_TICKS have passed since the last mark, so the
+    // host's scheduler account brackets every long step closely (rdi =
+    // now; the last mark's TSC is kept on the stack: a teardown may wipe
+    // it, which only posts one mark early).
+    a.mov(rax, rdi)?;
+    a.sub(rax, qword_ptr(rsp - 8))?;
+    a.cmp(rax, SPAN_TICKS)?;
+    a.jb(no_span)?;
+    post_mark(a, PROGRESS_SPAN)?;
+    a.set_label(&mut no_span)?;
     a.mov(rdi, rcx)?;
     a.shl(rdi, 12)?;
     a.add(rdi, rbx)?;
@@ -582,19 +622,7 @@ fn writer(a: &mut Asm) -> R {
     a.inc(rcx)?;
     a.test(rcx, 511)?;
     a.jnz(no_mark)?;
-    // Progress mark: the longest gap in 1024-cycle units, saturated.
-    a.mov(rax, r13)?;
-    a.shr(rax, 10)?;
-    a.mov(rdx, 0xffff_ffffu64)?;
-    a.cmp(rax, rdx)?;
-    a.jbe(small)?;
-    a.mov(rax, rdx)?;
-    a.set_label(&mut small)?;
-    a.mov(rdx, TESTDEV_MMIO_GPA)?;
-    a.mov(dword_ptr(rdx + PROGRESS), eax)?;
-    a.xor(r13, r13)?;
-    // The mark's own exit is not a guest stall.
-    tsc(a, r10)?;
+    post_mark(a, PROGRESS)?;
     a.set_label(&mut no_mark)?;
     a.jmp(page_top)?;
 

@@ -32,9 +32,15 @@ pub const EPOCH_DONE: u64 = 0x1c;
 /// value is the longest gap the vCPU saw between two steps since its last
 /// mark, in units of 1024 TSC cycles.
 pub const PROGRESS: u64 = 0x20;
+/// Write: a span mark, as `PROGRESS` but for no fixed amount of work: it
+/// only ends the span the next mark's gap is measured over (the host
+/// reads the vCPU thread's scheduler account at every mark).
+pub const PROGRESS_SPAN: u64 = 0x24;
 
-/// Progress marks kept (oldest first; later ones are dropped until taken).
-pub const MAX_MARKS: usize = 1 << 22;
+/// Progress marks kept (oldest first; later ones are dropped until taken):
+/// what a guest that posts marks nobody takes can make the VMM hold
+/// (~40 MiB).
+pub const MAX_MARKS: usize = 1 << 20;
 
 /// The vCPU finished successfully; args are payload-specific results.
 pub const CMD_PASS: u32 = 1;
