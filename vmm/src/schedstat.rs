@@ -1,13 +1,14 @@
 //! A thread's scheduler account (`/proc/thread-self/schedstat`): how long
 //! it has run on a CPU and how long it has waited runnable for one.
 //!
-//! Why: a vCPU's page step that took milliseconds is either the VMM's doing
-//! (the vCPU blocked on a lock or a fault, or worked inside KVM) or the
-//! host's (the vCPU was ready, but another task held its CPU). The bench
-//! tells them apart by reading this account at each progress mark. Test:
-//! `tests::a_thread_kept_off_its_cpu_accrues_run_delay`.
+//! Why: a vCPU's page step that took milliseconds is either spent blocked
+//! (on a fault, a lock) or working (inside KVM), or spent ready while
+//! another task held its CPU: another process, a kernel thread, or kernel
+//! work the VMM itself set off. The teardown bench tells the two apart by
+//! reading this account at each progress mark. Tests:
+//! `tests::a_thread_kept_off_its_cpu_accrues_run_delay`,
+//! `devices::testdev` `marks_carry_the_writing_threads_run_delay`.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
@@ -27,11 +28,11 @@ impl SchedAccount {
         thread_local! {
             // Opened once per thread: the open file keeps naming the thread
             // that opened it, and each `pread` renders it afresh (~2 µs,
-            // against ~5 µs for open+read+close).
-            static FILE: RefCell<Option<File>> = RefCell::new(File::open("/proc/thread-self/schedstat").ok());
+            // against ~5 µs for open+read+close). A failed open stays
+            // `None` for the thread's life: its marks then carry no account.
+            static FILE: Option<File> = File::open("/proc/thread-self/schedstat").ok();
         }
         FILE.with(|f| {
-            let f = f.borrow();
             let mut buf = [0u8; 96];
             let n = f.as_ref()?.read_at(&mut buf, 0).ok()?;
             parse(std::str::from_utf8(&buf[..n]).ok()?)
@@ -79,10 +80,10 @@ mod tests {
     /// alone on its CPU would accrue almost none.
     #[test]
     fn a_thread_kept_off_its_cpu_accrues_run_delay() {
-        let Some(start) = SchedAccount::of_this_thread() else {
+        if SchedAccount::of_this_thread().is_none() {
             eprintln!("no schedstat on this kernel; nothing to check");
             return;
-        };
+        }
         let cpu = crate::affinity::allowed_cpus().unwrap()[0];
         let spin = move || {
             crate::affinity::pin(0, &[cpu]).unwrap();
@@ -100,7 +101,5 @@ mod tests {
             assert!(d.on_cpu_ns > 20_000_000, "{d:?}");
             assert!(d.run_delay_ns > 20_000_000, "{d:?}");
         }
-        let now = SchedAccount::of_this_thread().unwrap();
-        assert!(now.since(&start).on_cpu_ns <= now.on_cpu_ns);
     }
 }

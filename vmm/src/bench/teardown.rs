@@ -3,21 +3,24 @@
 //!
 //! For each size, mirror set and method, one VM runs the `writer` guest
 //! (stamped writes over all of RAM, round after round, posting a progress
-//! mark with its longest page step every 512 pages). Before each
-//! repetition the guest has written every page since the last teardown;
-//! then the bench times the method and reads:
+//! mark with its longest page step every 512 pages, and a span mark
+//! whenever ~0.2 ms passed since its last mark). Before each repetition
+//! the guest has written every page since the last teardown; then the
+//! bench times the method and reads:
 //!
 //! * **stall**: the longest page step any vCPU took across the teardown
 //!   (the guest's own TSC; a vCPU that could not run, or whose access
 //!   waited for the teardown, shows it here), next to the same figure just
 //!   before (`stall_before_ns`: the host's scheduling noise), and split
-//!   by the vCPU thread's scheduler account (`crate::schedstat`):
-//!   `stall_run_delay_ns`, how long the vCPU waited runnable for a CPU
-//!   another task held over the span between the two marks around that
-//!   step (at most the step), and `stall_less_run_delay_ns`, the rest: the
-//!   vCPU blocked (a fault, a lock) or working. Over a span of ~512 pages
-//!   the run delay may include waits outside the step, so the rest is a
-//!   lower bound of what the VMM and KVM cost the guest;
+//!   by the vCPU thread's scheduler account (`crate::schedstat`), read at
+//!   both marks around that step: `stall_run_delay_ns`, how long the vCPU
+//!   waited runnable while another task held its CPU over that span (at
+//!   most the step; uncapped: `stall_span_run_delay_ns`, the span itself:
+//!   `stall_span_ns`, a little longer than the step), and
+//!   `stall_less_run_delay_ns`, the rest: blocked (a fault, a lock) or
+//!   working. Tests: `vmm/tests/bench_teardown.rs`
+//!   `a_vcpu_kept_off_its_cpu_shows_as_run_delay`,
+//!   `a_blocked_vcpu_shows_as_the_rest_not_run_delay`;
 //! * **completion**: request → the call returned (every mirror stopped using
 //!   old translations); its parts: `prezap_ns` (KVM's zap through a
 //!   throwaway memslot, vCPUs running), `kvm_ns` (the KVM mirror's notice:
@@ -226,24 +229,32 @@ impl Marks {
     }
 
     /// The longest page step of any vCPU in the marks whose span (from the
-    /// vCPU's previous mark) overlaps `[a, b]`, and how that span was spent.
+    /// vCPU's previous mark) overlaps `[a, b]`, and how the vCPU thread
+    /// spent the time around it.
     fn longest_step(&self, a: Instant, b: Instant) -> Step {
         let mut worst = Step::default();
         for v in 0..self.vcpus {
-            let mut prev: Option<&ProgressMark> = None;
+            // A mark's gap may include the previous mark's own exit (the
+            // guest's step clock runs through it), part of which came
+            // before the VMM read the account there: the account is taken
+            // from the mark before that one.
+            let (mut prev, mut before_prev): (Option<&ProgressMark>, Option<&ProgressMark>) =
+                (None, None);
             for m in self.all.iter().filter(|m| m.vcpu as usize == v) {
+                let from = before_prev.or(prev);
                 let start = prev.map_or(m.at, |p| p.at);
                 let gap = mmu::ticks_to_ns(u64::from(m.gap) << 10);
                 if m.at >= a && start <= b && gap >= worst.gap_ns {
-                    let run_delay = prev
+                    let run_delay = from
                         .and_then(|p| Some(m.run_delay_ns?.saturating_sub(p.run_delay_ns?)))
                         .unwrap_or(0);
                     worst = Step {
                         gap_ns: gap,
-                        span_ns: (m.at - start).as_nanos() as u64,
+                        span_ns: from.map_or(0, |p| (m.at - p.at).as_nanos() as u64),
                         run_delay_ns: run_delay,
                     };
                 }
+                before_prev = prev;
                 prev = Some(m);
             }
         }

@@ -506,8 +506,10 @@ const SPAN_TICKS: i32 = 1 << 19;
 
 /// Post a progress mark to register `offset`: the longest gap since the
 /// last mark (r13) in 1024-cycle units, saturated; then restart the gap
-/// and the span clock (r10 and the stack slot) after the mark's own exit,
-/// which is not a guest stall. Clobbers rax, rdx.
+/// and the span clock (the stack slot). The step clock (r10) runs on: the
+/// mark's exit counts in the next step, so a vCPU held in it (paused by
+/// the VMM, or KVM fetching the instruction from a page being
+/// invalidated) shows as a stall like any other. Clobbers rax, rdx.
 fn post_mark(a: &mut Asm, offset: u64) -> R {
     let mut small = a.create_label();
     a.mov(rax, r13)?;
@@ -520,8 +522,8 @@ fn post_mark(a: &mut Asm, offset: u64) -> R {
     a.mov(rdx, TESTDEV_MMIO_GPA)?;
     a.mov(dword_ptr(rdx + offset), eax)?;
     a.xor(r13, r13)?;
-    tsc(a, r10)?;
-    a.mov(qword_ptr(rsp - 8), r10)?;
+    tsc(a, rax)?;
+    a.mov(qword_ptr(rsp - 8), rax)?;
     Ok(())
 }
 
