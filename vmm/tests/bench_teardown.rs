@@ -248,9 +248,9 @@ fn a_vcpu_kept_off_its_cpu_shows_as_run_delay() {
 
 /// The other direction: a teardown that blocks the guest for its whole
 /// O(n) run (`invalidate-all`), one vCPU on a CPU of its own, no hogs: the
-/// stall is the vCPU blocked, not waiting for a CPU, so at least half of
-/// it is `stall_less_run_delay` (a bench counting every stall as run
-/// delay fails here).
+/// vCPU is blocked, not waiting for a CPU, so `stall_less_run_delay` is
+/// at least half the invalidation's length (a bench counting every stall
+/// as run delay fails here).
 #[test]
 fn a_blocked_vcpu_shows_as_the_rest_not_run_delay() {
     if !has_schedstat() {
@@ -269,8 +269,10 @@ fn a_blocked_vcpu_shows_as_the_rest_not_run_delay() {
         "--pin-vcpus",
     ]);
     let num = |k: &str| row[k].as_u64().unwrap_or_else(|| panic!("{k}: {row}"));
+    // The block lasts about as long as the invalidation; preemption by
+    // other work on a busy host only adds to the stall, not to this.
     assert!(
-        2 * num("stall_less_run_delay_ns_p50") >= num("stall_ns_p50"),
+        2 * num("stall_less_run_delay_ns_p50") >= num("complete_ns_p50"),
         "a blocking teardown's stall counted as run delay: {row}"
     );
 }

@@ -13,7 +13,8 @@
 //!   waited for the teardown, shows it here), next to the same figure just
 //!   before (`stall_before_ns`: the host's scheduling noise), and split
 //!   by the vCPU thread's scheduler account (`crate::schedstat`), read at
-//!   both marks around that step: `stall_run_delay_ns`, how long the vCPU
+//!   the mark after that step and the one two marks before it (a mark's
+//!   own exit counts in the next step): `stall_run_delay_ns`, how long the vCPU
 //!   waited runnable while another task held its CPU over that span (at
 //!   most the step; uncapped: `stall_span_run_delay_ns`, the span itself:
 //!   `stall_span_ns`, a little longer than the step), and
@@ -242,7 +243,9 @@ impl Marks {
                 (None, None);
             for m in self.all.iter().filter(|m| m.vcpu as usize == v) {
                 let from = before_prev.or(prev);
-                let start = prev.map_or(m.at, |p| p.at);
+                // Overlap is judged from the same mark: the previous one may
+                // be stamped only after a hold in its exit ended.
+                let start = from.map_or(m.at, |p| p.at);
                 let gap = mmu::ticks_to_ns(u64::from(m.gap) << 10);
                 if m.at >= a && start <= b && gap >= worst.gap_ns {
                     let run_delay = from
@@ -250,7 +253,7 @@ impl Marks {
                         .unwrap_or(0);
                     worst = Step {
                         gap_ns: gap,
-                        span_ns: from.map_or(0, |p| (m.at - p.at).as_nanos() as u64),
+                        span_ns: (m.at - start).as_nanos() as u64,
                         run_delay_ns: run_delay,
                     };
                 }

@@ -500,13 +500,13 @@ fn read_reg(a: &mut Asm, offset: u64) -> R {
 }
 
 /// TSC cycles after which the `writer` posts a span mark (~0.2 ms at
-/// 2.5 GHz): the longest step of a span is then bracketed by marks at
-/// most this much apart plus the step itself.
+/// 2.5 GHz, 0.5 ms at 1 GHz): the longest step of a span is then
+/// bracketed by marks at most this much apart plus the step itself.
 const SPAN_TICKS: i32 = 1 << 19;
 
 /// Post a progress mark to register `offset`: the longest gap since the
 /// last mark (r13) in 1024-cycle units, saturated; then restart the gap
-/// and the span clock (the stack slot). The step clock (r10) runs on: the
+/// and the span clock (r15). The step clock (r10) runs on: the
 /// mark's exit counts in the next step, so a vCPU held in it (paused by
 /// the VMM, or KVM fetching the instruction from a page being
 /// invalidated) shows as a stall like any other. Clobbers rax, rdx.
@@ -522,8 +522,7 @@ fn post_mark(a: &mut Asm, offset: u64) -> R {
     a.mov(rdx, TESTDEV_MMIO_GPA)?;
     a.mov(dword_ptr(rdx + offset), eax)?;
     a.xor(r13, r13)?;
-    tsc(a, rax)?;
-    a.mov(qword_ptr(rsp - 8), rax)?;
+    tsc(a, r15)?;
     Ok(())
 }
 
@@ -531,8 +530,10 @@ fn post_mark(a: &mut Asm, offset: u64) -> R {
 /// boot region, stack included, from the image): r8 round, rcx page, rsi
 /// stale, r9 lost, rbp zeros read this round, r10 previous TSC, r13
 /// longest gap since the last mark, r14 = EPOCH_DONE at the start of the
-/// previous round << 32 | at the start of this one. The one stack slot,
-/// `[rsp - 8]` = the last mark's TSC, only paces span marks.
+/// previous round << 32 | at the start of this one, r15 the last mark's
+/// TSC (paces span marks; the parameter block is read at its fixed
+/// address instead). It touches no stack: a teardown would make that a
+/// fault inside the steps it measures.
 fn writer(a: &mut Asm) -> R {
     prologue(a)?;
     let (mut round_top, mut check_stop, mut go, mut done) = (
@@ -559,10 +560,13 @@ fn writer(a: &mut Asm) -> R {
     a.xor(r14, r14)?;
     a.mov(r8, 1u64)?;
     tsc(a, r10)?;
-    a.mov(qword_ptr(rsp - 8), r10)?;
+    a.mov(r15, r10)?;
 
     a.set_label(&mut round_top)?;
-    a.mov(rax, qword_ptr(r15 + params::ROUNDS))?;
+    // r15 is the span clock from here on: the parameter block is read at
+    // its fixed address (where the boot put rdx).
+    a.mov(rax, crate::layout::PARAMS_GPA + params::ROUNDS)?;
+    a.mov(rax, qword_ptr(rax))?;
     a.test(rax, rax)?;
     a.jz(check_stop)?;
     a.cmp(r8, rax)?;
@@ -593,10 +597,15 @@ fn writer(a: &mut Asm) -> R {
     a.set_label(&mut no_max)?;
     // A span mark once SPAN_TICKS have passed since the last mark, so the
     // host's scheduler account brackets every long step closely (rdi =
-    // now; the last mark's TSC is kept on the stack: a teardown may wipe
-    // it, which only posts one mark early).
+    // now, r15 = the last mark's TSC). Not on the page that ends with a
+    // PROGRESS mark: one mark per page, so the step a mark reports holds
+    // at most one mark's exit.
+    a.mov(rax, rcx)?;
+    a.and(eax, 511)?;
+    a.cmp(eax, 511)?;
+    a.je(no_span)?;
     a.mov(rax, rdi)?;
-    a.sub(rax, qword_ptr(rsp - 8))?;
+    a.sub(rax, r15)?;
     a.cmp(rax, SPAN_TICKS)?;
     a.jb(no_span)?;
     post_mark(a, PROGRESS_SPAN)?;

@@ -39,7 +39,7 @@ pub const PROGRESS_SPAN: u64 = 0x24;
 
 /// Progress marks kept (oldest first; later ones are dropped until taken):
 /// what a guest that posts marks nobody takes can make the VMM hold
-/// (~40 MiB).
+/// (~48 MiB).
 pub const MAX_MARKS: usize = 1 << 20;
 
 /// The vCPU finished successfully; args are payload-specific results.
