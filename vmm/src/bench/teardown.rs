@@ -4,7 +4,7 @@
 //! For each size, mirror set and method, one VM runs the `writer` guest
 //! (stamped writes over all of RAM, round after round, posting a progress
 //! mark with its longest page step every 512 pages, and a span mark
-//! whenever ~0.2 ms passed since its last mark). Before each repetition
+//! whenever ~0.25 ms passed since its last mark). Before each repetition
 //! the guest has written every page since the last teardown; then the
 //! bench times the method and reads:
 //!
@@ -210,9 +210,19 @@ impl Marks {
         self.all.extend(h.take_progress());
     }
 
-    /// Pages written since `t` (all vCPUs; span marks count none).
+    /// Pages written since `t` (all vCPUs; span marks count none). Polled
+    /// every few ms over up to a repetition's marks: it reads from the
+    /// newest back (marks arrive in time order, give or take vCPUs racing
+    /// for the lock, which at worst delays a wait by one poll).
     fn pages_since(&self, t: Instant) -> u64 {
-        self.all.iter().filter(|m| m.work && m.at >= t).count() as u64 * PAGES_PER_MARK
+        let n = self
+            .all
+            .iter()
+            .rev()
+            .take_while(|m| m.at >= t)
+            .filter(|m| m.work)
+            .count();
+        n as u64 * PAGES_PER_MARK
     }
 
     fn pages_between(&self, a: Instant, b: Instant) -> u64 {
@@ -226,7 +236,13 @@ impl Marks {
 
     /// Whether every vCPU posted a mark after `t`.
     fn all_after(&self, t: Instant) -> bool {
-        (0..self.vcpus).all(|v| self.all.iter().any(|m| m.vcpu as usize == v && m.at > t))
+        (0..self.vcpus).all(|v| {
+            self.all
+                .iter()
+                .rev()
+                .take_while(|m| m.at > t)
+                .any(|m| m.vcpu as usize == v)
+        })
     }
 
     /// The longest page step of any vCPU in the marks whose span (from the

@@ -56,7 +56,7 @@ pub enum Guest {
     /// host action started since the previous round began is a lost write.
     /// Every 512 pages it posts a progress mark carrying the longest gap
     /// between two page steps (the guest-visible stall), and a span mark
-    /// (no work counted) whenever ~0.2 ms passed since its last mark.
+    /// (no work counted) whenever ~0.25 ms passed since its last mark.
     Writer,
 }
 
@@ -499,10 +499,11 @@ fn read_reg(a: &mut Asm, offset: u64) -> R {
     Ok(())
 }
 
-/// TSC cycles after which the `writer` posts a span mark (~0.2 ms at
-/// 2.5 GHz, 0.5 ms at 1 GHz): the longest step of a span is then
-/// bracketed by marks at most this much apart plus the step itself.
-const SPAN_TICKS: i32 = 1 << 19;
+/// The `writer` posts a span mark once a millisecond's TSC ticks shifted
+/// right by this (a quarter of a millisecond) passed since its last mark:
+/// the longest step of a span is then bracketed by marks at most this
+/// much apart plus the step itself, whatever the TSC's rate.
+const SPAN_SHIFT: u32 = 2;
 
 /// Post a progress mark to register `offset`: the longest gap since the
 /// last mark (r13) in 1024-cycle units, saturated; then restart the gap
@@ -595,7 +596,7 @@ fn writer(a: &mut Asm) -> R {
     a.jbe(no_max)?;
     a.mov(r13, rdx)?;
     a.set_label(&mut no_max)?;
-    // A span mark once SPAN_TICKS have passed since the last mark, so the
+    // A span mark once ~0.25 ms have passed since the last mark, so the
     // host's scheduler account brackets every long step closely (rdi =
     // now, r15 = the last mark's TSC). Not on the page that ends with a
     // PROGRESS mark: one mark per page, so the step a mark reports holds
@@ -606,7 +607,10 @@ fn writer(a: &mut Asm) -> R {
     a.je(no_span)?;
     a.mov(rax, rdi)?;
     a.sub(rax, r15)?;
-    a.cmp(rax, SPAN_TICKS)?;
+    a.mov(rdx, crate::layout::PARAMS_GPA + params::TICKS_PER_MS)?;
+    a.mov(rdx, qword_ptr(rdx))?;
+    a.shr(rdx, SPAN_SHIFT)?;
+    a.cmp(rax, rdx)?;
     a.jb(no_span)?;
     post_mark(a, PROGRESS_SPAN)?;
     a.set_label(&mut no_span)?;
