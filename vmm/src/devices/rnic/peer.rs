@@ -16,7 +16,10 @@
 //! * `[3len/4, len)` — receive slots for the guest's SENDs.
 //!
 //! A service thread keeps receives posted and echoes every SEND back (for
-//! send latency).
+//! send latency) from the slot it landed in; a slot is posted again only
+//! once its echo completed, so a guest pipelining past the receive depth
+//! gets each message back with its own bytes (`vmm/tests/rdma.rs`
+//! `pipelined_sends_are_echoed_with_their_own_bytes`).
 
 use mmu::{Mmu, RegionSpec, PAGE_SIZE};
 use parking_lot::Mutex;
@@ -359,6 +362,12 @@ fn serve(
                 match (wc.opcode, wc.status) {
                     (WcOpcode::Recv, WcStatus::Success) => {
                         let slot = wc.wr_id;
+                        // Echoed from the slot it landed in; the slot is
+                        // posted for receiving again only once the echo's
+                        // completion says its bytes were read, or the
+                        // guest's next SEND could overwrite them first
+                        // (`vmm/tests/rdma.rs`
+                        // `pipelined_sends_are_echoed_with_their_own_bytes`).
                         let echo = SendWr {
                             wr_id: slot,
                             opcode: Opcode::Send,
@@ -367,12 +376,16 @@ fn serve(
                                 length: wc.byte_len,
                                 lkey: q.lkey,
                             }],
-                            signaled: false,
+                            signaled: true,
                         };
                         if q.qp.post_send(echo).is_ok() {
                             p.echoes.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            let _ = post_recv(q, slot);
                         }
-                        let _ = post_recv(q, slot);
+                    }
+                    (WcOpcode::Send, WcStatus::Success) => {
+                        let _ = post_recv(q, wc.wr_id);
                     }
                     (_, WcStatus::Success) => {}
                     _ => {
