@@ -13,6 +13,7 @@ mod programs;
 pub mod rdma;
 pub mod sdk;
 pub mod user;
+mod writer;
 
 use crate::arch::{self, PTE_P, PTE_PS, PTE_U, PTE_W};
 use crate::layout::*;
