@@ -22,7 +22,10 @@
 //!      (`contention::with_burst_class`: `SCHED_FIFO` when permitted, so a
 //!      burst is never preempted while holding the lock) with a sleep three
 //!      times as long as each burst between them (`contention::breathe`:
-//!      the vCPUs keep most of the CPUs through the O(n) phase). The moved pages
+//!      the vCPUs keep most of the CPUs through the O(n) phase). With one
+//!      pinned vCPU the moves run on its CPU (`set_mover_cpus`: a vCPU
+//!      queued on the lock then never leaves its CPU idle for the host's
+//!      work; see `affinity`). The moved pages
 //!      are given back by the `Releaser` thread afterwards, 4 MiB per
 //!      `MADV_DONTNEED` (a short read hold), paced the same way unless the
 //!      host is short of memory.
@@ -94,6 +97,8 @@ pub struct TeardownParts {
     pub kick_ns: u64,
     /// Of the pause: mapping swap and memslot delete + create.
     pub slot_ns: u64,
+    /// The CPU the step-1 moves started on (`set_mover_cpus`).
+    pub mover_cpu: Option<usize>,
 }
 
 impl TeardownParts {
@@ -106,6 +111,7 @@ impl TeardownParts {
         self.pause_ns += p.pause_ns;
         self.kick_ns += p.kick_ns;
         self.slot_ns += p.slot_ns;
+        self.mover_cpu = self.mover_cpu.or(p.mover_cpu);
     }
 }
 
@@ -149,6 +155,9 @@ pub struct KvmMirror {
     /// The last `prezap`, for the next teardown's `TeardownParts`.
     prezap_ns: AtomicU64,
     prezap_on: std::sync::atomic::AtomicBool,
+    /// Where step 1's moves run (`affinity::CpuPlan::waited_on`; None:
+    /// wherever the calling thread may).
+    mover_cpus: Mutex<Option<Vec<usize>>>,
     /// Counts the actions that make guest RAM fresh (read by payloads).
     epochs: Arc<Epochs>,
     pub stats: Arc<KvmMirrorStats>,
@@ -231,6 +240,7 @@ impl KvmMirror {
             lock: Mutex::new(()),
             prezap_ns: AtomicU64::new(0),
             prezap_on: std::sync::atomic::AtomicBool::new(false),
+            mover_cpus: Mutex::new(None),
             epochs,
             stats,
         }
@@ -264,6 +274,11 @@ impl KvmMirror {
             // This thread holds the mmap lock for writing chunk after
             // chunk, and vCPU faults queue on it: keep each hold as short
             // as its work (see `contention`).
+            // On the CPUs the pinning plan gives the threads a vCPU waits
+            // on (`affinity::CpuPlan::waited_on`), then back where it was.
+            let cpus = self.mover_cpus.lock().clone();
+            let _on = cpus.and_then(|c| crate::affinity::PinnedFor::enter(&c));
+            parts.mover_cpu = crate::affinity::current_cpu();
             crate::contention::with_burst_class(|| {
                 for s in slots {
                     match self
@@ -278,6 +293,7 @@ impl KvmMirror {
                     }
                 }
             });
+            drop(_on);
             parts.retire_ns = t.elapsed().as_nanos() as u64;
             self.ram.set_retiring(&indices, false);
             self.releaser.kick();
@@ -315,6 +331,14 @@ impl KvmMirror {
 
     pub fn set_prezap(&self, on: bool) {
         self.prezap_on.store(on, Ordering::Relaxed);
+    }
+
+    /// Run step 1's moves on `cpus` (the thread asking for the teardown is
+    /// restricted to them meanwhile): vCPU refaults queue on the mmap lock
+    /// each move holds, and a vCPU waiting on a mover on another CPU leaves
+    /// its own CPU idle for the host's work (see `affinity`).
+    pub fn set_mover_cpus(&self, cpus: Option<Vec<usize>>) {
+        *self.mover_cpus.lock() = cpus;
     }
 
     /// Step 2: fresh mappings and moved memslots, vCPUs paused.

@@ -1,5 +1,7 @@
 //! `--pin-vcpus` (`vmm/src/affinity.rs`): each vCPU thread runs on a CPU of
-//! its own and every other thread of the VMM on the CPUs left over. A binary
+//! its own and every other thread of the VMM on the CPUs left over, except
+//! those a lone vCPU waits on (the fault thread, a teardown's page moves),
+//! which run on its CPU. A binary
 //! of its own: pinning moves every thread of the process.
 
 use std::time::{Duration, Instant};
@@ -70,17 +72,34 @@ fn one_pinned_vm(allowed: &[usize], plan: &vmm::affinity::CpuPlan) {
         "the fault thread is among them: {others:?}"
     );
     for (name, tid) in others {
-        assert_eq!(
-            affinity_of(tid),
-            plan.housekeeping,
-            "thread {name} ({tid}) on the housekeeping CPUs"
-        );
+        // The thread every vCPU fault waits on goes where the plan puts
+        // the threads a vCPU waits on: its CPU, with one vCPU.
+        let want = if name == "odpvm-fault" {
+            &plan.waited_on
+        } else {
+            &plan.housekeeping
+        };
+        assert_eq!(affinity_of(tid), *want, "thread {name} ({tid})");
     }
+    // A teardown's page moves run there too, and the thread that asked
+    // gets its CPUs back.
+    let mine = affinity_of(0);
+    h.teardown().expect("teardown");
+    let parts = h.take_teardown_parts();
+    assert!(parts.retire_ns > 0, "moved in place: {parts:?}");
+    assert!(
+        parts.mover_cpu.is_some_and(|c| plan.waited_on.contains(&c)),
+        "moves on {:?}, plan {:?}",
+        parts.mover_cpu,
+        plan.waited_on
+    );
+    assert_eq!(affinity_of(0), mine, "the caller's CPUs given back");
     if allowed.len() > 1 {
         assert!(
             !plan.housekeeping.contains(&plan.vcpu[0]),
             "with a CPU to spare, the VMM's threads stay off the vCPU's"
         );
+        assert_eq!(plan.waited_on, plan.vcpu, "one vCPU: helpers on its CPU");
     }
     h.request_stop();
     let r = vm.wait(Some(Duration::from_secs(60)));

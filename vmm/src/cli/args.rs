@@ -118,11 +118,17 @@ pub enum BenchKind {
         /// Repetitions per row (p50/p99 over them; at least 5).
         #[arg(long, default_value_t = 5)]
         reps: usize,
-        #[arg(long, default_value_t = 2)]
+        /// Busy vCPUs in the guest. The default leaves the VMM a CPU of its
+        /// own on any host with two or more, as a production host reserves
+        /// CPUs for the VMM's threads (libvirt's emulatorpin); `--vcpus 2
+        /// --pin-vcpus false` measures a host with no CPU to spare.
+        #[arg(long, default_value_t = 1)]
         vcpus: usize,
         /// Pin each vCPU to a CPU of its own and the VMM's threads to the
-        /// CPUs left over (see `odpvm run --help`).
-        #[arg(long)]
+        /// CPUs left over (see `odpvm run --help`); `--pin-vcpus false`
+        /// lets the scheduler place them.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set,
+              num_args = 0..=1, default_missing_value = "true")]
         pin_vcpus: bool,
         /// Also draw stall and completion against memory (log-log SVG).
         #[arg(long)]
@@ -198,7 +204,9 @@ pub struct VmArgs {
     pub lock: LockPolicy,
     /// Each vCPU on a CPU of its own, the VMM's other threads (faults,
     /// teardowns, devices) on the CPUs left over (libvirt's vcpupin and
-    /// emulatorpin in one switch).
+    /// emulatorpin in one switch). A lone vCPU's fault thread and a
+    /// teardown's page moves run on its own CPU instead: it waits on them,
+    /// and its CPU would otherwise idle for the host's work meanwhile.
     #[arg(long)]
     pub pin_vcpus: bool,
 }

@@ -116,10 +116,20 @@ impl Vm {
         };
         crate::affinity::pin_process(&plan.housekeeping)
             .map_err(io("moving the VMM's threads to the housekeeping CPUs"))?;
+        // The threads a vCPU waits on (see `affinity`): with one vCPU, on
+        // its CPU, so it never idles while the vCPU waits.
+        if let Some(f) = &self.fault_thread {
+            f.pin(&plan.waited_on)
+                .map_err(io("moving the fault thread to its CPUs"))?;
+        }
+        self.core
+            .mirror
+            .set_mover_cpus(Some(plan.waited_on.clone()));
         log::info!(
-            "CPU pinning: vCPUs on {:?}, the VMM's threads on {:?}",
+            "CPU pinning: vCPUs on {:?}, the VMM's threads on {:?}, the fault thread and teardown moves on {:?}",
             plan.vcpu,
-            plan.housekeeping
+            plan.housekeeping,
+            plan.waited_on
         );
         Ok(Some(plan))
     }
