@@ -21,12 +21,17 @@
 //! host work on idle CPUs first; on a `PREEMPT_NONE` kernel that work then
 //! keeps the CPU for milliseconds after the vCPU could run again (traced:
 //! DAMON's `kdamond`, per-CPU kworkers). With one pinned vCPU those threads
-//! run on the vCPU's own CPU: while it waits, the thread it waits for runs
-//! there, so the CPU never idles and the host's work goes to the
-//! housekeeping CPU. `odpvm bench teardown --vcpus 1 --pin-vcpus` measured
-//! the guest stall p50 at 256 MiB / 4 GiB / 16 GiB as 0.40 / 0.44 / 0.70 ms
-//! this way against 0.44 / 1.88 / 4.11 with both on the housekeeping CPU
-//! (0.66 / 0.72 / 1.58 with only the moves moved). With several vCPUs a
+//! run on the vCPU's own CPU (`Helpers::BesideVcpu`): while it waits, the
+//! thread it waits for runs there, so the CPU seldom idles and the host's
+//! work goes to the housekeeping CPU. (It still idles when the mover has
+//! to sleep for the mmap lock, behind the releaser's read hold when a
+//! teardown follows the last one before its memory is given back, and a
+//! vCPU refault queues behind the mover meanwhile.)
+//! `odpvm bench teardown` (one pinned vCPU, `generation`, `kvm+rnic`) gives
+//! the A/B against `--helpers housekeeping` in README; in the runs of the
+//! development session the stall p50 stayed 0.4–0.5 ms at 256 MiB and
+//! 4 GiB (it had grown to 0.9–1.9 ms at 4 GiB with the helpers on the
+//! housekeeping CPU). With several vCPUs a
 //! helper can sit on one vCPU's CPU only, and would preempt that vCPU while
 //! another one waits with its CPU idle, so they stay on the housekeeping
 //! CPUs. Test: `vmm/tests/pinning.rs::pinned_vcpus_run_on_their_own_cpus`.
@@ -100,6 +105,48 @@ pub fn plan(vcpus: usize, allowed: &[usize]) -> Option<CpuPlan> {
         housekeeping,
         waited_on,
     })
+}
+
+/// Where the threads a vCPU waits on run under `--pin-vcpus`
+/// (`--helpers`): beside a lone vCPU (the default), or with the VMM's
+/// other threads (the placement before, kept to compare against).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Helpers {
+    #[default]
+    BesideVcpu,
+    Housekeeping,
+}
+
+impl Helpers {
+    pub fn name(self) -> &'static str {
+        match self {
+            Helpers::BesideVcpu => "beside-vcpu",
+            Helpers::Housekeeping => "housekeeping",
+        }
+    }
+}
+
+impl std::str::FromStr for Helpers {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "beside-vcpu" => Ok(Helpers::BesideVcpu),
+            "housekeeping" => Ok(Helpers::Housekeeping),
+            _ => Err(format!(
+                "unknown helper placement {s:?} (beside-vcpu, housekeeping)"
+            )),
+        }
+    }
+}
+
+impl CpuPlan {
+    /// The plan with the threads a vCPU waits on placed as `helpers` says.
+    pub fn with_helpers(mut self, helpers: Helpers) -> CpuPlan {
+        if helpers == Helpers::Housekeeping {
+            self.waited_on = self.housekeeping.clone();
+        }
+        self
+    }
 }
 
 /// The calling thread restricted to some CPUs until this is dropped; then
@@ -195,6 +242,14 @@ mod tests {
         assert_eq!(p.waited_on, vec![0, 1]);
         let p = plan(1, &[5]).unwrap();
         assert_eq!((p.vcpu, p.waited_on), (vec![5], vec![5]));
+        let p = plan(1, &[4, 7])
+            .unwrap()
+            .with_helpers(Helpers::Housekeeping);
+        assert_eq!(p.waited_on, vec![7], "the placement to compare against");
+        for h in [Helpers::BesideVcpu, Helpers::Housekeeping] {
+            assert_eq!(h.name().parse::<Helpers>(), Ok(h));
+        }
+        assert!("vcpu".parse::<Helpers>().is_err());
         assert_eq!(plan(0, &[0]), None);
         assert_eq!(plan(1, &[]), None);
     }

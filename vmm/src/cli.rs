@@ -105,6 +105,7 @@ impl RunArgs {
             iters: self.iters,
             fault_around: self.fault_around,
             pin_vcpus: self.vm.pin_vcpus,
+            helpers: self.vm.helpers,
         })
     }
 }
@@ -323,6 +324,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             reps,
             vcpus,
             pin_vcpus,
+            helpers,
             plot,
             prezap,
             backing,
@@ -336,6 +338,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             reps,
             vcpus,
             pin_vcpus,
+            helpers,
             json,
             plot,
         })?,

@@ -33,7 +33,9 @@
 //!   preempted normal holder on its CPU: ~0.95 s livelock (the mmu's lock
 //!   now sleeps after yielding, `mmu/src/lib.rs`);
 //! * with `--pin-vcpus` the VMM's threads keep off the vCPUs' CPUs
-//!   (`affinity.rs`).
+//!   (`affinity.rs`), except, with one vCPU, the two it waits on (the
+//!   fault thread and the mover), which run on its CPU so that it never
+//!   waits on them with its own CPU idle.
 //!
 //! Tests: `vmm/tests/allocator.rs` (the heap grows in big steps),
 //! `a_short_slice_is_taken_and_given_back`; the effect on the guest is
@@ -125,15 +127,32 @@ pub fn with_burst_class<T>(f: impl FnOnce() -> T) -> T {
     let raised = policy == libc::SCHED_OTHER
         && unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } == 0;
     let sliced = !raised && set_own_slice(LATENCY_SLICE_NS);
-    let out = f();
-    if raised {
-        // SAFETY: back to the policy and parameters read above.
-        unsafe { libc::sched_setscheduler(0, policy, &old) };
+    // Restored on the way out, a panic in `f` included: the caller's
+    // thread (an API worker, a test) must not stay real-time.
+    struct Restore {
+        raised: bool,
+        sliced: bool,
+        policy: libc::c_int,
+        old: libc::sched_param,
     }
-    if sliced {
-        set_own_slice(0);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if self.raised {
+                // SAFETY: back to the policy and parameters read before.
+                unsafe { libc::sched_setscheduler(0, self.policy, &self.old) };
+            }
+            if self.sliced {
+                set_own_slice(0);
+            }
+        }
     }
-    out
+    let _restore = Restore {
+        raised,
+        sliced,
+        policy,
+        old,
+    };
+    f()
 }
 
 /// How much longer than a burst the pause after it is.
@@ -148,9 +167,10 @@ const BREATHE_FACTOR: u32 = 3;
 /// the completion time for it).
 ///
 /// The pauses stay even with a core to spare for the VMM: the fault
-/// thread shares that core with the mover, both `SCHED_FIFO` at the same
-/// priority, so back-to-back bursts left it no CPU. Measured with one
-/// pinned vCPU: completion 73 ms at 4 GiB and 288 ms at 16 GiB (against
+/// thread shares a core with the mover (with one pinned vCPU, now the
+/// vCPU's own: `affinity::CpuPlan::waited_on`), both `SCHED_FIFO` at the
+/// same priority, so back-to-back bursts left it no CPU. Measured with one
+/// pinned vCPU, both on the spare core: completion 73 ms at 4 GiB and 288 ms at 16 GiB (against
 /// ~450 ms and ~1.8 s with the pauses, same session), but the guest ran at
 /// 3 % of its speed and 2 of 5 repetitions stalled for the whole window;
 /// with the fault thread one priority above the mover it no longer

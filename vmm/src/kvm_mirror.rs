@@ -276,10 +276,12 @@ impl KvmMirror {
             // as its work (see `contention`).
             // On the CPUs the pinning plan gives the threads a vCPU waits
             // on (`affinity::CpuPlan::waited_on`), then back where it was.
+            // Pinned once real-time: a normal thread moved onto a busy CPU
+            // could wait a whole slice before its first burst.
             let cpus = self.mover_cpus.lock().clone();
-            let _on = cpus.and_then(|c| crate::affinity::PinnedFor::enter(&c));
-            parts.mover_cpu = crate::affinity::current_cpu();
             crate::contention::with_burst_class(|| {
+                let _on = cpus.and_then(|c| crate::affinity::PinnedFor::enter(&c));
+                parts.mover_cpu = crate::affinity::current_cpu();
                 for s in slots {
                     match self
                         .ram
@@ -293,7 +295,6 @@ impl KvmMirror {
                     }
                 }
             });
-            drop(_on);
             parts.retire_ns = t.elapsed().as_nanos() as u64;
             self.ram.set_retiring(&indices, false);
             self.releaser.kick();

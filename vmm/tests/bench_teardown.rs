@@ -132,6 +132,7 @@ fn json_rows_carry_every_documented_field() {
         // The defaults: one vCPU on a CPU of its own, the VMM on the rest.
         assert_eq!(num("vcpus"), 1, "{row}");
         assert_eq!(row["pin_vcpus"], true, "{row}");
+        assert_eq!(row["helpers"], "beside-vcpu", "{row}");
         assert_eq!(num("host_cpus"), host_cpus(), "{row}");
         assert_eq!(row["host_damon_running"], kdamond_runs(), "{row}");
     }

@@ -177,3 +177,38 @@ fn hugetlbfs_without_enough_huge_pages_is_a_clear_error() {
     assert!(err.contains("huge pages"), "{err}");
     assert!(err.contains("nr_hugepages"), "{err}");
 }
+
+/// `--pin-vcpus [true|false]` and `--helpers` on `run` (and `bench
+/// teardown`, whose pinning is on by default): bad values are one clear
+/// line, and a lone pinned vCPU runs with either helper placement.
+#[test]
+fn pinning_flags_take_explicit_values_and_refuse_bad_ones() {
+    assert_clear_failure(
+        &["run", "--guest", "touch", "--helpers", "nowhere"],
+        "unknown helper placement",
+    );
+    assert_clear_failure(
+        &["run", "--guest", "touch", "--pin-vcpus", "maybe"],
+        "possible values: true, false",
+    );
+    assert_clear_failure(
+        &["bench", "teardown", "--pin-vcpus", "yes"],
+        "possible values: true, false",
+    );
+    for extra in [
+        &["--pin-vcpus"][..],
+        &["--pin-vcpus", "true", "--helpers", "housekeeping"],
+        &["--pin-vcpus=false"],
+    ] {
+        let out = odpvm()
+            .args(["run", "--guest", "touch", "--vcpus", "1", "--memory", "16M"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -129,6 +129,8 @@ pub struct TeardownBench {
     pub reps: usize,
     pub vcpus: usize,
     pub pin_vcpus: bool,
+    /// Where the threads a lone pinned vCPU waits on run.
+    pub helpers: crate::affinity::Helpers,
     pub json: bool,
     pub plot: Option<PathBuf>,
     /// Empty KVM's shadow tables through a throwaway memslot first (for
@@ -455,6 +457,7 @@ fn size_and_mirrors(
         memory,
         vcpus: o.vcpus,
         pin_vcpus: o.pin_vcpus,
+        helpers: o.helpers,
         rounds: 0,
         rnic: RnicChoice::None,
         backing: o.backing,
@@ -515,6 +518,7 @@ fn size_and_mirrors(
             // includes it (see `bench::host`).
             row.0["vcpus"] = o.vcpus.into();
             row.0["pin_vcpus"] = o.pin_vcpus.into();
+            row.0["helpers"] = o.helpers.name().into();
             row.0["host_cpus"] = host.cpus.into();
             row.0["host_damon_running"] = host.damon_running.into();
             emit(o.json, &row.0)?;

@@ -130,6 +130,10 @@ pub enum BenchKind {
         #[arg(long, default_value_t = true, action = clap::ArgAction::Set,
               num_args = 0..=1, default_missing_value = "true")]
         pin_vcpus: bool,
+        /// Where the threads a lone pinned vCPU waits on run: beside-vcpu
+        /// or housekeeping (see `odpvm run --help`).
+        #[arg(long, default_value = "beside-vcpu")]
+        helpers: crate::affinity::Helpers,
         /// Also draw stall and completion against memory (log-log SVG).
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
@@ -205,10 +209,18 @@ pub struct VmArgs {
     /// Each vCPU on a CPU of its own, the VMM's other threads (faults,
     /// teardowns, devices) on the CPUs left over (libvirt's vcpupin and
     /// emulatorpin in one switch). A lone vCPU's fault thread and a
-    /// teardown's page moves run on its own CPU instead: it waits on them,
-    /// and its CPU would otherwise idle for the host's work meanwhile.
-    #[arg(long)]
+    /// teardown's page moves run on its own CPU instead (`--helpers`).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true")]
     pub pin_vcpus: bool,
+    /// With `--pin-vcpus` and one vCPU, where the threads it waits on run
+    /// (the fault thread, a teardown's page moves): beside-vcpu, on its
+    /// own CPU, so that CPU never idles for the host's work while the vCPU
+    /// waits; housekeeping, with the VMM's other threads, where device
+    /// faults and moves cost the vCPU nothing but it waits on them with
+    /// its CPU idle.
+    #[arg(long, default_value = "beside-vcpu")]
+    pub helpers: crate::affinity::Helpers,
 }
 
 #[derive(Args, Debug)]

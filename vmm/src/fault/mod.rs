@@ -300,6 +300,10 @@ impl FaultThread {
         let t0 = std::time::Instant::now();
         loop {
             let tid = self.tid.load(Ordering::Acquire);
+            // An ended thread's id may name another thread by now.
+            if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
             if tid != 0 {
                 return crate::affinity::pin(tid, cpus);
             }

@@ -103,6 +103,8 @@ pub struct VmConfig {
     /// Each vCPU on a CPU of its own, the VMM's other threads on the CPUs
     /// left over (`affinity.rs`).
     pub pin_vcpus: bool,
+    /// With `pin_vcpus`: where the threads a lone vCPU waits on run.
+    pub helpers: crate::affinity::Helpers,
 }
 
 impl Default for VmConfig {
@@ -123,6 +125,7 @@ impl Default for VmConfig {
             iters: 5000,
             fault_around: DEFAULT_FAULT_AROUND,
             pin_vcpus: false,
+            helpers: Default::default(),
         }
     }
 }

@@ -114,13 +114,16 @@ impl Vm {
         let Some(plan) = crate::affinity::plan(self.core.config.vcpus, &allowed) else {
             return Ok(None);
         };
+        let plan = plan.with_helpers(self.core.config.helpers);
         crate::affinity::pin_process(&plan.housekeeping)
             .map_err(io("moving the VMM's threads to the housekeeping CPUs"))?;
         // The threads a vCPU waits on (see `affinity`): with one vCPU, on
         // its CPU, so it never idles while the vCPU waits.
         if let Some(f) = &self.fault_thread {
-            f.pin(&plan.waited_on)
-                .map_err(io("moving the fault thread to its CPUs"))?;
+            // A fault thread that already ended is the watchdog's to report.
+            if let Err(e) = f.pin(&plan.waited_on) {
+                log::warn!("the fault thread keeps its CPUs: {e}");
+            }
         }
         self.core
             .mirror
