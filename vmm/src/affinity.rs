@@ -147,6 +147,15 @@ impl CpuPlan {
         }
         self
     }
+
+    /// Where the threads a vCPU waits on actually run under this plan.
+    pub fn helpers(&self) -> Helpers {
+        if self.waited_on == self.vcpu && self.housekeeping != self.vcpu {
+            Helpers::BesideVcpu
+        } else {
+            Helpers::Housekeeping
+        }
+    }
 }
 
 /// The calling thread restricted to some CPUs until this is dropped; then
@@ -187,18 +196,41 @@ pub fn current_cpu() -> Option<usize> {
 
 /// Restrict thread `tid` (0: the calling thread) to `cpus`.
 pub fn pin(tid: libc::pid_t, cpus: &[usize]) -> std::io::Result<()> {
-    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
-        // SAFETY: `c` is below CPU_SETSIZE, the set's capacity.
-        unsafe { libc::CPU_SET(c, &mut set) };
-    }
+    let set = cpu_set(cpus);
     // SAFETY: `set` is a valid, initialised cpu_set_t of the size passed;
     // a thread of this process (or 0) is named.
     if unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Restrict the thread `handle` runs to `cpus`. Through its pthread
+/// handle, which names that thread until it is joined (a kernel thread id
+/// may name another thread once it has ended); an ended thread is `ESRCH`.
+pub fn pin_thread<T>(handle: &std::thread::JoinHandle<T>, cpus: &[usize]) -> std::io::Result<()> {
+    use std::os::unix::thread::JoinHandleExt;
+    let set = cpu_set(cpus);
+    // SAFETY: the pthread_t comes from a JoinHandle we hold (not joined,
+    // not detached), so it is valid; `set` is an initialised cpu_set_t of
+    // the size passed.
+    let rc = unsafe {
+        libc::pthread_setaffinity_np(handle.as_pthread_t(), std::mem::size_of_val(&set), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+        // SAFETY: `c` is below CPU_SETSIZE, the set's capacity.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
 }
 
 /// Move every thread of the process to `cpus`. Threads they start later
@@ -242,10 +274,15 @@ mod tests {
         assert_eq!(p.waited_on, vec![0, 1]);
         let p = plan(1, &[5]).unwrap();
         assert_eq!((p.vcpu, p.waited_on), (vec![5], vec![5]));
+        assert_eq!(plan(1, &[4, 7]).unwrap().helpers(), Helpers::BesideVcpu);
         let p = plan(1, &[4, 7])
             .unwrap()
             .with_helpers(Helpers::Housekeeping);
         assert_eq!(p.waited_on, vec![7], "the placement to compare against");
+        assert_eq!(p.helpers(), Helpers::Housekeeping);
+        // Asked for, but nowhere to put them apart: said as it is.
+        assert_eq!(plan(1, &[5]).unwrap().helpers(), Helpers::Housekeeping);
+        assert_eq!(plan(2, &[0, 1]).unwrap().helpers(), Helpers::Housekeeping);
         for h in [Helpers::BesideVcpu, Helpers::Housekeeping] {
             assert_eq!(h.name().parse::<Helpers>(), Ok(h));
         }

@@ -53,6 +53,7 @@ fn install_signal_handlers() {
 
 impl RunArgs {
     pub fn config(&self) -> Result<VmConfig, String> {
+        let helpers = helpers_with_pinning(self.vm.helpers, self.vm.pin_vcpus)?;
         let guest = match (&self.kernel, self.guest) {
             (Some(k), _) => {
                 if !k.is_file() {
@@ -105,7 +106,7 @@ impl RunArgs {
             iters: self.iters,
             fault_around: self.fault_around,
             pin_vcpus: self.vm.pin_vcpus,
-            helpers: self.vm.helpers,
+            helpers,
         })
     }
 }
@@ -330,6 +331,7 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             backing,
             json,
         } => crate::bench::teardown(&crate::bench::TeardownBench {
+            helpers: helpers_with_pinning(helpers, pin_vcpus)?,
             prezap,
             backing,
             sizes: memory,
@@ -338,7 +340,6 @@ pub fn bench(args: BenchArgs) -> Result<i32, String> {
             reps,
             vcpus,
             pin_vcpus,
-            helpers,
             json,
             plot,
         })?,
@@ -395,6 +396,21 @@ fn ctl_answer(answer: api::Answer) -> Result<i32, String> {
         );
     }
     Ok(if answer.reply.ok { 0 } else { 1 })
+}
+
+/// `--helpers` places threads only among pinned ones: asked for without
+/// pinning it would be silently ignored, so it is refused.
+fn helpers_with_pinning(
+    helpers: Option<crate::affinity::Helpers>,
+    pinned: bool,
+) -> Result<crate::affinity::Helpers, String> {
+    match helpers {
+        Some(h) if !pinned => Err(format!(
+            "--helpers {} places threads only with --pin-vcpus",
+            h.name()
+        )),
+        h => Ok(h.unwrap_or_default()),
+    }
 }
 
 #[cfg(test)]

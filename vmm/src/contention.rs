@@ -107,6 +107,21 @@ pub fn make_latency_critical() -> &'static str {
     }
 }
 
+/// Whether this process may make threads `SCHED_FIFO` (root,
+/// `CAP_SYS_NICE` or an `RLIMIT_RTPRIO`), asked once on a throwaway thread.
+pub fn realtime_permitted() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        std::thread::spawn(|| {
+            let fifo = libc::sched_param { sched_priority: 1 };
+            // SAFETY: pid 0 is this throwaway thread; valid sched_param.
+            unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) == 0 }
+        })
+        .join()
+        .unwrap_or(false)
+    })
+}
+
 /// Runs `f`, a loop of O(n) kernel work in bounded bursts that each hold
 /// the mmap lock for writing (a teardown moving guest pages out), in the
 /// scheduling class that keeps a burst short as the guest feels it:

@@ -195,20 +195,46 @@ fn pinning_flags_take_explicit_values_and_refuse_bad_ones() {
         &["bench", "teardown", "--pin-vcpus", "yes"],
         "possible values: true, false",
     );
-    for extra in [
-        &["--pin-vcpus"][..],
-        &["--pin-vcpus", "true", "--helpers", "housekeeping"],
-        &["--pin-vcpus=false"],
+    // Placing helpers among unpinned threads would be silently ignored.
+    assert_clear_failure(
+        &["run", "--guest", "touch", "--helpers", "housekeeping"],
+        "only with --pin-vcpus",
+    );
+    assert_clear_failure(
+        &[
+            "bench",
+            "teardown",
+            "--pin-vcpus=false",
+            "--helpers",
+            "beside-vcpu",
+        ],
+        "only with --pin-vcpus",
+    );
+    // The plan the VMM logs says where the helpers went.
+    let cpus = vmm::affinity::allowed_cpus().unwrap();
+    for (extra, placed) in [
+        (&["--pin-vcpus"][..], None),
+        (
+            &["--pin-vcpus", "true", "--helpers", "housekeeping"],
+            Some(false),
+        ),
+        (&["--pin-vcpus=false"], None),
     ] {
         let out = odpvm()
             .args(["run", "--guest", "touch", "--vcpus", "1", "--memory", "16M"])
             .args(extra)
+            .env("RUST_LOG", "info")
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {err}");
+        if placed == Some(false) && cpus.len() >= 2 {
+            // Housekeeping: the other CPUs, not the vCPU's.
+            let want = format!("the fault thread and teardown moves on {:?}", &cpus[1..]);
+            assert!(err.contains(&want), "{extra:?}: {err}");
+        }
+        if extra == ["--pin-vcpus=false"] {
+            assert!(!err.contains("CPU pinning"), "{err}");
+        }
     }
 }

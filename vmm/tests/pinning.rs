@@ -171,6 +171,10 @@ fn a_lone_pinned_vcpu_keeps_stamped_pages_across_teardowns() {
     }
     h.request_stop();
     let r = vm.wait(Some(Duration::from_secs(60)));
+    assert!(
+        marks * pages_per_mark >= all,
+        "no full pass after the last teardown (its zeros unchecked): {r:?}"
+    );
     assert_eq!(r.exit, "guest-done", "{r:?}");
     assert!(teardowns >= 4, "only {teardowns} teardowns in time");
     assert_eq!(

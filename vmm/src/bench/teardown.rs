@@ -518,7 +518,9 @@ fn size_and_mirrors(
             // includes it (see `bench::host`).
             row.0["vcpus"] = o.vcpus.into();
             row.0["pin_vcpus"] = o.pin_vcpus.into();
-            row.0["helpers"] = o.helpers.name().into();
+            // Where they ran, not what was asked: with no CPU to spare,
+            // several vCPUs or no real-time class they stay apart.
+            row.0["helpers"] = h.helpers_placed().map_or("unpinned", |p| p.name()).into();
             row.0["host_cpus"] = host.cpus.into();
             row.0["host_damon_running"] = host.damon_running.into();
             emit(o.json, &row.0)?;

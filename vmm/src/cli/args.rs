@@ -131,9 +131,9 @@ pub enum BenchKind {
               num_args = 0..=1, default_missing_value = "true")]
         pin_vcpus: bool,
         /// Where the threads a lone pinned vCPU waits on run: beside-vcpu
-        /// or housekeeping (see `odpvm run --help`).
-        #[arg(long, default_value = "beside-vcpu")]
-        helpers: crate::affinity::Helpers,
+        /// or housekeeping (see `odpvm run --help`). [default: beside-vcpu]
+        #[arg(long)]
+        helpers: Option<crate::affinity::Helpers>,
         /// Also draw stall and completion against memory (log-log SVG).
         #[arg(long)]
         plot: Option<std::path::PathBuf>,
@@ -218,9 +218,9 @@ pub struct VmArgs {
     /// own CPU, so that CPU never idles for the host's work while the vCPU
     /// waits; housekeeping, with the VMM's other threads, where device
     /// faults and moves cost the vCPU nothing but it waits on them with
-    /// its CPU idle.
-    #[arg(long, default_value = "beside-vcpu")]
-    pub helpers: crate::affinity::Helpers,
+    /// its CPU idle. [default: beside-vcpu]
+    #[arg(long)]
+    pub helpers: Option<crate::affinity::Helpers>,
 }
 
 #[derive(Args, Debug)]

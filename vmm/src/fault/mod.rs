@@ -248,8 +248,6 @@ impl Tracking {
 pub struct FaultThread {
     stop: EventFd,
     handle: Option<JoinHandle<()>>,
-    /// Its kernel thread id, once it has started (0 before).
-    tid: Arc<std::sync::atomic::AtomicI32>,
     pub stats: Arc<FaultStats>,
 }
 
@@ -272,14 +270,9 @@ impl FaultThread {
         let stop = EventFd::new(libc::EFD_CLOEXEC)?;
         let handler = Handler::new(tracking, fault_around, uffd, ram, mmu, stats.clone());
         let stop_rx = stop.try_clone()?;
-        let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
-        let tid_tx = tid.clone();
         let handle = std::thread::Builder::new()
             .name("odpvm-fault".into())
             .spawn(move || {
-                // SAFETY: gettid has no arguments and cannot fail.
-                let me = unsafe { libc::gettid() };
-                tid_tx.store(me, Ordering::Release);
                 // Every guest fault waits on this thread: it must run as
                 // soon as it is woken, whatever else is busy.
                 let class = crate::contention::make_latency_critical();
@@ -289,31 +282,15 @@ impl FaultThread {
         Ok(FaultThread {
             stop,
             handle: Some(handle),
-            tid,
             stats,
         })
     }
 
     /// Restrict the fault thread to `cpus` (`CpuPlan::waited_on`).
     pub fn pin(&self, cpus: &[usize]) -> std::io::Result<()> {
-        // The thread records its id first thing; wait for that briefly.
-        let t0 = std::time::Instant::now();
-        loop {
-            let tid = self.tid.load(Ordering::Acquire);
-            // An ended thread's id may name another thread by now.
-            if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            if tid != 0 {
-                return crate::affinity::pin(tid, cpus);
-            }
-            if t0.elapsed() > std::time::Duration::from_secs(5) {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "the fault thread never started",
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        match &self.handle {
+            Some(h) => crate::affinity::pin_thread(h, cpus),
+            None => Err(std::io::Error::from_raw_os_error(libc::ESRCH)),
         }
     }
 }

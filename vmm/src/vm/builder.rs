@@ -106,6 +106,7 @@ impl Vm {
             ends: Mutex::new(vec![None; config.vcpus]),
             done: Condvar::new(),
             stop_reason: Mutex::new(None),
+            helpers_placed: Mutex::new(None),
             config,
             created: t0,
             started: Instant::now(),

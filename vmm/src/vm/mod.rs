@@ -80,6 +80,8 @@ pub(crate) struct Core {
     ends: Mutex<Vec<Option<VcpuEnd>>>,
     done: Condvar,
     stop_reason: Mutex<Option<Exit>>,
+    /// Where the threads a vCPU waits on were put (None: not pinned).
+    helpers_placed: Mutex<Option<crate::affinity::Helpers>>,
     /// When `Vm::new` was called.
     created: Instant,
     started: Instant,
@@ -114,7 +116,18 @@ impl Vm {
         let Some(plan) = crate::affinity::plan(self.core.config.vcpus, &allowed) else {
             return Ok(None);
         };
-        let plan = plan.with_helpers(self.core.config.helpers);
+        let mut plan = plan.with_helpers(self.core.config.helpers);
+        // Measured only with both real-time: a fair-class mover on the
+        // vCPU's CPU could be time-sliced against it holding the mmap lock.
+        if plan.helpers() == crate::affinity::Helpers::BesideVcpu
+            && !crate::contention::realtime_permitted()
+        {
+            log::info!(
+                "no SCHED_FIFO for this process: the fault thread and teardown moves stay on the housekeeping CPUs"
+            );
+            plan = plan.with_helpers(crate::affinity::Helpers::Housekeeping);
+        }
+        *self.core.helpers_placed.lock() = Some(plan.helpers());
         crate::affinity::pin_process(&plan.housekeeping)
             .map_err(io("moving the VMM's threads to the housekeeping CPUs"))?;
         // The threads a vCPU waits on (see `affinity`): with one vCPU, on
@@ -353,6 +366,12 @@ impl VmHandle {
     /// range invalidations), then reset.
     pub fn take_teardown_parts(&self) -> crate::kvm_mirror::TeardownParts {
         std::mem::take(&mut *self.0.mirror.stats.last.lock())
+    }
+
+    /// Where the threads a vCPU waits on run (the fault thread, a
+    /// teardown's moves): None when the vCPUs are not pinned.
+    pub fn helpers_placed(&self) -> Option<crate::affinity::Helpers> {
+        *self.0.helpers_placed.lock()
     }
 
     /// Retired guest-memory mappings not yet given back.
