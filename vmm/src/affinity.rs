@@ -29,12 +29,18 @@
 //! vCPU refault queues behind the mover meanwhile.)
 //! `odpvm bench teardown` (one pinned vCPU, `generation`, `kvm+rnic`) gives
 //! the A/B against `--helpers housekeeping` in README; in the runs of the
-//! development session the stall p50 stayed 0.4–0.5 ms at 256 MiB and
+//! development session the stall p50 stayed 0.37–0.55 ms at 256 MiB and
 //! 4 GiB (it had grown to 0.9–1.9 ms at 4 GiB with the helpers on the
 //! housekeeping CPU). With several vCPUs a
 //! helper can sit on one vCPU's CPU only, and would preempt that vCPU while
 //! another one waits with its CPU idle, so they stay on the housekeeping
-//! CPUs. Test: `vmm/tests/pinning.rs::pinned_vcpus_run_on_their_own_cpus`.
+//! CPUs. Test: `vmm/tests/pinning.rs::pinned_vcpus_run_on_their_own_cpus`,
+//! and for stale-freedom with this placement
+//! `a_lone_pinned_vcpu_keeps_stamped_pages_across_teardowns`.
+//!
+//! Limit: plans are per VM over the process's CPUs. Two pinned VMs in one
+//! process plan over the same CPUs, and the second moves the first's
+//! threads (its fault thread included) to its own housekeeping CPUs.
 
 /// Which CPUs each vCPU and the VMM's other threads run on.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -120,8 +120,9 @@ pub enum BenchKind {
         reps: usize,
         /// Busy vCPUs in the guest. The default leaves the VMM a CPU of its
         /// own on any host with two or more, as a production host reserves
-        /// CPUs for the VMM's threads (libvirt's emulatorpin); `--vcpus 2
-        /// --pin-vcpus false` measures a host with no CPU to spare.
+        /// CPUs for the VMM's threads (libvirt's emulatorpin); `--vcpus N
+        /// --pin-vcpus false`, N the host's CPUs, measures a host with none
+        /// to spare.
         #[arg(long, default_value_t = 1)]
         vcpus: usize,
         /// Pin each vCPU to a CPU of its own and the VMM's threads to the
