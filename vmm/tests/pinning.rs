@@ -4,6 +4,8 @@
 //! which run on its CPU. A binary
 //! of its own: pinning moves every thread of the process.
 
+mod common;
+
 use std::time::{Duration, Instant};
 use vmm::devices::serial::Sink;
 use vmm::payload::Guest;
@@ -146,33 +148,17 @@ fn a_lone_pinned_vcpu_keeps_stamped_pages_across_teardowns() {
     let mut vm = Vm::new(cfg).expect("VM");
     let h = vm.handle();
     vm.start().expect("start");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (all, pages_per_mark) = (GIB / 4096, 512);
-    let (mut teardowns, mut marks) = (0, 0u64);
-    // Full passes between teardowns, so each retires populated memory, and
-    // quick ones while the guest refaults.
-    while teardowns < 6 && Instant::now() < deadline {
-        marks += h.take_progress().iter().filter(|m| m.work).count() as u64;
-        let quick = teardowns % 2 == 1;
-        if quick || marks * pages_per_mark >= all {
-            h.teardown().expect("teardown");
-            teardowns += 1;
-            marks = 0;
-            std::thread::sleep(Duration::from_millis(if quick { 30 } else { 1 }));
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    // A full pass after the last teardown checks its zeros.
-    let mut marks = 0u64;
-    while marks * pages_per_mark < 2 * all && Instant::now() < deadline + Duration::from_secs(20) {
-        marks += h.take_progress().iter().filter(|m| m.work).count() as u64;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (teardowns, after_last) = common::teardowns_against_writer(
+        &h,
+        GIB,
+        6,
+        Instant::now() + Duration::from_secs(60),
+        Duration::from_secs(20),
+    );
     h.request_stop();
     let r = vm.wait(Some(Duration::from_secs(60)));
     assert!(
-        marks * pages_per_mark >= all,
+        after_last >= GIB / 4096,
         "no full pass after the last teardown (its zeros unchecked): {r:?}"
     );
     assert_eq!(r.exit, "guest-done", "{r:?}");
@@ -184,7 +170,7 @@ fn a_lone_pinned_vcpu_keeps_stamped_pages_across_teardowns() {
     );
     assert_eq!(r.guest_result, "pass", "{r:?}");
     assert!(
-        field(&r, "pages") >= 2 * all,
+        field(&r, "pages") >= 2 * GIB / 4096,
         "the guest wrote too little: {r:?}"
     );
     assert_eq!(r.teardowns, teardowns);

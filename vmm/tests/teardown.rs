@@ -1,5 +1,7 @@
 //! Whole-VM teardowns against running guests (real KVM, real userfaultfd).
 
+mod common;
+
 use std::time::{Duration, Instant};
 use vmm::devices::serial::Sink;
 use vmm::payload::Guest;
@@ -33,34 +35,14 @@ fn stamped_writers_see_no_stale_page_and_lose_no_write() {
     let mut vm = Vm::new(cfg).expect("VM");
     let h = vm.handle();
     vm.start().expect("start");
-    let deadline = Instant::now() + Duration::from_secs(45);
-    // Wait for a full pass (every page written once) before each teardown,
-    // so each one retires populated memory, then a few quick ones while
-    // the guest is refaulting.
-    let pages_per_mark = 512;
+    let (teardowns, _) = common::teardowns_against_writer(
+        &h,
+        GIB,
+        8,
+        Instant::now() + Duration::from_secs(45),
+        Duration::from_secs(10),
+    );
     let all = GIB / 4096;
-    let mut teardowns = 0;
-    let mut marks = 0u64;
-    while teardowns < 8 && Instant::now() < deadline {
-        marks += h.take_progress().iter().filter(|m| m.work).count() as u64;
-        let quick = teardowns % 2 == 1;
-        if quick || marks * pages_per_mark >= all {
-            h.teardown().expect("teardown");
-            teardowns += 1;
-            marks = 0;
-            if quick {
-                std::thread::sleep(Duration::from_millis(30));
-            }
-        } else {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    // One more full pass after the last teardown, so its zeros are checked.
-    let mut marks = 0u64;
-    while marks * pages_per_mark < 2 * all && Instant::now() < deadline + Duration::from_secs(10) {
-        marks += h.take_progress().iter().filter(|m| m.work).count() as u64;
-        std::thread::sleep(Duration::from_millis(20));
-    }
     h.request_stop();
     let r = vm.wait(Some(Duration::from_secs(60)));
     assert_eq!(r.exit, "guest-done", "{r:?}");

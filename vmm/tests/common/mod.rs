@@ -56,3 +56,41 @@ pub fn sealed_request(
     icrc::seal(&icrc::Ipv4Meta::linux_df(us, them), 4791, 4791, &mut buf);
     buf
 }
+
+/// Drive `count` teardowns against a running `writer` guest over `memory`
+/// bytes: alternately after a full pass (every page written since the last
+/// one, so it retires populated memory) and quickly while the guest
+/// refaults, until `deadline`. Then wait (until `deadline + grace`) for two
+/// passes' worth of writes, so the last teardown's zeros are checked.
+/// Returns (teardowns done, pages written after the last one).
+pub fn teardowns_against_writer(
+    h: &vmm::vm::VmHandle,
+    memory: u64,
+    count: u64,
+    deadline: std::time::Instant,
+    grace: std::time::Duration,
+) -> (u64, u64) {
+    use std::time::{Duration, Instant};
+    let (all, pages_per_mark) = (memory / 4096, 512u64);
+    let (mut teardowns, mut marks) = (0, 0u64);
+    while teardowns < count && Instant::now() < deadline {
+        marks += h.take_progress().iter().filter(|m| m.work).count() as u64;
+        let quick = teardowns % 2 == 1;
+        if quick || marks * pages_per_mark >= all {
+            h.teardown().expect("teardown");
+            teardowns += 1;
+            marks = 0;
+            if quick {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut marks = 0u64;
+    while marks * pages_per_mark < 2 * all && Instant::now() < deadline + grace {
+        marks += h.take_progress().iter().filter(|m| m.work).count() as u64;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (teardowns, marks * pages_per_mark)
+}
