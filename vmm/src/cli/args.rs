@@ -216,7 +216,7 @@ pub struct VmArgs {
     pub pin_vcpus: bool,
     /// With `--pin-vcpus` and one vCPU, where the threads it waits on run
     /// (the fault thread, a teardown's page moves): beside-vcpu, on its
-    /// own CPU, so that CPU never idles for the host's work while the vCPU
+    /// own CPU, so that CPU seldom idles for the host's work while the vCPU
     /// waits; housekeeping, with the VMM's other threads, where device
     /// faults and moves cost the vCPU nothing but it waits on them with
     /// its CPU idle. [default: beside-vcpu]
